@@ -1,0 +1,1 @@
+"""The chat core: settings, storage, agent and server-owned runs. No HTML lives here."""

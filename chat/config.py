@@ -1,0 +1,86 @@
+"""Settings: the one place that reads the environment."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dotenv import dotenv_values
+
+# Keys the provider SDKs read; their presence only changes what the demo model tells the user.
+PROVIDER_KEYS = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GOOGLE_API_KEY", "GROQ_API_KEY")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the app needs to know about its environment, read once at start-up."""
+
+    model: str | None = None
+    models: tuple[str, ...] = ()
+    host: str = "127.0.0.1"
+    port: int = 5001
+    db_path: Path = Path("data/chat.db")
+    secret_key: str = ""
+    # Mark the session cookie Secure; set HTTPS=1 when the site is served over HTTPS.
+    https_only: bool = False
+    # Replies: how often coalesced updates may go out, and when a partial reply is flushed to disk.
+    stream_tick: float = 0.015
+    flush_every: float = 2.0
+    heartbeat: float = 15.0
+    max_message_chars: int = 32_000
+    history_page: int = 50
+    provider_keys: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def demo(self) -> bool:
+        """True when no model is configured and the offline demo model answers."""
+        return not self.model
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> Settings:
+        """Build settings from `env` (default: `.env` file values overlaid by `os.environ`)."""
+        if env is None:
+            env = {
+                **{k: v for k, v in dotenv_values(".env").items() if v is not None},
+                **os.environ,
+            }
+        model = (env.get("MODEL") or "").strip() or None
+        models = tuple(m.strip() for m in (env.get("MODELS") or "").split(",") if m.strip())
+        if model and model not in models:
+            models = (model, *models)
+        db_path = Path(env.get("DB_PATH") or "data/chat.db")
+        values = dict(
+            model=model,
+            models=models,
+            host=env.get("HOST") or "127.0.0.1",
+            port=int(env.get("PORT") or 5001),
+            db_path=db_path,
+            secret_key=env.get("SECRET_KEY") or "",
+            https_only=(env.get("HTTPS") or "").lower() in ("1", "true", "yes"),
+            max_message_chars=int(env.get("MAX_MESSAGE_CHARS") or 32_000),
+            provider_keys=tuple(k for k in PROVIDER_KEYS if env.get(k)),
+        )
+        values.update(overrides)
+        settings = cls(**values)
+        if not settings.secret_key:
+            settings = cls(**{**values, "secret_key": load_or_create_secret(settings.db_path)})
+        return settings
+
+
+def load_or_create_secret(db_path: Path) -> str:
+    """Return the session-signing key kept beside the database, creating it on first use."""
+    if str(db_path) == ":memory:":
+        return secrets.token_urlsafe(32)
+    path = Path(db_path).parent / ".secret_key"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        return path.read_text().strip()
+    key = secrets.token_urlsafe(32)
+    # Owner-only: the key lets anyone forge any browser's identity.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key)
+    return key

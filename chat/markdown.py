@@ -1,0 +1,134 @@
+"""Model output to safe HTML: markdown-it (js-default) -> Pygments -> nh3 allow-list.
+
+Model output is untrusted. Raw HTML in it is escaped by markdown-it (`html` is off in js-default),
+and whatever HTML we generate passes an allow-list that keeps no scripts, no event handlers, no
+`hx-*` attributes, no styles and only http/https/mailto links. Images are never fetched: they
+become links, so a reply cannot make the browser call another origin.
+
+While a reply streams, `StreamRenderer` splits it into finished top-level blocks, each rendered
+once, and the one unfinished block at the end (the tail), re-rendered on every update.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field
+
+import nh3
+from markdown_it import MarkdownIt
+from pygments import highlight
+from pygments.formatters import HtmlFormatter
+from pygments.lexers import get_lexer_by_name
+from pygments.util import ClassNotFound
+
+ALLOWED_TAGS = {
+    "p", "br", "hr", "h1", "h2", "h3", "h4", "h5", "h6", "strong", "em", "del", "s", "code",
+    "pre", "blockquote", "ul", "ol", "li", "a", "table", "thead", "tbody", "tr", "th", "td",
+    "span", "div", "sup", "sub",
+}  # fmt: skip
+ALLOWED_ATTRIBUTES = {
+    "a": {"href", "title"},
+    "ol": {"start"},
+    "code": {"class"},
+    "span": {"class"},
+    "div": {"class"},
+    "pre": {"class"},
+}
+URL_SCHEMES = {"http", "https", "mailto"}
+_FORMATTER = HtmlFormatter(nowrap=True, classprefix="hl-")
+
+
+def _highlight(code: str, lang: str, _attrs: str) -> str:
+    """Pygments-highlight a fenced block with a known language; otherwise let markdown-it escape."""
+    name = (lang or "").strip().split()[0] if lang else ""
+    if not name:
+        return ""
+    try:
+        lexer = get_lexer_by_name(name, stripall=False)
+    except ClassNotFound:
+        return ""
+    return highlight(code, lexer, _FORMATTER)
+
+
+def _image_as_link(self, tokens, idx, options, env) -> str:
+    """Render `![alt](src)` as a plain link, so no image is ever loaded from another origin."""
+    token = tokens[idx]
+    src = token.attrGet("src") or ""
+    alt = self.renderInlineAsText(token.children or [], options, env) or src
+    return f'<a href="{html.escape(src)}">{html.escape("Image: " + alt)}</a>'
+
+
+def _make_md() -> MarkdownIt:
+    md = MarkdownIt("js-default", {"highlight": _highlight})
+    md.add_render_rule("image", _image_as_link)
+    return md
+
+
+_MD = _make_md()
+
+
+def sanitize(fragment: str) -> str:
+    """Apply the allow-list to generated HTML."""
+    return nh3.clean(
+        fragment,
+        tags=ALLOWED_TAGS,
+        attributes=ALLOWED_ATTRIBUTES,
+        url_schemes=URL_SCHEMES,
+        link_rel="noopener noreferrer nofollow",
+        strip_comments=True,
+    )
+
+
+def render(text: str) -> str:
+    """Render a whole markdown document from the model to safe HTML."""
+    if not text:
+        return ""
+    return sanitize(_MD.render(text))
+
+
+@dataclass
+class StreamRenderer:
+    """Incremental renderer: finished blocks are rendered once; only the tail is re-rendered."""
+
+    source: str = ""
+    committed: int = 0  # characters of `source` already emitted as finished blocks
+    blocks: list[str] = field(default_factory=list)
+
+    def feed(self, delta: str) -> None:
+        """Append model text."""
+        self.source += delta
+
+    def update(self, *, final: bool = False) -> tuple[list[str], str]:
+        """Return (newly finished blocks' HTML, tail HTML) for everything fed so far."""
+        pending = self.source[self.committed :]
+        if not pending:
+            return [], ""
+        if final:
+            self.committed = len(self.source)
+            done = render(pending)
+            new = [done] if done else []
+            self.blocks.extend(new)
+            return new, ""
+        split = _last_block_start(pending)
+        new: list[str] = []
+        if split > 0:
+            done = render(pending[:split])
+            if done:
+                new.append(done)
+                self.blocks.append(done)
+            self.committed += split
+            pending = pending[split:]
+        return new, render(pending)
+
+
+def _last_block_start(text: str) -> int:
+    """Offset where the last top-level block of `text` starts (0 if there is only one)."""
+    tokens = _MD.parse(text)
+    starts = [t.map[0] for t in tokens if t.level == 0 and t.nesting >= 0 and t.map]
+    if len(starts) < 2:
+        return 0
+    line = starts[-1]
+    offset = 0
+    for _ in range(line):
+        offset = text.index("\n", offset) + 1
+    return offset

@@ -1,0 +1,323 @@
+"""A reply as a server-owned task, with a state log that streams can replay and then follow.
+
+POSTing a message starts a `Run`; the SSE endpoint only ever attaches to one. The run renders
+model text as it arrives (coalesced to at most one update per `stream_tick`), keeps the finished
+blocks and the current tail, and wakes its followers. Any number of followers (tabs, reloads,
+reconnects) read the same state, so one message always means exactly one model call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from pydantic_ai import Agent, CancellationToken
+from pydantic_ai.exceptions import (
+    ModelAPIError,
+    ModelHTTPError,
+    RunCancelled,
+    UnexpectedModelBehavior,
+    UsageLimitExceeded,
+)
+from pydantic_ai.messages import (
+    ModelMessage,
+    ModelRequest,
+    ModelResponse,
+    PartDeltaEvent,
+    PartStartEvent,
+    TextPart,
+    TextPartDelta,
+    UserPromptPart,
+)
+from pydantic_ai.models import Model
+
+from chat.agent import ModelUnavailable, resolve_model
+from chat.config import Settings
+from chat.markdown import StreamRenderer
+from chat.store import ChatStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Run:
+    """One reply being generated: its rendered state and the task generating it."""
+
+    turn_id: int
+    conversation_id: str
+    owner: str
+    model_name: str
+    renderer: StreamRenderer = field(default_factory=StreamRenderer)
+    tail: str = ""
+    status: str = "streaming"
+    error: str | None = None
+    usage: dict | None = None
+    version: int = 0
+    token: CancellationToken = field(default_factory=CancellationToken)
+    task: asyncio.Task | None = None
+    started: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+    _flush_handle: asyncio.TimerHandle | None = None
+    _last_flush: float = 0.0
+    _last_save: float = field(default_factory=time.monotonic)
+
+    @property
+    def done(self) -> bool:
+        """True once the reply has ended, however it ended."""
+        return self.status != "streaming"
+
+    @property
+    def blocks(self) -> list[str]:
+        """HTML of the finished blocks, in order."""
+        return self.renderer.blocks
+
+    def publish(self) -> None:
+        """Wake every follower: the state has changed."""
+        self.version += 1
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def follow(
+        self, *, start_block: int = 0, heartbeat: float = 15.0
+    ) -> AsyncIterator[tuple[str, object]]:
+        """Replay the state so far, then follow it live.
+
+        Yields ("blocks", (list_of_html, blocks_sent_total)), ("tail", html), ("ping", None) after
+        `heartbeat` seconds of silence, and finally ("end", self).
+        """
+        sent_blocks = min(start_block, len(self.blocks))
+        sent_tail: str | None = None
+        while True:
+            changed = self._changed  # taken before reading state, so no wake-up is missed
+            if len(self.blocks) > sent_blocks:
+                new = self.blocks[sent_blocks:]
+                sent_blocks = len(self.blocks)
+                yield "blocks", (new, sent_blocks)
+            if self.tail != sent_tail and not (sent_tail is None and not self.tail and self.done):
+                sent_tail = self.tail
+                yield "tail", self.tail
+            if self.done:
+                yield "end", self
+                return
+            try:
+                await asyncio.wait_for(changed.wait(), heartbeat)
+            except TimeoutError:
+                yield "ping", None
+
+
+class RunManager:
+    """Starts, tracks, stops and finishes runs; saves every reply however it ends."""
+
+    def __init__(
+        self, store: ChatStore, agent: Agent, settings: Settings, *, model: Model | None = None
+    ):
+        self.store = store
+        self.agent = agent
+        self.settings = settings
+        self._model_override = model  # tests pass a FunctionModel here
+        self._models: dict[str, Model] = {}
+        self.runs: dict[int, Run] = {}
+        self.accepting = True
+
+    def get(self, turn_id: int) -> Run | None:
+        """The live run for a turn, if it is still generating."""
+        return self.runs.get(turn_id)
+
+    def start(self, turn: dict, owner: str) -> Run:
+        """Start generating the reply to `turn` (already committed) as a server-owned task."""
+        run = Run(
+            turn_id=turn["id"],
+            conversation_id=turn["conversation_id"],
+            owner=owner,
+            model_name=turn["model"] or "demo",
+        )
+        self.runs[run.turn_id] = run
+        run.task = asyncio.create_task(self._drive(run, turn), name=f"run-{run.turn_id}")
+        return run
+
+    def stop(self, turn_id: int) -> bool:
+        """Ask a live run to stop; its partial reply is kept. False if it is not running."""
+        run = self.runs.get(turn_id)
+        if run is None or run.done:
+            return False
+        run.token.cancel()
+        return True
+
+    async def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop accepting runs, stop the ones in flight and wait until they are saved."""
+        self.accepting = False
+        tasks = [run.task for run in self.runs.values() if run.task]
+        for run in list(self.runs.values()):
+            run.token.cancel()
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=2)
+
+    def _model(self, name: str) -> Model:
+        if self._model_override is not None:
+            return self._model_override
+        if name not in self._models:
+            self._models[name] = resolve_model(name, self.settings)
+        return self._models[name]
+
+    # The task ------------------------------------------------------------------------------
+
+    async def _drive(self, run: Run, turn: dict) -> None:
+        request = ModelRequest(parts=[UserPromptPart(content=turn["user_text"])])
+        messages: list[ModelMessage] = [request]
+        status, error = "failed", None
+        events = None
+        try:
+            history = self.store.history(turn)
+            model = self._model(run.model_name)
+            async with self.agent.run_stream_events(
+                turn["user_text"],
+                message_history=history,
+                model=model,
+                cancellation_token=run.token,
+            ) as events:
+                async for event in events:
+                    self._on_event(run, event)
+            result = events.result
+            if result is not None:
+                messages = result.new_messages()
+                run.usage = _usage(result.usage, run)
+            status = "complete"
+        except RunCancelled as exc:
+            status = "stopped"
+            messages = exc.new_messages() or messages
+        except asyncio.CancelledError:
+            status, error = "interrupted", "The server stopped before this reply finished."
+            messages = _salvage(events, messages)
+            raise
+        except Exception as exc:
+            error = describe_error(exc)
+            log.warning("reply %s failed: %s", run.turn_id, error, exc_info=not _expected(exc))
+            messages = _salvage(events, messages)
+        finally:
+            self._finish(run, status, error, messages)
+
+    def _on_event(self, run: Run, event: object) -> None:
+        text = None
+        if isinstance(event, PartStartEvent) and isinstance(event.part, TextPart):
+            text = event.part.content
+            if run.renderer.source and text is not None:
+                text = "\n\n" + text  # a new text part (e.g. after a tool call) starts a new block
+        elif isinstance(event, PartDeltaEvent) and isinstance(event.delta, TextPartDelta):
+            text = event.delta.content_delta
+        if text:
+            if run.first_token_at is None:
+                run.first_token_at = time.monotonic()
+            run.renderer.feed(text)
+            self._schedule(run)
+
+    def _schedule(self, run: Run) -> None:
+        """Coalesce updates: render at once if the last render was a tick ago, else at the tick."""
+        if run._flush_handle is not None:
+            return
+        loop = asyncio.get_running_loop()
+        wait = run._last_flush + self.settings.stream_tick - loop.time()
+        if wait <= 0:
+            self._flush(run)
+        else:
+            run._flush_handle = loop.call_later(wait, self._flush, run)
+
+    def _flush(self, run: Run) -> None:
+        run._flush_handle = None
+        if run.done:
+            return
+        run._last_flush = asyncio.get_running_loop().time()
+        _, run.tail = run.renderer.update()
+        run.publish()
+        if time.monotonic() - run._last_save >= self.settings.flush_every:
+            run._last_save = time.monotonic()
+            self.store.save_partial(run.turn_id, run.renderer.source)
+
+    def _finish(self, run: Run, status: str, error: str | None, messages: list) -> None:
+        if run._flush_handle is not None:
+            run._flush_handle.cancel()
+            run._flush_handle = None
+        run.renderer.update(final=True)
+        run.tail = ""
+        text = run.renderer.source
+        if status != "complete" and text and not _has_text(messages):
+            # Keep the partial reply in the history, so the next turn sees what the user saw.
+            messages = [*messages, ModelResponse(parts=[TextPart(content=text)])]
+        try:
+            self.store.finish_turn(
+                run.turn_id,
+                status=status,
+                reply_text=text,
+                messages=messages,
+                error=error,
+                usage=run.usage,
+            )
+        except Exception:
+            log.exception("could not save reply %s", run.turn_id)
+        run.error = error
+        run.status = status
+        self.runs.pop(run.turn_id, None)
+        run.publish()
+
+
+def _salvage(events, fallback: list[ModelMessage]) -> list[ModelMessage]:
+    """The messages a failed run produced, if it got far enough to have any."""
+    if events is None:
+        return fallback
+    try:
+        return events.new_messages() or fallback
+    except Exception:
+        return fallback
+
+
+def _has_text(messages: list[ModelMessage]) -> bool:
+    return any(
+        isinstance(m, ModelResponse) and any(isinstance(p, TextPart) and p.content for p in m.parts)
+        for m in messages
+    )
+
+
+def _usage(usage, run: Run) -> dict:
+    elapsed = time.monotonic() - run.started
+    return {
+        "input_tokens": usage.input_tokens,
+        "output_tokens": usage.output_tokens,
+        "requests": usage.requests,
+        "seconds": round(elapsed, 3),
+        "first_token_seconds": round(run.first_token_at - run.started, 3)
+        if run.first_token_at
+        else None,
+    }
+
+
+def _expected(exc: Exception) -> bool:
+    return isinstance(exc, ModelAPIError | UsageLimitExceeded | ModelUnavailable)
+
+
+def describe_error(exc: Exception) -> str:
+    """A message for the user: what went wrong and what to do, never a traceback or a key."""
+    if isinstance(exc, ModelUnavailable):
+        return str(exc)
+    if isinstance(exc, UsageLimitExceeded):
+        return f"The reply was stopped by a usage limit: {exc.message}"
+    if isinstance(exc, ModelHTTPError):
+        code = exc.status_code
+        if code in (401, 403):
+            return f"The model service rejected the credentials (HTTP {code}). Check the API key."
+        if code == 404:
+            return "The model service does not know this model (HTTP 404). Check MODEL."
+        if code == 429:
+            return "The model service is rate limiting requests (HTTP 429). Try again shortly."
+        return f"The model service answered with an error (HTTP {code}). Try again."
+    if isinstance(exc, ModelAPIError):
+        return "The model service could not be reached or broke off the reply. Try again."
+    if isinstance(exc, UnexpectedModelBehavior):
+        return "The model sent a reply that could not be understood. Try again."
+    return "Something went wrong while generating this reply. Try again."

@@ -1,0 +1,219 @@
+"""ChatStore: the one module that runs SQL. Conversations, turns and their pydantic-ai messages."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pydantic_ai.messages import ModelMessage, ModelMessagesTypeAdapter
+from sqlite_utils import Database
+
+from chat.migrations import migrate
+
+FINISHED = ("complete", "stopped", "failed", "interrupted")
+
+
+def now() -> str:
+    """The current UTC time as ISO 8601, the format every timestamp column uses."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def dump_messages(messages: Sequence[ModelMessage]) -> str:
+    """Serialize pydantic-ai messages to the JSON stored in `turns.messages`."""
+    return ModelMessagesTypeAdapter.dump_json(list(messages)).decode()
+
+
+def load_messages(raw: str) -> list[ModelMessage]:
+    """Parse (and validate) the JSON stored in `turns.messages`."""
+    return ModelMessagesTypeAdapter.validate_json(raw)
+
+
+def new_id() -> str:
+    """An unguessable conversation id, safe in URLs."""
+    return secrets.token_urlsafe(12)
+
+
+_CHAIN = """
+with recursive chain(id, depth) as (
+    select id, 0 from turns where id = :head
+    union all
+    select t.parent_id, c.depth + 1 from turns t join chain c on t.id = c.id
+    where t.parent_id is not null
+)
+select turns.* from chain join turns on turns.id = chain.id
+order by chain.depth {order} {limit}
+"""
+
+
+class ChatStore:
+    """Owns the SQLite database: opens it, migrates it, and answers every question asked of it."""
+
+    def __init__(self, path: str | Path):
+        path = str(path)
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        # Every write below runs inside `with self.db.conn:` so it commits at once: the event loop
+        # never holds SQLite's write lock across an await.
+        conn = sqlite3.connect(path, check_same_thread=False)
+        self.db = Database(conn)
+        self.db.execute("pragma busy_timeout = 5000")
+        if path != ":memory:":
+            self.db.enable_wal()
+        self.db.execute("pragma synchronous = normal")
+        self.db.execute("pragma foreign_keys = on")
+        migrate(self.db)
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.db.close()
+
+    # Conversations -------------------------------------------------------------------------
+
+    def create_conversation(self, owner: str, *, model: str | None = None) -> dict:
+        """Create an empty conversation owned by `owner`."""
+        stamp = now()
+        row = {
+            "id": new_id(),
+            "owner": owner,
+            "title": "",
+            "model": model,
+            "persona": None,
+            "head_turn_id": None,
+            "created_at": stamp,
+            "updated_at": stamp,
+        }
+        with self.db.conn:
+            self.db["conversations"].insert(row)
+        return row
+
+    def conversation(self, cid: str, owner: str) -> dict | None:
+        """The conversation `cid` if `owner` owns it, else None."""
+        rows = self.db.execute(
+            "select * from conversations where id = ? and owner = ?", [cid, owner]
+        ).fetchall()
+        return self._dicts("conversations", rows)[0] if rows else None
+
+    def conversations(self, owner: str, limit: int = 200) -> list[dict]:
+        """The owner's conversations, most recently active first."""
+        rows = self.db.execute(
+            "select * from conversations where owner = ? "
+            "order by updated_at desc, rowid desc limit ?",
+            [owner, limit],
+        ).fetchall()
+        return self._dicts("conversations", rows)
+
+    def set_title(self, cid: str, title: str) -> None:
+        """Set a conversation's title."""
+        with self.db.conn:
+            self.db["conversations"].update(cid, {"title": title})
+
+    # Turns --------------------------------------------------------------------------------
+
+    def add_turn(
+        self, cid: str, user_text: str, messages: Sequence[ModelMessage], *, model: str | None
+    ) -> dict:
+        """Commit the user's message as a new turn at the head of `cid`, before any model call."""
+        stamp = now()
+        with self.db.conn:
+            head = self.db.execute(
+                "select head_turn_id from conversations where id = ?", [cid]
+            ).fetchone()[0]
+            turn = {
+                "conversation_id": cid,
+                "parent_id": head,
+                "user_text": user_text,
+                "reply_text": "",
+                "messages": dump_messages(messages),
+                "status": "streaming",
+                "error": None,
+                "model": model,
+                "usage": None,
+                "created_at": stamp,
+                "finished_at": None,
+            }
+            cols = ", ".join(turn)
+            tid = self.db.execute(
+                f"insert into turns ({cols}) values ({', '.join('?' * len(turn))})",  # noqa: S608
+                list(turn.values()),
+            ).lastrowid
+            self.db.execute(
+                "update conversations set head_turn_id = ?, updated_at = ? where id = ?",
+                [tid, stamp, cid],
+            )
+        return {"id": tid, **turn}
+
+    def turn(self, tid: int, owner: str) -> dict | None:
+        """The turn `tid` if its conversation belongs to `owner`, else None."""
+        rows = self.db.execute(
+            "select turns.* from turns join conversations c on c.id = turns.conversation_id "
+            "where turns.id = ? and c.owner = ?",
+            [tid, owner],
+        ).fetchall()
+        return self._dicts("turns", rows)[0] if rows else None
+
+    def save_partial(self, tid: int, reply_text: str) -> None:
+        """Flush a streaming reply's text so far, so a crash loses at most a few seconds."""
+        with self.db.conn:
+            self.db.execute(
+                "update turns set reply_text = ? where id = ? and status = 'streaming'",
+                [reply_text, tid],
+            )
+
+    def finish_turn(
+        self,
+        tid: int,
+        *,
+        status: str,
+        reply_text: str,
+        messages: Sequence[ModelMessage],
+        error: str | None = None,
+        usage: dict | None = None,
+    ) -> None:
+        """Record how a reply ended, with the turn's full pydantic-ai messages."""
+        assert status in FINISHED, status
+        with self.db.conn:
+            self.db["turns"].update(
+                tid,
+                {
+                    "status": status,
+                    "reply_text": reply_text,
+                    "messages": dump_messages(messages),
+                    "error": error,
+                    "usage": json.dumps(usage) if usage else None,
+                    "finished_at": now(),
+                },
+            )
+
+    def mark_interrupted(self) -> int:
+        """Mark replies left 'streaming' by a crash as interrupted; return how many."""
+        with self.db.conn:
+            cur = self.db.execute(
+                "update turns set status = 'interrupted', finished_at = ?, "
+                "error = 'The server stopped before this reply finished.' "
+                "where status = 'streaming'",
+                [now()],
+            )
+        return cur.rowcount
+
+    def branch(self, head: int | None, *, limit: int | None = None) -> list[dict]:
+        """Turns from the root to `head`, oldest first; with `limit`, only the newest `limit`."""
+        if head is None:
+            return []
+        sql = _CHAIN.format(order="asc", limit=f"limit {int(limit)}" if limit else "")
+        rows = self.db.execute(sql, {"head": head}).fetchall()
+        return self._dicts("turns", rows)[::-1]
+
+    def history(self, turn: dict) -> list[ModelMessage]:
+        """The pydantic-ai messages of every turn before `turn` on its branch: its model history."""
+        messages: list[ModelMessage] = []
+        for earlier in self.branch(turn["parent_id"]):
+            messages.extend(load_messages(earlier["messages"]))
+        return messages
+
+    def _dicts(self, table: str, rows: list[tuple]) -> list[dict]:
+        cols = [c.name for c in self.db[table].columns]
+        return [dict(zip(cols, row, strict=True)) for row in rows]

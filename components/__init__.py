@@ -1,0 +1,1 @@
+"""FT components: pure functions of data to FT. No database, request or environment here."""
