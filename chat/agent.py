@@ -7,7 +7,15 @@ import re
 from collections.abc import AsyncIterator
 
 from pydantic_ai import Agent
-from pydantic_ai.messages import ModelMessage, ModelRequest, UserPromptPart
+from pydantic_ai.messages import (
+    ModelMessage,
+    ModelRequest,
+    PartDeltaEvent,
+    PartStartEvent,
+    TextPart,
+    TextPartDelta,
+    UserPromptPart,
+)
 from pydantic_ai.models import Model, infer_model
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 
@@ -98,3 +106,34 @@ def demo_model(settings: Settings, *, delay: float = 0.012) -> FunctionModel:
             await asyncio.sleep(delay)
 
     return FunctionModel(stream_function=stream, model_name=DEMO_NAME)
+
+
+TITLE_INSTRUCTIONS = (
+    "Write a short title (at most six words) for the conversation below. "
+    "Answer with the title only: no quotes, no punctuation at the end."
+)
+
+
+def short_title(text: str, limit: int = 60) -> str:
+    """A title from text: its first line, whitespace folded, cut at a word."""
+    words = " ".join(text.split())
+    if len(words) <= limit:
+        return words
+    return words[:limit].rsplit(" ", 1)[0] + "…"
+
+
+async def make_title(model: Model, user_text: str, reply_text: str) -> str:
+    """Ask the model for a title for the first exchange; the demo model just shortens the prompt."""
+    if model.model_name == DEMO_NAME:
+        return short_title(user_text)
+    agent = Agent(instructions=TITLE_INSTRUCTIONS, name="titler")
+    prompt = f"User: {user_text[:2000]}\n\nAssistant: {reply_text[:2000]}"
+    text = ""
+    async with agent.run_stream_events(prompt, model=model) as events:
+        async for event in events:
+            if isinstance(event, PartStartEvent) and isinstance(event.part, TextPart):
+                text += event.part.content
+            elif isinstance(event, PartDeltaEvent) and isinstance(event.delta, TextPartDelta):
+                text += event.delta.content_delta
+    title = short_title(text.strip().strip("\"'“”").rstrip("."), 80)
+    return title or short_title(user_text)

@@ -77,3 +77,10 @@ def m001_conversations_and_turns(db: Database) -> None:
     )
     db["turns"].create_index(["conversation_id", "id"])
     db["turns"].create_index(["parent_id"])
+
+
+@migration
+def m002_soft_delete_and_search(db: Database) -> None:
+    """Soft delete (so a deletion can be undone) and full-text search over every turn."""
+    db["conversations"].add_column("deleted_at", str)
+    db["turns"].enable_fts(["user_text", "reply_text"], create_triggers=True, tokenize="porter")

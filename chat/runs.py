@@ -34,7 +34,7 @@ from pydantic_ai.messages import (
 )
 from pydantic_ai.models import Model
 
-from chat.agent import ModelUnavailable, resolve_model
+from chat.agent import ModelUnavailable, make_title, resolve_model, short_title
 from chat.config import Settings
 from chat.markdown import StreamRenderer
 from chat.store import ChatStore
@@ -121,6 +121,7 @@ class RunManager:
         self._model_override = model  # tests pass a FunctionModel here
         self._models: dict[str, Model] = {}
         self.runs: dict[int, Run] = {}
+        self.titles: dict[str, asyncio.Task] = {}
         self.accepting = True
 
     def get(self, turn_id: int) -> Run | None:
@@ -203,6 +204,39 @@ class RunManager:
             messages = _salvage(events, messages)
         finally:
             self._finish(run, status, error, messages)
+            if status == "complete" and turn["parent_id"] is None:
+                self._start_title(run, turn)
+
+    def _start_title(self, run: Run, turn: dict) -> None:
+        """Name the conversation after its first exchange, in the background."""
+        cid = run.conversation_id
+        conv = self.store.conversation(cid, run.owner)
+        if cid in self.titles or conv is None or conv["title"] != short_title(turn["user_text"]):
+            return  # already being named, or named already (by the model or by the user)
+
+        async def title() -> None:
+            try:
+                new = await asyncio.wait_for(
+                    make_title(self._model(run.model_name), turn["user_text"], run.renderer.source),
+                    timeout=30,
+                )
+            except Exception as exc:
+                log.info("no title for %s: %s", cid, exc)
+                return
+            conv = self.store.conversation(cid, run.owner)
+            # Only replace the provisional title; a name the user chose is kept.
+            if conv and conv["title"] == short_title(turn["user_text"]) and new:
+                self.store.set_title(cid, new)
+
+        task = asyncio.create_task(title(), name=f"title-{cid}")
+        self.titles[cid] = task
+        task.add_done_callback(lambda _: self.titles.pop(cid, None))
+
+    async def wait_title(self, cid: str, timeout: float = 20.0) -> None:
+        """Wait (bounded) for a conversation's title to be written, if one is being made."""
+        task = self.titles.get(cid)
+        if task is not None:
+            await asyncio.wait([task], timeout=timeout)
 
     def _on_event(self, run: Run, event: object) -> None:
         text = None

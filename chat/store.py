@@ -93,14 +93,15 @@ class ChatStore:
     def conversation(self, cid: str, owner: str) -> dict | None:
         """The conversation `cid` if `owner` owns it, else None."""
         rows = self.db.execute(
-            "select * from conversations where id = ? and owner = ?", [cid, owner]
+            "select * from conversations where id = ? and owner = ? and deleted_at is null",
+            [cid, owner],
         ).fetchall()
         return self._dicts("conversations", rows)[0] if rows else None
 
     def conversations(self, owner: str, limit: int = 200) -> list[dict]:
         """The owner's conversations, most recently active first."""
         rows = self.db.execute(
-            "select * from conversations where owner = ? "
+            "select * from conversations where owner = ? and deleted_at is null "
             "order by updated_at desc, rowid desc limit ?",
             [owner, limit],
         ).fetchall()
@@ -111,20 +112,81 @@ class ChatStore:
         with self.db.conn:
             self.db["conversations"].update(cid, {"title": title})
 
+    def rename(self, cid: str, owner: str, title: str) -> bool:
+        """Rename the owner's conversation; False if it is not theirs."""
+        with self.db.conn:
+            cur = self.db.execute(
+                "update conversations set title = ? where id = ? and owner = ? "
+                "and deleted_at is null",
+                [title, cid, owner],
+            )
+        return cur.rowcount == 1
+
+    def delete(self, cid: str, owner: str) -> bool:
+        """Soft-delete the owner's conversation, so it can be restored; False if not theirs."""
+        with self.db.conn:
+            cur = self.db.execute(
+                "update conversations set deleted_at = ? where id = ? and owner = ? "
+                "and deleted_at is null",
+                [now(), cid, owner],
+            )
+        return cur.rowcount == 1
+
+    def restore(self, cid: str, owner: str) -> bool:
+        """Undo a deletion; False if there is nothing of the owner's to restore."""
+        with self.db.conn:
+            cur = self.db.execute(
+                "update conversations set deleted_at = null where id = ? and owner = ? "
+                "and deleted_at is not null",
+                [cid, owner],
+            )
+        return cur.rowcount == 1
+
+    def purge_deleted(self, before: str) -> int:
+        """Erase conversations deleted before `before` (ISO time), with their turns."""
+        with self.db.conn:
+            ids = [
+                r[0]
+                for r in self.db.execute(
+                    "select id from conversations where deleted_at is not null and deleted_at < ?",
+                    [before],
+                ).fetchall()
+            ]
+            for cid in ids:
+                self.db.execute("delete from turns where conversation_id = ?", [cid])
+                self.db.execute("delete from conversations where id = ?", [cid])
+        return len(ids)
+
+    def set_model(self, cid: str, model: str | None) -> None:
+        """Set the model a conversation's next turns use."""
+        with self.db.conn:
+            self.db["conversations"].update(cid, {"model": model})
+
     # Turns --------------------------------------------------------------------------------
 
     def add_turn(
-        self, cid: str, user_text: str, messages: Sequence[ModelMessage], *, model: str | None
+        self,
+        cid: str,
+        user_text: str,
+        messages: Sequence[ModelMessage],
+        *,
+        model: str | None,
+        parent_id: int | None | str = "head",
     ) -> dict:
-        """Commit the user's message as a new turn at the head of `cid`, before any model call."""
+        """Commit the user's message as a new turn, before any model call, and make it the head.
+
+        By default the turn follows the current head; pass `parent_id` to branch (edit and
+        regenerate add a sibling of an earlier turn).
+        """
         stamp = now()
         with self.db.conn:
-            head = self.db.execute(
-                "select head_turn_id from conversations where id = ?", [cid]
-            ).fetchone()[0]
+            if parent_id == "head":
+                parent_id = self.db.execute(
+                    "select head_turn_id from conversations where id = ?", [cid]
+                ).fetchone()[0]
             turn = {
                 "conversation_id": cid,
-                "parent_id": head,
+                "parent_id": parent_id,
                 "user_text": user_text,
                 "reply_text": "",
                 "messages": dump_messages(messages),
@@ -206,6 +268,76 @@ class ChatStore:
         sql = _CHAIN.format(order="asc", limit=f"limit {int(limit)}" if limit else "")
         rows = self.db.execute(sql, {"head": head}).fetchall()
         return self._dicts("turns", rows)[::-1]
+
+    def set_head(self, cid: str, tid: int) -> None:
+        """Show the branch ending at `tid`."""
+        with self.db.conn:
+            self.db.execute("update conversations set head_turn_id = ? where id = ?", [tid, cid])
+
+    def newest_leaf(self, tid: int) -> int:
+        """The newest turn reached from `tid` by always following the newest reply to it."""
+        row = self.db.execute(
+            "with recursive down(id) as (select :tid union all "
+            "select (select max(t.id) from turns t where t.parent_id = down.id) from down "
+            "where down.id is not null) select id from down where id is not null",
+            {"tid": tid},
+        ).fetchall()
+        return row[-1][0]
+
+    def siblings(self, cid: str) -> dict[int | None, list[int]]:
+        """For each parent turn (None for the first), the ids of its alternative replies."""
+        out: dict[int | None, list[int]] = {}
+        for tid, parent in self.db.execute(
+            "select id, parent_id from turns where conversation_id = ? order by id", [cid]
+        ).fetchall():
+            out.setdefault(parent, []).append(tid)
+        return out
+
+    def search(self, owner: str, query: str, limit: int = 30) -> list[dict]:
+        """Full-text search over the owner's messages; snippets mark hits with \x02 and \x03."""
+        terms = " ".join('"' + t.replace('"', '""') + '"' for t in query.split())
+        if not terms:
+            return []
+        rows = self.db.execute(
+            "select t.id, t.conversation_id, c.title, t.created_at, "
+            "snippet(turns_fts, -1, char(2), char(3), '…', 12) "
+            "from turns_fts join turns t on t.rowid = turns_fts.rowid "
+            "join conversations c on c.id = t.conversation_id "
+            "where turns_fts match ? and c.owner = ? and c.deleted_at is null "
+            "order by rank limit ?",
+            [terms, owner, limit],
+        ).fetchall()
+        keys = ("turn_id", "conversation_id", "title", "created_at", "snippet")
+        return [dict(zip(keys, row, strict=True)) for row in rows]
+
+    def import_conversation(self, owner: str, title: str, turns: list[dict]) -> dict:
+        """Create a conversation from finished turns (user_text, reply_text, messages)."""
+        conv = self.create_conversation(owner)
+        self.set_title(conv["id"], title)
+        parent = None
+        with self.db.conn:
+            for t in turns:
+                stamp = now()
+                parent = self.db.execute(
+                    "insert into turns (conversation_id, parent_id, user_text, reply_text, "
+                    "messages, status, model, created_at, finished_at) "
+                    "values (?, ?, ?, ?, ?, 'complete', ?, ?, ?)",
+                    [
+                        conv["id"],
+                        parent,
+                        t["user_text"],
+                        t["reply_text"],
+                        dump_messages(t["messages"]),
+                        t.get("model"),
+                        stamp,
+                        stamp,
+                    ],
+                ).lastrowid
+            self.db.execute(
+                "update conversations set head_turn_id = ? where id = ?", [parent, conv["id"]]
+            )
+        conv.update(title=title, head_turn_id=parent)
+        return conv
 
     def history(self, turn: dict) -> list[ModelMessage]:
         """The pydantic-ai messages of every turn before `turn` on its branch: its model history."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from fastcore.xml import FT
@@ -11,6 +12,7 @@ from fasthtml.common import (
     H2,
     A,
     Aside,
+    Br,
     Button,
     Div,
     Form,
@@ -20,11 +22,13 @@ from fasthtml.common import (
     Li,
     Link,
     Main,
+    Mark,
     Meta,
     Nav,
     P,
     Script,
     Span,
+    Strong,
     Textarea,
     Ul,
 )
@@ -54,6 +58,7 @@ def Head(static: str = "/static") -> tuple:
         Link(rel="icon", href=f"{static}/favicon.svg", type="image/svg+xml"),
         Link(rel="stylesheet", href=f"{static}/app.css"),
         Link(rel="stylesheet", href=f"{static}/pygments.css"),
+        Script(src=f"{static}/theme.js"),
         Script(src=f"{static}/vendor/htmx-2.0.11.min.js", defer=True),
         Script(src=f"{static}/vendor/htmx-ext-sse-2.2.4.min.js", defer=True),
         Script(src=f"{static}/app.js", defer=True),
@@ -71,20 +76,101 @@ def group_label(stamp: str, today: datetime | None = None) -> str:
     return "Earlier"
 
 
-def ConversationLink(conv: dict, url: str, *, current: bool = False) -> FT:
-    """One conversation in the sidebar."""
+@dataclass(frozen=True)
+class ConvLinks:
+    """The URLs of one conversation's sidebar controls."""
+
+    open: str
+    rename_form: str
+    rename: str
+    delete: str
+    restore: str
+    item: str
+
+
+def ConversationLink(conv: dict, links: ConvLinks, *, current: bool = False) -> FT:
+    """One conversation in the sidebar, with rename and delete."""
+    title = conv["title"] or "New conversation"
     return Li(
-        A(
-            conv["title"] or "New conversation",
-            href=url,
-            aria_current="page" if current else None,
+        A(title, href=links.open, aria_current="page" if current else None, cls="conv-link"),
+        Div(
+            Button(
+                "✎",
+                type="button",
+                cls="icon",
+                aria_label=f"Rename {title}",
+                hx_get=links.rename_form,
+                hx_target=f"#conv-{conv['id']}",
+                hx_swap="outerHTML",
+            ),
+            Button(
+                "🗑",
+                type="button",
+                cls="icon",
+                aria_label=f"Delete {title}",
+                hx_post=links.delete,
+                hx_target=f"#conv-{conv['id']}",
+                hx_swap="outerHTML",
+            ),
+            cls="conv-actions",
         ),
         id=f"conv-{conv['id']}",
+        cls="conv",
     )
 
 
-def Sidebar(conversations: list[dict], urls: dict[str, str], current: str | None) -> FT:
-    """The conversation list, newest first, grouped by day, with a New chat action."""
+def RenameForm(conv: dict, links: ConvLinks) -> FT:
+    """Rename a conversation in place (Enter saves, Esc or Cancel keeps the old name)."""
+    return Li(
+        Form(
+            Label("Conversation title", fr=f"rename-{conv['id']}", cls="visually-hidden"),
+            Input(
+                id=f"rename-{conv['id']}",
+                name="title",
+                value=conv["title"],
+                maxlength=200,
+                required=True,
+                autofocus=True,
+            ),
+            Button("Save", type="submit", cls="small"),
+            Button(
+                "Cancel",
+                type="button",
+                cls="small cancel",
+                hx_get=links.item,
+                hx_target=f"#conv-{conv['id']}",
+                hx_swap="outerHTML",
+            ),
+            hx_post=links.rename,
+            hx_target=f"#conv-{conv['id']}",
+            hx_swap="outerHTML",
+            cls="rename-form",
+        ),
+        id=f"conv-{conv['id']}",
+        cls="conv editing",
+    )
+
+
+def DeletedItem(conv: dict, links: ConvLinks) -> FT:
+    """What a deleted conversation leaves in the list: a way to undo."""
+    return Li(
+        Span(f"Deleted “{conv['title'] or 'New conversation'}”", cls="deleted"),
+        Button(
+            "Undo",
+            type="button",
+            cls="small",
+            hx_post=links.restore,
+            hx_target=f"#conv-{conv['id']}",
+            hx_swap="outerHTML",
+        ),
+        id=f"conv-{conv['id']}",
+        cls="conv deleted-item",
+        role="status",
+    )
+
+
+def Sidebar(conversations: list[dict], links: dict[str, ConvLinks], current: str | None) -> FT:
+    """The conversation list, newest first, grouped by day."""
     groups: dict[str, list] = {}
     for conv in conversations:
         groups.setdefault(group_label(conv["updated_at"]), []).append(conv)
@@ -93,7 +179,10 @@ def Sidebar(conversations: list[dict], urls: dict[str, str], current: str | None
             Div(
                 H2(label, cls="group"),
                 Ul(
-                    *(ConversationLink(c, urls[c["id"]], current=c["id"] == current) for c in convs)
+                    *(
+                        ConversationLink(c, links[c["id"]], current=c["id"] == current)
+                        for c in convs
+                    )
                 ),
             )
             for label, convs in groups.items()
@@ -102,6 +191,72 @@ def Sidebar(conversations: list[dict], urls: dict[str, str], current: str | None
         id="conversations",
         aria_label="Conversations",
     )
+
+
+def SearchBox(url: str) -> FT:
+    """Search across all of the user's messages; results replace the list while typing."""
+    return Form(
+        Label("Search messages", fr="search", cls="visually-hidden"),
+        Input(
+            type="search",
+            id="search",
+            name="q",
+            placeholder="Search messages",
+            autocomplete="off",
+            hx_get=url,
+            hx_trigger="input changed delay:250ms, search",
+            hx_target="#search-results",
+            hx_swap="innerHTML",
+        ),
+        action=url,
+        method="get",
+        role="search",
+        cls="search",
+    )
+
+
+def _marked(snippet: str) -> tuple:
+    """Turn FTS snippet markers (\x02 hit \x03) into <mark>, escaping everything else."""
+    out: list = []
+    for i, piece in enumerate(snippet.replace("\x03", "\x02").split("\x02")):
+        out.append(Mark(piece) if i % 2 else piece)
+    return tuple(out)
+
+
+def SearchResults(query: str, results: list[dict], urls: list[str]) -> FT:
+    """Search hits, each linking to its message."""
+    if not query.strip():
+        return Div()
+    if not results:
+        return P(f"No messages match “{query}”.", cls="empty", role="status")
+    return Div(
+        P(f"{len(results)} result{'s' if len(results) != 1 else ''}", cls="empty", role="status"),
+        Ul(
+            *(
+                Li(A(Strong(r["title"] or "Conversation"), Br(), *_marked(r["snippet"]), href=u))
+                for r, u in zip(results, urls, strict=True)
+            ),
+            cls="results",
+        ),
+    )
+
+
+def ImportForm(url: str) -> FT:
+    """Upload a pydantic-ai message JSON file as a new conversation."""
+    return Form(
+        Label("Import a conversation (.json)", fr="import-file", cls="import-label"),
+        Input(type="file", id="import-file", name="file", accept=".json,application/json",
+              required=True),
+        Button("Import", type="submit", cls="small"),
+        Div(id="import-error", role="alert"),
+        hx_post=url,
+        hx_encoding="multipart/form-data",
+        hx_target="#import-error",
+        action=url,
+        method="post",
+        enctype="multipart/form-data",
+        cls="import",
+    )  # fmt: skip
 
 
 def Composer(send_url: str, cid: str | None, *, max_chars: int) -> FT:
@@ -160,6 +315,28 @@ def Welcome(demo: bool) -> FT:
     )
 
 
+def ThemeToggle() -> FT:
+    """Cycles the colour theme: system, light, dark (remembered by app.js)."""
+    return Button(
+        "◐",
+        type="button",
+        cls="icon theme",
+        aria_label="Colour theme: system",
+        data_theme_toggle="",
+    )
+
+
+def ExportLinks(md_url: str, json_url: str) -> FT:
+    """Download the conversation as Markdown or as pydantic-ai messages."""
+    return Div(
+        A("Markdown", href=md_url, download=True, cls="button small"),
+        A("JSON", href=json_url, download=True, cls="button small"),
+        cls="export",
+        role="group",
+        aria_label="Export conversation",
+    )
+
+
 def Page(
     *,
     title: str,
@@ -168,6 +345,10 @@ def Page(
     composer: FT,
     model: str | None,
     new_url: str = "/",
+    search_url: str = "/search",
+    import_url: str = "/import",
+    export: FT | None = None,
+    picker: FT | None = None,
 ) -> tuple:
     """A whole chat page: sidebar beside the conversation, composer at the bottom."""
     return (
@@ -175,9 +356,12 @@ def Page(
             Aside(
                 Div(
                     A("New chat", href=new_url, cls="new-chat button"),
+                    SearchBox(search_url),
                     cls="sidebar-head",
                 ),
+                Div(id="search-results", cls="search-results", aria_live="polite"),
                 sidebar,
+                ImportForm(import_url),
                 id="sidebar",
                 cls="sidebar",
             ),
@@ -192,7 +376,9 @@ def Page(
                         aria_expanded="false",
                     ),
                     H1(title, id="chat-title"),
-                    ModelBadge(model),
+                    picker or ModelBadge(model),
+                    export,
+                    ThemeToggle(),
                     cls="topbar",
                 ),
                 Div(*messages, id="messages", cls="messages"),

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from fastcore.xml import FT, NotStr
-from fasthtml.common import A, Article, Button, Div, Footer, P, Span
+from fasthtml.common import A, Article, Button, Div, Footer, Form, Label, P, Span, Textarea
 
 STATUS_NOTES = {
     "stopped": "Stopped. The reply above is what was generated before you stopped it.",
@@ -11,23 +13,119 @@ STATUS_NOTES = {
 }
 
 
+@dataclass(frozen=True)
+class TurnLinks:
+    """The URLs a turn's controls use; built by the routes, so components never make URLs."""
+
+    stream: str
+    stop: str
+    regenerate: str
+    edit_form: str
+    edit: str
+    user: str
+    prev: str | None = None
+    next: str | None = None
+    version: int = 1
+    versions: int = 1
+
+
 def SafeHTML(html: str, **kw) -> FT:
     """Sanitized model HTML, in a container htmx will not process. The only use of NotStr."""
     return Div(NotStr(html), cls="chunk", hx_disable=True, **kw)
 
 
-def UserMessage(turn: dict) -> FT:
-    """A message the user sent; its text is escaped, never interpreted."""
-    return Article(
-        Div(P(turn["user_text"], cls="text"), cls="bubble"),
-        cls="msg user",
-        data_role="user",
-        id=f"turn-{turn['id']}",
+def CopyButton(target: str, label: str = "Copy") -> FT:
+    """Copies the text of the element with id `target` (see app.js)."""
+    return Button(label, type="button", cls="copy small", data_copy=target)
+
+
+def VersionNav(links: TurnLinks) -> FT | None:
+    """‹ 2/3 ›: flip between the versions of an exchange made by editing or regenerating."""
+    if links.versions < 2:
+        return None
+
+    def step(label: str, url: str | None, name: str) -> FT:
+        return Button(
+            label,
+            type="button",
+            cls="small",
+            aria_label=name,
+            disabled=url is None,
+            hx_post=url,
+            hx_target="#messages",
+            hx_swap="innerHTML",
+        )
+
+    return Div(
+        step("‹", links.prev, "Previous version"),
+        Span(f"{links.version}/{links.versions}", aria_label="Version"),
+        step("›", links.next, "Next version"),
+        cls="versions",
+        role="group",
+        aria_label=f"Version {links.version} of {links.versions}",
     )
 
 
+def UserMessage(turn: dict, links: TurnLinks | None = None) -> FT:
+    """A message the user sent; its text is escaped, never interpreted."""
+    tid = turn["id"]
+    tools = ()
+    if links:
+        tools = (
+            VersionNav(links),
+            CopyButton(f"text-{tid}"),
+            Button(
+                "Edit",
+                type="button",
+                cls="small",
+                hx_get=links.edit_form,
+                hx_target=f"#turn-{tid}",
+                hx_swap="outerHTML",
+            ),
+        )
+    return Article(
+        Div(P(turn["user_text"], cls="text", id=f"text-{tid}"), cls="bubble"),
+        Div(*tools, cls="msg-tools") if links else None,
+        cls="msg user",
+        data_role="user",
+        id=f"turn-{tid}",
+    )
+
+
+def EditForm(turn: dict, links: TurnLinks, *, max_chars: int) -> FT:
+    """Edit a sent message in place; sending it starts a new version of the exchange."""
+    tid = turn["id"]
+    return Article(
+        Form(
+            Label("Edit message", fr=f"edit-{tid}", cls="visually-hidden"),
+            Textarea(
+                turn["user_text"],
+                id=f"edit-{tid}",
+                name="msg",
+                rows=3,
+                required=True,
+                maxlength=max_chars,
+                autofocus=True,
+            ),
+            Div(
+                Button("Cancel", type="button", hx_get=links.user, hx_target=f"#turn-{tid}",
+                       hx_swap="outerHTML"),
+                Button("Send edit", type="submit", cls="send"),
+                cls="edit-actions",
+            ),
+            hx_post=links.edit,
+            hx_target="#messages",
+            hx_swap="innerHTML",
+            cls="edit-form",
+        ),
+        cls="msg user editing",
+        data_role="user",
+        id=f"turn-{tid}",
+    )  # fmt: skip
+
+
 def Usage(usage: dict | None, model: str | None) -> FT | None:
-    """A quiet line with the model name and token counts."""
+    """A quiet line with the model name, token counts and timing."""
     if not usage and not model:
         return None
     bits = [model] if model else []
@@ -39,12 +137,15 @@ def Usage(usage: dict | None, model: str | None) -> FT | None:
 
 
 def ReplyFooter(
+    turn_id: int,
     status: str,
     *,
+    links: TurnLinks | None = None,
     error: str | None = None,
-    stop_url: str | None = None,
     usage: dict | None = None,
     model: str | None = None,
+    last: bool = False,
+    extra: FT | None = None,
 ) -> tuple:
     """What sits under a reply: 'Writing…' and Stop while streaming, then its outcome."""
     if status == "streaming":
@@ -53,18 +154,34 @@ def ReplyFooter(
             Button(
                 "Stop",
                 type="button",
-                cls="stop",
-                hx_post=stop_url,
+                cls="stop small",
+                hx_post=links.stop if links else None,
                 hx_swap="none",
                 aria_keyshortcuts="Escape",
             ),
         )
-    parts = []
+    parts: list = []
     if error:
-        parts.append(Div(error, cls="error", role="alert"))
+        parts.append(
+            Div(
+                Span(error),
+                Button("Retry", type="button", cls="small", hx_post=links.regenerate,
+                       hx_target="#messages", hx_swap="innerHTML") if links else None,
+                cls="error",
+                role="alert",
+            )
+        )  # fmt: skip
     elif status in STATUS_NOTES:
         parts.append(P(STATUS_NOTES[status], cls="note"))
+    if links:
+        parts.append(CopyButton(f"md-{turn_id}"))
+        if last and not error:
+            parts.append(
+                Button("Regenerate", type="button", cls="small", hx_post=links.regenerate,
+                       hx_target="#messages", hx_swap="innerHTML")
+            )  # fmt: skip
     parts.append(Usage(usage, model))
+    parts.append(extra)
     return tuple(p for p in parts if p is not None)
 
 
@@ -73,15 +190,15 @@ def AssistantMessage(
     *,
     html: str = "",
     status: str = "complete",
+    links: TurnLinks | None = None,
+    live: bool = False,
     error: str | None = None,
-    stream_url: str | None = None,
-    stop_url: str | None = None,
     usage: dict | None = None,
     model: str | None = None,
+    last: bool = False,
 ) -> FT:
-    """The assistant's reply. With `stream_url` it is a live placeholder the stream fills in."""
-    live = stream_url is not None
-    sse = {"hx_ext": "sse", "sse_connect": stream_url, "sse_close": "done"} if live else {}
+    """The assistant's reply. `live` makes it a placeholder that its stream fills in."""
+    sse = {"hx_ext": "sse", "sse_connect": links.stream, "sse_close": "done"} if live else {}
     return Article(
         Div(
             SafeHTML(html) if html else None,
@@ -93,11 +210,19 @@ def AssistantMessage(
         ),
         Div(cls="md tail", sse_swap="tail", aria_hidden="true") if live else None,
         Footer(
-            *ReplyFooter(status, error=error, stop_url=stop_url, usage=usage, model=model),
+            *ReplyFooter(
+                turn_id,
+                "streaming" if live else status,
+                links=links,
+                error=error,
+                usage=usage,
+                model=model,
+                last=last,
+            ),
             cls="reply-foot",
             sse_swap="end" if live else None,
         ),
-        cls=f"msg assistant {status}",
+        cls=f"msg assistant {'streaming' if live else status}",
         data_role="assistant",
         id=f"reply-{turn_id}",
         aria_busy="true" if live else None,
@@ -105,7 +230,7 @@ def AssistantMessage(
     )
 
 
-def Tail(html: str) -> FT:
+def Tail(html: str) -> tuple:
     """The unfinished last block of a streaming reply, with the 'still writing' cursor."""
     return (SafeHTML(html) if html else "", Span(cls="cursor", aria_hidden="true"))
 
@@ -117,3 +242,8 @@ def LoadEarlier(url: str) -> FT:
         id="earlier",
         cls="earlier",
     )
+
+
+def TitleRefresh(url: str) -> FT:
+    """Fetches the conversation's new title once the model has written it (out-of-band swaps)."""
+    return Span(hx_get=url, hx_trigger="load", hx_swap="outerHTML", cls="title-refresh")

@@ -65,7 +65,77 @@
     if (btn) toggleSidebar(!$("#sidebar").classList.contains("open"));
   });
 
+  // Copy: buttons with data-copy="ID" copy that element's text; code blocks get their own.
+  async function copyText(text) {
+    try { await navigator.clipboard.writeText(text); return true; } catch (e) {
+      const ta = document.createElement("textarea");
+      ta.value = text; ta.setAttribute("readonly", ""); ta.className = "visually-hidden";
+      document.body.appendChild(ta); ta.select();
+      const ok = document.execCommand("copy"); ta.remove(); return ok;
+    }
+  }
+  function flash(btn, ok) {
+    const label = btn.dataset.label || btn.textContent;
+    btn.dataset.label = label;
+    btn.textContent = ok ? "Copied" : "Copy failed";
+    setTimeout(() => { btn.textContent = label; }, 1500);
+  }
+  document.addEventListener("click", async (e) => {
+    const btn = e.target.closest && e.target.closest("[data-copy], .copy-code");
+    if (!btn) return;
+    let text = "";
+    if (btn.classList.contains("copy-code")) {
+      const code = btn.parentElement.querySelector("code");
+      text = code ? code.innerText : "";
+    } else {
+      const el = document.getElementById(btn.dataset.copy);
+      if (el) {
+        const clone = el.cloneNode(true);
+        clone.querySelectorAll(".copy-code").forEach((b) => b.remove());
+        text = clone.innerText.trim();
+      }
+    }
+    flash(btn, await copyText(text));
+  });
+  function addCodeCopy(root) {
+    (root || document).querySelectorAll(".md:not(.tail) pre").forEach((pre) => {
+      if (pre.querySelector(".copy-code")) return;
+      const b = document.createElement("button");
+      b.type = "button"; b.className = "copy-code small"; b.textContent = "Copy code";
+      pre.appendChild(b);
+    });
+  }
+  document.addEventListener("htmx:afterSwap", () => addCodeCopy());
+  document.addEventListener("htmx:sseMessage", (e) => { if (e.detail && e.detail.type === "blocks") addCodeCopy(); });
+  document.addEventListener("htmx:oobAfterSwap", () => addCodeCopy());
+
+  // Theme: system -> light -> dark, remembered in localStorage (theme.js applies it early).
+  const THEMES = ["system", "light", "dark"];
+  function currentTheme() { return document.documentElement.getAttribute("data-theme") || "system"; }
+  function labelTheme() {
+    const b = $("[data-theme-toggle]");
+    if (b) b.setAttribute("aria-label", "Colour theme: " + currentTheme());
+  }
+  document.addEventListener("click", (e) => {
+    if (!(e.target.closest && e.target.closest("[data-theme-toggle]"))) return;
+    const next = THEMES[(THEMES.indexOf(currentTheme()) + 1) % THEMES.length];
+    if (next === "system") document.documentElement.removeAttribute("data-theme");
+    else document.documentElement.setAttribute("data-theme", next);
+    try { if (next === "system") localStorage.removeItem("theme"); else localStorage.setItem("theme", next); } catch (err) { /* ignore */ }
+    labelTheme();
+  });
+
+  // Esc inside an edit or rename form cancels it.
+  document.addEventListener("keydown", (e) => {
+    if (e.key !== "Escape") return;
+    const form = e.target.closest && e.target.closest(".edit-form, .rename-form");
+    if (!form) return;
+    const cancel = form.querySelector("button.cancel, .edit-actions button[type=button]");
+    if (cancel) { e.stopPropagation(); cancel.click(); }
+  }, true);
+
   document.addEventListener("DOMContentLoaded", () => {
+    addCodeCopy(); labelTheme();
     const m = messages(); if (m) m.scrollTop = m.scrollHeight;
     const ta = $("#msg"); if (ta) { autosize(ta); ta.focus(); }
   });

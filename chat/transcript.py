@@ -1,0 +1,93 @@
+"""Conversations as files: Markdown for people, pydantic-ai message JSON for programs."""
+
+from __future__ import annotations
+
+from pydantic import ValidationError
+from pydantic_ai.messages import (
+    ModelMessage,
+    ModelMessagesTypeAdapter,
+    ModelRequest,
+    ModelResponse,
+    TextPart,
+    UserPromptPart,
+)
+
+from chat.store import load_messages
+
+MAX_IMPORT_BYTES = 5_000_000
+
+
+class ImportError_(ValueError):
+    """The uploaded file is not a conversation we can import; the message says why."""
+
+
+def branch_messages(turns: list[dict]) -> list[ModelMessage]:
+    """All pydantic-ai messages of a branch, oldest first: ready to use as `message_history`."""
+    out: list[ModelMessage] = []
+    for turn in turns:
+        out.extend(load_messages(turn["messages"]))
+    return out
+
+
+def to_json(turns: list[dict]) -> bytes:
+    """The branch as pydantic-ai message JSON (ModelMessagesTypeAdapter)."""
+    return ModelMessagesTypeAdapter.dump_json(branch_messages(turns), indent=2)
+
+
+def to_markdown(title: str, turns: list[dict]) -> str:
+    """The branch as a Markdown transcript."""
+    lines = [f"# {title or 'Conversation'}", ""]
+    for turn in turns:
+        lines += ["## User", "", turn["user_text"], "", "## Assistant", ""]
+        lines.append(turn["reply_text"] or "_(no reply)_")
+        if turn["status"] != "complete":
+            lines += [
+                "",
+                f"_(reply {turn['status']}{': ' + turn['error'] if turn['error'] else ''})_",
+            ]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _prompt_text(message: ModelMessage) -> str | None:
+    if not isinstance(message, ModelRequest):
+        return None
+    texts = []
+    for part in message.parts:
+        if isinstance(part, UserPromptPart):
+            if isinstance(part.content, str):
+                texts.append(part.content)
+            else:
+                texts.extend(c for c in part.content if isinstance(c, str))
+    return "\n\n".join(texts) if texts else None
+
+
+def split_turns(raw: bytes) -> list[dict]:
+    """Validate an exported JSON file and cut it into turns, each starting at a user prompt."""
+    if len(raw) > MAX_IMPORT_BYTES:
+        raise ImportError_(f"The file is larger than {MAX_IMPORT_BYTES // 1_000_000} MB.")
+    try:
+        messages = ModelMessagesTypeAdapter.validate_json(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        raise ImportError_(
+            "This is not a pydantic-ai message history (ModelMessagesTypeAdapter JSON): "
+            f"{first.get('msg', 'invalid')}{' at ' + where if where else ''}."
+        ) from None
+    turns: list[dict] = []
+    for message in messages:
+        prompt = _prompt_text(message)
+        if prompt is not None:
+            turns.append({"user_text": prompt, "messages": [], "reply_text": ""})
+        if not turns:
+            raise ImportError_("The history must start with a user message.")
+        turns[-1]["messages"].append(message)
+        if isinstance(message, ModelResponse):
+            text = "".join(p.content for p in message.parts if isinstance(p, TextPart))
+            if text:
+                sep = "\n\n" if turns[-1]["reply_text"] else ""
+                turns[-1]["reply_text"] += sep + text
+    if not turns:
+        raise ImportError_("The file holds no messages.")
+    return turns

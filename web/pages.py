@@ -1,0 +1,233 @@
+"""Pages and the conversation list: open, page back, search, rename, delete, export, import."""
+
+from __future__ import annotations
+
+import re
+
+from fasthtml.common import H1, A, APIRouter, Div, P, Response, Title, to_xml
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.responses import JSONResponse, RedirectResponse
+
+from chat.transcript import MAX_IMPORT_BYTES, ImportError_, split_turns, to_json, to_markdown
+from components.layout import (
+    ConversationLink,
+    DeletedItem,
+    Head,
+    RenameForm,
+    SearchResults,
+)
+from web.views import (
+    conv_links,
+    error_fragment,
+    html,
+    is_htmx,
+    message_items,
+    page,
+    runs,
+    settings,
+    store,
+    uid,
+    window,
+)
+
+ar = APIRouter()
+
+
+def not_found(req: Request, exc: Exception | None = None) -> Response:
+    """404 for anything missing or not yours: the two are deliberately indistinguishable."""
+    if is_htmx(req):
+        return html(P("Not found.", cls="error"), 404)
+    body = Div(
+        H1("Not found"),
+        P("There is nothing here, or it belongs to someone else."),
+        A("Start a new chat", href="/"),
+        cls="not-found",
+    )
+    head = to_xml((Title("Not found · Agent chat"), *Head()))
+    doc = f"<!doctype html><html lang='en'><head>{head}</head><body>{to_xml(body)}</body></html>"
+    return Response(doc, status_code=404, media_type="text/html")
+
+
+def _conv(req: Request, cid: str) -> dict | None:
+    return store(req).conversation(cid, uid(req))
+
+
+@ar("/", methods=["get"])
+async def index(req: Request):
+    """A new chat."""
+    return page(req, None)
+
+
+@ar("/c/{cid}", methods=["get"])
+async def conversation(req: Request, cid: str, at: int | None = None):
+    """A conversation. With `at`, the branch that holds that turn (a search result)."""
+    conv = _conv(req, cid)
+    if conv is None:
+        return not_found(req)
+    if at is not None:
+        turn = store(req).turn(at, uid(req))
+        if turn is None or turn["conversation_id"] != cid:
+            return not_found(req)
+        head = store(req).newest_leaf(at)
+        conv = {**conv, "head_turn_id": head}
+        chain = [t["id"] for t in store(req).branch(head)]
+        # Show enough of the branch that the turn searched for is on the page.
+        depth = len(chain) - chain.index(at)
+        size = max(settings(req).history_page, depth)
+        turns = store(req).branch(head, limit=size)
+        return page(req, conv, items=message_items(req, conv, turns))
+    return page(req, conv)
+
+
+@ar("/c/{cid}/older", methods=["get"])
+async def older(req: Request, cid: str, before: int):
+    """The page of messages before turn `before` on the shown branch."""
+    conv = _conv(req, cid)
+    first = store(req).turn(before, uid(req)) if conv else None
+    if conv is None or first is None or first["conversation_id"] != cid:
+        return not_found(req)
+    if first["parent_id"] is None:
+        return Div(id="earlier")
+    return Div(*window(req, conv, first["parent_id"]), id="earlier-page", cls="earlier-page")
+
+
+@ar("/search", methods=["get"])
+async def search(req: Request, q: str = ""):
+    """Search the user's messages (SQLite FTS5); each result links to its message."""
+    results = store(req).search(uid(req), q[:200]) if q.strip() else []
+    urls = [
+        conversation.to(cid=r["conversation_id"], at=r["turn_id"]) + f"#turn-{r['turn_id']}"
+        for r in results
+    ]
+    return SearchResults(q, results, urls)
+
+
+@ar("/c/{cid}/item", methods=["get"])
+async def item(req: Request, cid: str):
+    """A conversation's entry in the sidebar (used to cancel a rename)."""
+    conv = _conv(req, cid)
+    if conv is None:
+        return not_found(req)
+    return ConversationLink(conv, conv_links(cid))
+
+
+@ar("/c/{cid}/rename", methods=["get"])
+async def rename_form(req: Request, cid: str):
+    """The in-place rename form."""
+    conv = _conv(req, cid)
+    if conv is None:
+        return not_found(req)
+    return RenameForm(conv, conv_links(cid))
+
+
+@ar("/c/{cid}/rename", methods=["post"])
+async def rename(req: Request, cid: str, title: str = ""):
+    """Rename a conversation."""
+    title = " ".join(title.split())[:200]
+    if not title:
+        return error_fragment("A title cannot be empty.", 422, target=f"#rename-{cid}")
+    if not store(req).rename(cid, uid(req), title):
+        return not_found(req)
+    conv = _conv(req, cid)
+    return (
+        ConversationLink(conv, conv_links(cid)),
+        H1(title, id="chat-title", hx_swap_oob="true") if _is_current(req, cid) else None,
+    )
+
+
+def _is_current(req: Request, cid: str) -> bool:
+    return req.headers.get("hx-current-url", "").split("?")[0].endswith(f"/c/{cid}")
+
+
+@ar("/c/{cid}/delete", methods=["post"])
+async def delete(req: Request, cid: str):
+    """Delete a conversation; the list offers Undo until the page changes."""
+    conv = _conv(req, cid)
+    if conv is None or not store(req).delete(cid, uid(req)):
+        return not_found(req)
+    return DeletedItem(conv, conv_links(cid))
+
+
+@ar("/c/{cid}/restore", methods=["post"])
+async def restore(req: Request, cid: str):
+    """Undo a deletion."""
+    if not store(req).restore(cid, uid(req)):
+        return not_found(req)
+    return ConversationLink(_conv(req, cid), conv_links(cid))
+
+
+@ar("/c/{cid}/title", methods=["get"])
+async def title(req: Request, cid: str):
+    """The conversation's title once the model has written it, as out-of-band updates."""
+    if _conv(req, cid) is None:
+        return not_found(req)
+    await runs(req).wait_title(cid)
+    conv = _conv(req, cid)
+    if conv is None:
+        return not_found(req)
+    li = ConversationLink(conv, conv_links(cid), current=True)
+    li.attrs["hx-swap-oob"] = "true"
+    return (li, H1(conv["title"], id="chat-title", hx_swap_oob="true"))
+
+
+def _filename(title: str, ext: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", title or "conversation").strip("-")[:60]
+    return f"{stem or 'conversation'}.{ext}"
+
+
+@ar("/c/{cid}/export.md", methods=["get"])
+async def export_md(req: Request, cid: str):
+    """Download the shown branch as Markdown."""
+    conv = _conv(req, cid)
+    if conv is None:
+        return not_found(req)
+    turns = store(req).branch(conv["head_turn_id"])
+    return Response(
+        to_markdown(conv["title"], turns),
+        media_type="text/markdown; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="{_filename(conv["title"], "md")}"'},
+    )
+
+
+@ar("/c/{cid}/export.json", methods=["get"])
+async def export_json(req: Request, cid: str):
+    """Download the shown branch as pydantic-ai messages (ModelMessagesTypeAdapter JSON)."""
+    conv = _conv(req, cid)
+    if conv is None:
+        return not_found(req)
+    turns = store(req).branch(conv["head_turn_id"])
+    name = _filename(conv["title"], "json")
+    return Response(
+        to_json(turns),
+        media_type="application/json",
+        headers={"Content-Disposition": f'attachment; filename="{name}"'},
+    )
+
+
+@ar("/import", methods=["post"])
+async def import_json(req: Request, file: UploadFile | None = None):
+    """Import an exported JSON file as a new conversation; a bad file changes nothing."""
+    target = "#import-error"
+    if file is None or not isinstance(file, UploadFile):
+        return error_fragment("Choose a .json file to import.", 422, target=target)
+    raw = await file.read(MAX_IMPORT_BYTES + 1)
+    try:
+        turns = split_turns(raw)
+    except ImportError_ as exc:
+        return error_fragment(
+            f"Could not import {file.filename or 'that file'}: {exc}", 422, target
+        )
+    title = (file.filename or "Imported").rsplit(".", 1)[0][:80] or "Imported"
+    conv = store(req).import_conversation(uid(req), f"Imported: {title}", turns)
+    url = conversation.to(cid=conv["id"])
+    if is_htmx(req):
+        return Response(status_code=204, headers={"HX-Redirect": url})
+    return RedirectResponse(url, status_code=303)
+
+
+@ar("/health", methods=["get"])
+async def health(req: Request):
+    """Liveness: 200 with JSON."""
+    cfg = settings(req)
+    return JSONResponse({"status": "ok", "model": cfg.model or "demo", "runs": len(runs(req).runs)})

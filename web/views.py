@@ -1,0 +1,199 @@
+"""Helpers shared by the routes: who is asking, and how the app's state becomes components."""
+
+from __future__ import annotations
+
+import json
+
+from fastcore.xml import FT
+from fasthtml.common import P, Response, Title, to_xml
+from starlette.requests import Request
+
+from chat.config import Settings
+from chat.markdown import render
+from chat.runs import RunManager
+from chat.store import ChatStore
+from components.layout import Composer, ConvLinks, ExportLinks, Page, Sidebar, Welcome
+from components.messages import AssistantMessage, LoadEarlier, TurnLinks, UserMessage
+
+
+def store(req: Request) -> ChatStore:
+    """The app's ChatStore."""
+    return req.app.state.store
+
+
+def runs(req: Request) -> RunManager:
+    """The app's RunManager."""
+    return req.app.state.runs
+
+
+def settings(req: Request) -> Settings:
+    """The app's Settings."""
+    return req.app.state.settings
+
+
+def uid(req: Request) -> str:
+    """The identity of the browser (or account) making the request."""
+    return req.scope["uid"]
+
+
+def is_htmx(req: Request) -> bool:
+    """True for requests made by htmx rather than by plain navigation."""
+    return req.headers.get("hx-request") == "true"
+
+
+def html(fragment, status: int = 200, headers: dict | None = None) -> Response:
+    """An HTML fragment response."""
+    return Response(to_xml(fragment), status_code=status, headers=headers, media_type="text/html")
+
+
+def error_fragment(message: str, status: int, target: str = "#composer-error") -> Response:
+    """A message shown in `target`; the request changed nothing and the typed text stays."""
+    return html(
+        P(message, cls="error"),
+        status,
+        {"HX-Retarget": target, "HX-Reswap": "innerHTML"},
+    )
+
+
+def check_message(req: Request, msg: str) -> Response | None:
+    """Why a message cannot be sent (as an error response), or None if it can."""
+    limit = settings(req).max_message_chars
+    if not msg.strip():
+        return error_fragment("Type a message before sending.", 422)
+    if len(msg) > limit:
+        return error_fragment(
+            f"That message is {len(msg):,} characters; the limit is {limit:,}. "
+            "Shorten it and send again.",
+            413,
+        )
+    if not runs(req).accepting:
+        return error_fragment("The server is restarting. Send again in a moment.", 503)
+    return None
+
+
+def load_json(raw: str | None) -> dict | None:
+    """Parse a JSON column that may be empty."""
+    return json.loads(raw) if raw else None
+
+
+# Links ------------------------------------------------------------------------------------
+
+
+def turn_links(turn: dict, siblings: dict[int | None, list[int]]) -> TurnLinks:
+    """Every URL a turn's controls need, with its place among its versions."""
+    from web import chat
+
+    cid, tid = turn["conversation_id"], turn["id"]
+    group = siblings.get(turn["parent_id"]) or [tid]
+    i = group.index(tid) if tid in group else 0
+    return TurnLinks(
+        stream=chat.stream.to(cid=cid, tid=tid),
+        stop=chat.stop.to(cid=cid, tid=tid),
+        regenerate=chat.regenerate.to(cid=cid, tid=tid),
+        edit_form=chat.edit_form.to(cid=cid, tid=tid),
+        edit=chat.edit.to(cid=cid, tid=tid),
+        user=chat.user_message.to(cid=cid, tid=tid),
+        prev=chat.show.to(cid=cid, tid=group[i - 1]) if i > 0 else None,
+        next=chat.show.to(cid=cid, tid=group[i + 1]) if i + 1 < len(group) else None,
+        version=i + 1,
+        versions=len(group),
+    )
+
+
+def conv_links(cid: str) -> ConvLinks:
+    """Every URL a conversation's sidebar controls need."""
+    from web import pages
+
+    return ConvLinks(
+        open=pages.conversation.to(cid=cid),
+        rename_form=pages.rename_form.to(cid=cid),
+        rename=pages.rename.to(cid=cid),
+        delete=pages.delete.to(cid=cid),
+        restore=pages.restore.to(cid=cid),
+        item=pages.item.to(cid=cid),
+    )
+
+
+# Views ------------------------------------------------------------------------------------
+
+
+def reply(req: Request, turn: dict, links: TurnLinks, *, last: bool) -> FT:
+    """A turn's reply: live placeholder while its run goes on, else rendered from storage."""
+    tid = turn["id"]
+    if runs(req).get(tid) is not None:
+        return AssistantMessage(tid, links=links, live=True)
+    return AssistantMessage(
+        tid,
+        html=render(turn["reply_text"]),
+        status=turn["status"],
+        links=links,
+        error=turn["error"],
+        usage=load_json(turn["usage"]),
+        model=turn["model"],
+        last=last,
+    )
+
+
+def message_items(req: Request, conv: dict, turns: list[dict]) -> tuple:
+    """User messages and replies for `turns`, in order."""
+    siblings = store(req).siblings(conv["id"]) if turns else {}
+    items: list = []
+    for turn in turns:
+        links = turn_links(turn, siblings)
+        items.append(UserMessage(turn, links))
+        items.append(reply(req, turn, links, last=turn["id"] == conv["head_turn_id"]))
+    return tuple(items)
+
+
+def window(req: Request, conv: dict, head: int | None) -> tuple:
+    """The newest page of the branch ending at `head`, with a link to load earlier ones."""
+    from web import pages
+
+    page_size = settings(req).history_page
+    turns = store(req).branch(head, limit=page_size + 1)
+    more = len(turns) > page_size
+    turns = turns[-page_size:]
+    items = message_items(req, conv, turns)
+    if more:
+        url = pages.older.to(cid=conv["id"], before=turns[0]["id"])
+        items = (LoadEarlier(url), *items)
+    return items
+
+
+def messages_view(req: Request, conv: dict) -> tuple:
+    """The whole message list of a conversation's current branch."""
+    return window(req, conv, conv["head_turn_id"])
+
+
+def sidebar(req: Request, current: str | None) -> FT:
+    """The conversation list for the current user."""
+    convs = store(req).conversations(uid(req))
+    return Sidebar(convs, {c["id"]: conv_links(c["id"]) for c in convs}, current)
+
+
+def page(req: Request, conv: dict | None, *, items: tuple | None = None) -> tuple:
+    """A whole chat page, for a conversation or for a new chat."""
+    from web import chat, pages
+
+    cfg = settings(req)
+    cid = conv["id"] if conv else None
+    if items is None:
+        items = messages_view(req, conv) if conv else (Welcome(cfg.demo),)
+    title = conv["title"] if conv and conv["title"] else "New chat"
+    export = (
+        ExportLinks(pages.export_md.to(cid=cid), pages.export_json.to(cid=cid)) if conv else None
+    )
+    return (
+        Title(f"{title} · Agent chat"),
+        *Page(
+            title=title,
+            sidebar=sidebar(req, cid),
+            messages=items,
+            composer=Composer(chat.send.to(), cid, max_chars=cfg.max_message_chars),
+            model=(conv or {}).get("model") or cfg.model,
+            new_url=pages.index.to(),
+            search_url=pages.search.to(),
+            import_url=pages.import_json.to(),
+            export=export,
+        ),
+    )
