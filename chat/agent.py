@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections.abc import AsyncIterator
 
@@ -12,14 +13,17 @@ from pydantic_ai.messages import (
     ModelRequest,
     PartDeltaEvent,
     PartStartEvent,
+    RetryPromptPart,
     TextPart,
     TextPartDelta,
+    ToolReturnPart,
     UserPromptPart,
 )
 from pydantic_ai.models import Model, infer_model
-from pydantic_ai.models.function import AgentInfo, FunctionModel
+from pydantic_ai.models.function import AgentInfo, DeltaToolCall, FunctionModel
 
 from chat.config import Settings
+from chat.tools import ToolDeps, toolset
 
 INSTRUCTIONS = (
     "You are a helpful assistant in a web chat. Answer clearly and use Markdown "
@@ -28,9 +32,9 @@ INSTRUCTIONS = (
 DEMO_NAME = "demo"
 
 
-def build_agent() -> Agent:
+def build_agent() -> Agent[ToolDeps, str]:
     """The app's agent. The model is chosen per run, so one agent serves every model."""
-    return Agent(instructions=INSTRUCTIONS, name="chat")
+    return Agent(instructions=INSTRUCTIONS, name="chat", deps_type=ToolDeps, toolsets=[toolset])
 
 
 class ModelUnavailable(Exception):
@@ -97,15 +101,57 @@ MODEL=openai-chat:llama3.2 uv run main.py
 Conversations are kept in SQLite, so everything here stays when you switch models."""
 
 
-def demo_model(settings: Settings, *, delay: float = 0.012) -> FunctionModel:
-    """An offline model that streams `demo_reply` a few characters at a time."""
+_CALC = re.compile(r"(?:calculate|compute|what is|what's)\s+([-+*/%^().\d\s]+\d[)\s]*)", re.I)
+_TIME = re.compile(r"\btime\b(?:\s+in\s+([A-Za-z_]+(?:/[A-Za-z_]+)?))?", re.I)
 
-    async def stream(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str]:
-        for piece in re.findall(r"\s*\S+", demo_reply(messages, settings)):
+
+def demo_tool_call(prompt: str) -> tuple[str, dict] | None:
+    """Which tool the demo model calls for a prompt, if any: it shows tools working offline."""
+    if m := _CALC.search(prompt):
+        return "calculate", {"expression": m.group(1).strip()}
+    if m := _TIME.search(prompt):
+        zone = m.group(1) or "UTC"
+        return "current_time", {"timezone": zone}
+    if prompt.lower().startswith("search "):
+        return "search_my_messages", {"query": prompt[7:].strip()}
+    return None
+
+
+def _tool_results(messages: list[ModelMessage]) -> list:
+    last = messages[-1] if messages else None
+    if not isinstance(last, ModelRequest):
+        return []
+    return [p for p in last.parts if isinstance(p, ToolReturnPart | RetryPromptPart)]
+
+
+def demo_model(settings: Settings, *, delay: float = 0.012) -> FunctionModel:
+    """An offline model that streams `demo_reply`, calling a tool first when asked to."""
+
+    async def stream(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator:
+        if results := _tool_results(messages):
+            lines = [
+                f"The `{r.tool_name}` tool answered:\n\n```\n{_content(r)}\n```" for r in results
+            ]
+            text = "\n\n".join(lines) + "\n\n*(Offline demo model: a real model would use it.)*"
+        else:
+            prompts = _prompts(messages)
+            call = demo_tool_call(prompts[-1]) if prompts else None
+            if call and any(t.name == call[0] for t in info.function_tools):
+                name, args = call
+                yield {0: DeltaToolCall(name=name, json_args=json.dumps(args))}
+                return
+            text = demo_reply(messages, settings)
+        for piece in re.findall(r"\s*\S+", text):
             yield piece
             await asyncio.sleep(delay)
 
     return FunctionModel(stream_function=stream, model_name=DEMO_NAME)
+
+
+def _content(part: ToolReturnPart | RetryPromptPart) -> str:
+    if isinstance(part, RetryPromptPart):
+        return part.model_response()
+    return part.content if isinstance(part.content, str) else json.dumps(part.content, default=str)
 
 
 TITLE_INSTRUCTIONS = (

@@ -31,13 +31,29 @@ class Settings:
     flush_every: float = 2.0
     heartbeat: float = 15.0
     max_message_chars: int = 32_000
+    # Per reply: pydantic-ai UsageLimits, SDK retries before the first token, and how long the
+    # model may go silent before the reply is ended with an error.
+    output_tokens_limit: int | None = 8_000
+    request_limit: int | None = 10
+    model_retries: int = 2
+    stall_timeout: float = 120.0
     history_page: int = 50
     provider_keys: tuple[str, ...] = field(default_factory=tuple)
 
     @property
     def demo(self) -> bool:
         """True when no model is configured and the offline demo model answers."""
-        return not self.model
+        return not self.model and not self.models
+
+    @property
+    def default_model(self) -> str:
+        """The model new conversations use: MODEL, else the first of MODELS, else the demo."""
+        return self.model or (self.models[0] if self.models else "demo")
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        """The models offered in the picker (just the demo when none is configured)."""
+        return self.models or ("demo",)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> Settings:
@@ -61,6 +77,10 @@ class Settings:
             secret_key=env.get("SECRET_KEY") or "",
             https_only=(env.get("HTTPS") or "").lower() in ("1", "true", "yes"),
             max_message_chars=int(env.get("MAX_MESSAGE_CHARS") or 32_000),
+            output_tokens_limit=_opt_int(env.get("MAX_OUTPUT_TOKENS"), 8_000),
+            request_limit=_opt_int(env.get("MAX_MODEL_REQUESTS"), 10),
+            model_retries=int(env.get("MODEL_RETRIES") or 2),
+            stall_timeout=float(env.get("STALL_TIMEOUT") or 120),
             provider_keys=tuple(k for k in PROVIDER_KEYS if env.get(k)),
         )
         values.update(overrides)
@@ -68,6 +88,15 @@ class Settings:
         if not settings.secret_key:
             settings = cls(**{**values, "secret_key": load_or_create_secret(settings.db_path)})
         return settings
+
+
+def _opt_int(raw: str | None, default: int) -> int | None:
+    """An integer setting where 0 or 'none' means no limit."""
+    if raw is None or raw == "":
+        return default
+    if raw.lower() in ("0", "none", "off"):
+        return None
+    return int(raw)
 
 
 def load_or_create_secret(db_path: Path) -> str:

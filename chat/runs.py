@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from pydantic_ai import Agent, CancellationToken
+from pydantic_ai import Agent, CancellationToken, UsageLimits
 from pydantic_ai.exceptions import (
     ModelAPIError,
     ModelHTTPError,
@@ -23,6 +23,8 @@ from pydantic_ai.exceptions import (
     UsageLimitExceeded,
 )
 from pydantic_ai.messages import (
+    FunctionToolCallEvent,
+    FunctionToolResultEvent,
     ModelMessage,
     ModelRequest,
     ModelResponse,
@@ -37,9 +39,32 @@ from pydantic_ai.models import Model
 from chat.agent import ModelUnavailable, make_title, resolve_model, short_title
 from chat.config import Settings
 from chat.markdown import StreamRenderer
+from chat.reply import ToolView
 from chat.store import ChatStore
+from chat.tools import ToolDeps
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Block:
+    """A finished block of the reply's markdown, rendered to safe HTML."""
+
+    html: str
+
+
+@dataclass
+class ToolUpdate:
+    """A tool call's result arrived: the call already shown must be redrawn."""
+
+    tool: ToolView
+
+
+Item = Block | ToolView | ToolUpdate
+
+
+class StalledError(Exception):
+    """The model sent nothing for longer than the stall timeout."""
 
 
 @dataclass(eq=False)
@@ -51,6 +76,7 @@ class Run:
     owner: str
     model_name: str
     renderer: StreamRenderer = field(default_factory=StreamRenderer)
+    items: list[Item] = field(default_factory=list)
     tail: str = ""
     status: str = "streaming"
     error: str | None = None
@@ -70,11 +96,6 @@ class Run:
         """True once the reply has ended, however it ended."""
         return self.status != "streaming"
 
-    @property
-    def blocks(self) -> list[str]:
-        """HTML of the finished blocks, in order."""
-        return self.renderer.blocks
-
     def publish(self) -> None:
         """Wake every follower: the state has changed."""
         self.version += 1
@@ -86,17 +107,17 @@ class Run:
     ) -> AsyncIterator[tuple[str, object]]:
         """Replay the state so far, then follow it live.
 
-        Yields ("blocks", (list_of_html, blocks_sent_total)), ("tail", html), ("ping", None) after
+        Yields ("items", (new_items, items_sent_total)), ("tail", html), ("ping", None) after
         `heartbeat` seconds of silence, and finally ("end", self).
         """
-        sent_blocks = min(start_block, len(self.blocks))
+        sent = min(start_block, len(self.items))
         sent_tail: str | None = None
         while True:
             changed = self._changed  # taken before reading state, so no wake-up is missed
-            if len(self.blocks) > sent_blocks:
-                new = self.blocks[sent_blocks:]
-                sent_blocks = len(self.blocks)
-                yield "blocks", (new, sent_blocks)
+            if len(self.items) > sent:
+                new = self.items[sent:]
+                sent = len(self.items)
+                yield "items", (new, sent)
             if self.tail != sent_tail and not (sent_tail is None and not self.tail and self.done):
                 sent_tail = self.tail
                 yield "tail", self.tail
@@ -178,14 +199,30 @@ class RunManager:
         try:
             history = self.store.history(turn)
             model = self._model(run.model_name)
+            cfg = self.settings
             async with self.agent.run_stream_events(
                 turn["user_text"],
                 message_history=history,
                 model=model,
+                deps=ToolDeps(self.store, run.owner),
                 cancellation_token=run.token,
+                usage_limits=UsageLimits(
+                    request_limit=cfg.request_limit, output_tokens_limit=cfg.output_tokens_limit
+                ),
+                model_settings={"max_retries": cfg.model_retries},
             ) as events:
-                async for event in events:
-                    self._on_event(run, event)
+                loop = asyncio.get_running_loop()
+                deadline = None
+                try:
+                    # One deadline, pushed back by every event: no task or timer per token.
+                    async with asyncio.timeout(cfg.stall_timeout) as deadline:
+                        async for event in events:
+                            deadline.reschedule(loop.time() + cfg.stall_timeout)
+                            self._on_event(run, event)
+                except TimeoutError:
+                    if deadline is not None and deadline.expired():
+                        raise StalledError from None
+                    raise
             result = events.result
             if result is not None:
                 messages = result.new_messages()
@@ -239,6 +276,18 @@ class RunManager:
             await asyncio.wait([task], timeout=timeout)
 
     def _on_event(self, run: Run, event: object) -> None:
+        if isinstance(event, FunctionToolCallEvent):
+            self._text_done(run)
+            run.items.append(ToolView.from_call(event.part))
+            run.publish()
+            return
+        if isinstance(event, FunctionToolResultEvent):
+            for item in run.items:
+                if isinstance(item, ToolView) and item.id == event.tool_call_id:
+                    item.settle(event.part)
+                    run.items.append(ToolUpdate(item))
+                    run.publish()
+            return
         text = None
         if isinstance(event, PartStartEvent) and isinstance(event.part, TextPart):
             text = event.part.content
@@ -263,23 +312,29 @@ class RunManager:
         else:
             run._flush_handle = loop.call_later(wait, self._flush, run)
 
+    def _text_done(self, run: Run) -> None:
+        """End the current run of text (a tool call follows): all of it becomes blocks."""
+        if run._flush_handle is not None:
+            run._flush_handle.cancel()
+            run._flush_handle = None
+        new, _ = run.renderer.update(final=True)
+        run.items.extend(Block(h) for h in new)
+        run.tail = ""
+
     def _flush(self, run: Run) -> None:
         run._flush_handle = None
         if run.done:
             return
         run._last_flush = asyncio.get_running_loop().time()
-        _, run.tail = run.renderer.update()
+        new, run.tail = run.renderer.update()
+        run.items.extend(Block(h) for h in new)
         run.publish()
         if time.monotonic() - run._last_save >= self.settings.flush_every:
             run._last_save = time.monotonic()
             self.store.save_partial(run.turn_id, run.renderer.source)
 
     def _finish(self, run: Run, status: str, error: str | None, messages: list) -> None:
-        if run._flush_handle is not None:
-            run._flush_handle.cancel()
-            run._flush_handle = None
-        run.renderer.update(final=True)
-        run.tail = ""
+        self._text_done(run)
         text = run.renderer.source
         if status != "complete" and text and not _has_text(messages):
             # Keep the partial reply in the history, so the next turn sees what the user saw.
@@ -319,26 +374,31 @@ def _has_text(messages: list[ModelMessage]) -> bool:
 
 
 def _usage(usage, run: Run) -> dict:
-    elapsed = time.monotonic() - run.started
+    """Token counts from the provider, and timing measured here."""
+    end = time.monotonic()
+    first = run.first_token_at
+    streaming = end - first if first else 0.0
     return {
         "input_tokens": usage.input_tokens,
         "output_tokens": usage.output_tokens,
         "requests": usage.requests,
-        "seconds": round(elapsed, 3),
-        "first_token_seconds": round(run.first_token_at - run.started, 3)
-        if run.first_token_at
-        else None,
+        "tool_calls": usage.tool_calls,
+        "seconds": round(end - run.started, 3),
+        "first_token_seconds": round(first - run.started, 3) if first else None,
+        "tokens_per_second": round(usage.output_tokens / streaming, 1) if streaming > 0 else None,
     }
 
 
 def _expected(exc: Exception) -> bool:
-    return isinstance(exc, ModelAPIError | UsageLimitExceeded | ModelUnavailable)
+    return isinstance(exc, ModelAPIError | UsageLimitExceeded | ModelUnavailable | StalledError)
 
 
 def describe_error(exc: Exception) -> str:
     """A message for the user: what went wrong and what to do, never a traceback or a key."""
     if isinstance(exc, ModelUnavailable):
         return str(exc)
+    if isinstance(exc, StalledError):
+        return "The model stopped sending the reply, so it was ended. Try again."
     if isinstance(exc, UsageLimitExceeded):
         return f"The reply was stopped by a usage limit: {exc.message}"
     if isinstance(exc, ModelHTTPError):

@@ -269,6 +269,16 @@ class ChatStore:
         rows = self.db.execute(sql, {"head": head}).fetchall()
         return self._dicts("turns", rows)[::-1]
 
+    def usage_total(self, cid: str) -> dict:
+        """Tokens spent in a conversation so far, over every reply and version."""
+        row = self.db.execute(
+            "select count(usage), coalesce(sum(json_extract(usage, '$.input_tokens')), 0), "
+            "coalesce(sum(json_extract(usage, '$.output_tokens')), 0) "
+            "from turns where conversation_id = ?",
+            [cid],
+        ).fetchone()
+        return {"replies": row[0], "input_tokens": row[1], "output_tokens": row[2]}
+
     def set_head(self, cid: str, tid: int) -> None:
         """Show the branch ending at `tid`."""
         with self.db.conn:

@@ -14,21 +14,27 @@ from fasthtml.common import (
     Aside,
     Br,
     Button,
+    Details,
     Div,
+    Fieldset,
     Form,
     Header,
     Input,
     Label,
+    Legend,
     Li,
     Link,
     Main,
     Mark,
     Meta,
     Nav,
+    Option,
     P,
     Script,
+    Select,
     Span,
     Strong,
+    Summary,
     Textarea,
     Ul,
 )
@@ -259,9 +265,43 @@ def ImportForm(url: str) -> FT:
     )  # fmt: skip
 
 
-def Composer(send_url: str, cid: str | None, *, max_chars: int) -> FT:
+def ModelPicker(choices: tuple[str, ...], current: str) -> FT | None:
+    """Choose the model for this conversation, and optionally compare several side by side."""
+    if len(choices) < 2:
+        return None
+    return Div(
+        Label("Model", fr="model", cls="picker-label"),
+        Select(
+            *(Option(m, value=m, selected=m == current) for m in choices),
+            id="model",
+            name="model",
+        ),
+        Details(
+            Summary("Compare"),
+            Fieldset(
+                Legend("Send the next message to several models"),
+                *(
+                    Label(Input(type="checkbox", name="compare", value=m), m, cls="check")
+                    for m in choices
+                ),
+            ),
+            cls="compare-pick",
+        ),
+        cls="picker",
+    )
+
+
+def Composer(
+    send_url: str,
+    cid: str | None,
+    *,
+    max_chars: int,
+    choices: tuple[str, ...] = (),
+    model: str = "demo",
+) -> FT:
     """The message form: Enter sends, Shift+Enter adds a line (see app.js)."""
     return Form(
+        ModelPicker(choices, model),
         Div(id="composer-error", cls="composer-error", role="alert"),
         Div(
             Label("Message", fr="msg", cls="visually-hidden"),
@@ -291,7 +331,7 @@ def Composer(send_url: str, cid: str | None, *, max_chars: int) -> FT:
 
 def ModelBadge(model: str | None) -> FT:
     """Which model answers; the offline demo says so plainly."""
-    if not model:
+    if not model or model == "demo":
         return Span(
             "Demo model (offline): set MODEL to use a real one",
             cls="badge demo",
@@ -348,7 +388,7 @@ def Page(
     search_url: str = "/search",
     import_url: str = "/import",
     export: FT | None = None,
-    picker: FT | None = None,
+    usage: FT | None = None,
 ) -> tuple:
     """A whole chat page: sidebar beside the conversation, composer at the bottom."""
     return (
@@ -376,7 +416,8 @@ def Page(
                         aria_expanded="false",
                     ),
                     H1(title, id="chat-title"),
-                    picker or ModelBadge(model),
+                    ModelBadge(model),
+                    usage,
                     export,
                     ThemeToggle(),
                     cls="topbar",

@@ -5,7 +5,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fastcore.xml import FT, NotStr
-from fasthtml.common import A, Article, Button, Div, Footer, Form, Label, P, Span, Textarea
+from fasthtml.common import (
+    A,
+    Article,
+    Button,
+    Code,
+    Details,
+    Div,
+    Footer,
+    Form,
+    Label,
+    P,
+    Pre,
+    Span,
+    Summary,
+    Textarea,
+)
 
 STATUS_NOTES = {
     "stopped": "Stopped. The reply above is what was generated before you stopped it.",
@@ -125,15 +140,55 @@ def EditForm(turn: dict, links: TurnLinks, *, max_chars: int) -> FT:
 
 
 def Usage(usage: dict | None, model: str | None) -> FT | None:
-    """A quiet line with the model name, token counts and timing."""
+    """A quiet line: model, tokens in and out, time to first token, tokens per second."""
     if not usage and not model:
         return None
     bits = [model] if model else []
     if usage:
-        bits.append(f"{usage.get('input_tokens', 0)} in · {usage.get('output_tokens', 0)} out")
+        bits.append(f"{usage.get('input_tokens', 0):,} in · {usage.get('output_tokens', 0):,} out")
+        if usage.get("first_token_seconds") is not None:
+            bits.append(f"first token {usage['first_token_seconds']:.2f} s")
+        if usage.get("tokens_per_second"):
+            bits.append(f"{usage['tokens_per_second']:.0f} tok/s")
         if usage.get("seconds") is not None:
             bits.append(f"{usage['seconds']:.1f} s")
-    return Span(" · ".join(b for b in bits if b), cls="usage")
+    return Span(" · ".join(b for b in bits if b), cls="usage", data_usage="")
+
+
+def ConversationUsage(total: dict | None, *, oob: bool = False) -> FT:
+    """The running token total of a conversation, shown in the header."""
+    text = ""
+    if total and total["replies"]:
+        text = f"{total['input_tokens']:,} in · {total['output_tokens']:,} out"
+    return Span(
+        text,
+        id="conv-usage",
+        cls="conv-usage",
+        title="Tokens used in this conversation",
+        hx_swap_oob="true" if oob else None,
+    )
+
+
+def CompareColumns(columns: list[tuple[str, FT, str]]) -> FT:
+    """Replies from several models side by side; 'Keep' continues the chat from that one."""
+    return Div(
+        *(
+            Div(
+                Div(
+                    Span(model, cls="badge"),
+                    Button("Keep this reply", type="button", cls="small", hx_post=keep,
+                           hx_target="#messages", hx_swap="innerHTML"),
+                    cls="compare-head",
+                ),
+                reply,
+                cls="compare-col",
+            )
+            for model, reply, keep in columns
+        ),
+        cls="compare",
+        role="group",
+        aria_label="Replies from several models",
+    )  # fmt: skip
 
 
 def ReplyFooter(
@@ -188,7 +243,7 @@ def ReplyFooter(
 def AssistantMessage(
     turn_id: int,
     *,
-    html: str = "",
+    body: tuple = (),
     status: str = "complete",
     links: TurnLinks | None = None,
     live: bool = False,
@@ -201,7 +256,7 @@ def AssistantMessage(
     sse = {"hx_ext": "sse", "sse_connect": links.stream, "sse_close": "done"} if live else {}
     return Article(
         Div(
-            SafeHTML(html) if html else None,
+            *body,
             cls="md",
             id=f"md-{turn_id}",
             sse_swap="blocks" if live else None,
@@ -228,6 +283,40 @@ def AssistantMessage(
         aria_busy="true" if live else None,
         **sse,
     )
+
+
+TOOL_STATES = {
+    None: ("running", "Running…"),
+    "success": ("done", "Done"),
+    "failed": ("failed", "Failed"),
+    "retried": ("retried", "Error: the model was asked to retry"),
+    "denied": ("failed", "Denied"),
+    "interrupted": ("failed", "Interrupted"),
+}
+
+
+def ToolCall(tool, *, oob: bool = False) -> FT:
+    """A tool call inside a reply: name and state, then arguments and result when expanded."""
+    state, label = TOOL_STATES.get(tool.outcome, ("done", tool.outcome or ""))
+    return Details(
+        Summary(
+            Span("Tool", cls="tool-kind"),
+            Code(tool.name),
+            Span(label, cls=f"tool-state {state}", role="status" if state == "running" else None),
+        ),
+        Div(P("Arguments", cls="tool-label"), Pre(Code(tool.args or "{}")), cls="tool-args"),
+        Div(P("Result", cls="tool-label"), Pre(Code(tool.result)), cls="tool-result")
+        if tool.result is not None
+        else None,
+        cls=f"tool {state}",
+        id=f"tool-{tool.id}",
+        hx_swap_oob="true" if oob else None,
+    )
+
+
+def Segments(segments: list) -> tuple:
+    """A stored reply: its markdown (as sanitized HTML) and its tool calls, in order."""
+    return tuple(SafeHTML(s) if isinstance(s, str) else ToolCall(s) for s in segments)
 
 
 def Tail(html: str) -> tuple:

@@ -11,15 +11,17 @@ from starlette.responses import RedirectResponse
 
 from chat import sse
 from chat.agent import short_title
-from chat.markdown import render
-from chat.runs import Run
+from chat.runs import Block, Run, ToolUpdate
 from components.messages import (
     AssistantMessage,
+    CompareColumns,
+    ConversationUsage,
     EditForm,
     ReplyFooter,
     SafeHTML,
     Tail,
     TitleRefresh,
+    ToolCall,
     UserMessage,
 )
 from web.views import (
@@ -29,6 +31,7 @@ from web.views import (
     is_htmx,
     load_json,
     messages_view,
+    reply_body,
     runs,
     settings,
     sidebar,
@@ -62,28 +65,60 @@ def _start(req: Request, conv: dict, text: str, *, parent_id: int | None | str =
 
 
 @ar("/send", methods=["post"])
-async def send(req: Request, msg: str = "", cid: str = ""):
-    """Commit a message, start its reply, answer with both messages (the reply streams)."""
+async def send(
+    req: Request,
+    msg: str = "",
+    cid: str = "",
+    model: str = "",
+    compare: list[str] | None = None,
+):
+    """Commit a message, start its reply, answer with both messages (the reply streams).
+
+    With two or more `compare` models, one reply per model streams side by side; each is a
+    version of the exchange, and the first is kept until the user keeps another.
+    """
     from web.pages import conversation
 
     if (problem := check_message(req, msg)) is not None:
         return problem
+    cfg = settings(req)
+    models = list(dict.fromkeys(m for m in (compare or []) if m))
+    if model and model not in cfg.choices or any(m not in cfg.choices for m in models):
+        return error_fragment("That model is not offered here. Pick one from the list.", 422)
     conv = store(req).conversation(cid, uid(req)) if cid else None
     if cid and conv is None:
         return error_fragment("That conversation does not exist.", 404)
     created = conv is None
     if created:
-        conv = store(req).create_conversation(uid(req), model=settings(req).model)
+        conv = store(req).create_conversation(uid(req), model=model or cfg.default_model)
         conv["title"] = short_title(msg)
         store(req).set_title(conv["id"], conv["title"])
-    turn = _start(req, conv, msg)
+    elif model and model != conv["model"]:
+        store(req).set_model(conv["id"], model)
+        conv["model"] = model
+    if len(models) >= 2:
+        parent = conv["head_turn_id"]
+        turns = [_start(req, {**conv, "model": m}, msg, parent_id=parent) for m in models]
+        store(req).set_head(conv["id"], turns[0]["id"])
+    else:
+        turns = [_start(req, conv, msg)]
     url = conversation.to(cid=conv["id"])
     if not is_htmx(req):
         return RedirectResponse(url, status_code=303)
-    links = turn_links(turn, store(req).siblings(conv["id"]))
+    siblings = store(req).siblings(conv["id"])
+    links = [turn_links(t, siblings) for t in turns]
+    if len(turns) == 1:
+        replies = AssistantMessage(turns[0]["id"], links=links[0], live=True)
+    else:
+        replies = CompareColumns(
+            [
+                (t["model"], AssistantMessage(t["id"], links=lk, live=True), _show_url(t))
+                for t, lk in zip(turns, links, strict=True)
+            ]
+        )
     parts = [
-        UserMessage(turn, links),
-        AssistantMessage(turn["id"], links=links, live=True),
+        UserMessage(turns[0], links[0]),
+        replies,
         Div(id="composer-error", cls="composer-error", role="alert", hx_swap_oob="true"),
     ]
     headers = {}
@@ -98,6 +133,10 @@ async def send(req: Request, msg: str = "", cid: str = ""):
         ]
         headers["HX-Push-Url"] = url
     return html(tuple(parts), headers=headers)
+
+
+def _show_url(turn: dict) -> str:
+    return show.to(cid=turn["conversation_id"], tid=turn["id"])
 
 
 @ar("/c/{cid}/turns/{tid}/stream", methods=["get"])
@@ -134,9 +173,9 @@ def _title_refresh(turn: dict, status: str):
 async def _live(req: Request, run: Run, turn: dict, links, start: int) -> AsyncIterator[str]:
     heartbeat = settings(req).heartbeat
     async for kind, data in run.follow(start_block=start, heartbeat=heartbeat):
-        if kind == "blocks":
+        if kind == "items":
             new, total = data
-            yield sse.event("blocks", to_xml(SafeHTML("".join(new))), id=str(total))
+            yield sse.event("blocks", to_xml(tuple(_item(i) for i in new)), id=str(total))
         elif kind == "tail":
             yield sse.event("tail", " " if run.done else to_xml(Tail(data)))
         elif kind == "ping":
@@ -153,19 +192,27 @@ async def _live(req: Request, run: Run, turn: dict, links, start: int) -> AsyncI
                 last=bool(conv and conv["head_turn_id"] == run.turn_id),
                 extra=_title_refresh(turn, run.status),
             )
-            yield sse.event("end", to_xml(footer) or " ")
+            total = ConversationUsage(store(req).usage_total(run.conversation_id), oob=True)
+            yield sse.event("end", to_xml((*footer, total)))
             yield sse.event("done", run.status)
+
+
+def _item(item) -> object:
+    if isinstance(item, Block):
+        return SafeHTML(item.html)
+    if isinstance(item, ToolUpdate):
+        return ToolCall(item.tool, oob=True)
+    return ToolCall(item)
 
 
 async def _stored(req: Request, turn: dict, links, start: int) -> AsyncIterator[str]:
     conv = store(req).conversation(turn["conversation_id"], uid(req))
-    body = render(turn["reply_text"])
-    chunk = SafeHTML(body) if body else ""
+    chunk = reply_body(turn)
     if start == 0:
         yield sse.event("blocks", to_xml(chunk) or " ", id="1")
     else:
         # The client already holds some live blocks: replace them all at once.
-        swap = Div(chunk, cls="md", id=f"md-{turn['id']}", hx_swap_oob="true")
+        swap = Div(*chunk, cls="md", id=f"md-{turn['id']}", hx_swap_oob="true")
         yield sse.event("blocks", to_xml(swap))
     yield sse.event("tail", " ")
     footer = ReplyFooter(

@@ -10,10 +10,19 @@ from starlette.requests import Request
 
 from chat.config import Settings
 from chat.markdown import render
+from chat.reply import segments
 from chat.runs import RunManager
-from chat.store import ChatStore
+from chat.store import ChatStore, load_messages
 from components.layout import Composer, ConvLinks, ExportLinks, Page, Sidebar, Welcome
-from components.messages import AssistantMessage, LoadEarlier, TurnLinks, UserMessage
+from components.messages import (
+    AssistantMessage,
+    ConversationUsage,
+    LoadEarlier,
+    SafeHTML,
+    Segments,
+    TurnLinks,
+    UserMessage,
+)
 
 
 def store(req: Request) -> ChatStore:
@@ -117,6 +126,16 @@ def conv_links(cid: str) -> ConvLinks:
 # Views ------------------------------------------------------------------------------------
 
 
+def reply_body(turn: dict) -> tuple:
+    """A stored reply's content: rebuilt from its messages when it used tools."""
+    raw = turn["messages"]
+    if '"tool-call"' in raw:  # cheap check first: most replies are text only
+        parts = segments(load_messages(raw), turn["reply_text"])
+        return Segments([render(s) if isinstance(s, str) else s for s in parts])
+    html = render(turn["reply_text"])
+    return (SafeHTML(html),) if html else ()
+
+
 def reply(req: Request, turn: dict, links: TurnLinks, *, last: bool) -> FT:
     """A turn's reply: live placeholder while its run goes on, else rendered from storage."""
     tid = turn["id"]
@@ -124,7 +143,7 @@ def reply(req: Request, turn: dict, links: TurnLinks, *, last: bool) -> FT:
         return AssistantMessage(tid, links=links, live=True)
     return AssistantMessage(
         tid,
-        html=render(turn["reply_text"]),
+        body=reply_body(turn),
         status=turn["status"],
         links=links,
         error=turn["error"],
@@ -180,6 +199,7 @@ def page(req: Request, conv: dict | None, *, items: tuple | None = None) -> tupl
     if items is None:
         items = messages_view(req, conv) if conv else (Welcome(cfg.demo),)
     title = conv["title"] if conv and conv["title"] else "New chat"
+    model = (conv or {}).get("model") or cfg.default_model
     export = (
         ExportLinks(pages.export_md.to(cid=cid), pages.export_json.to(cid=cid)) if conv else None
     )
@@ -189,8 +209,15 @@ def page(req: Request, conv: dict | None, *, items: tuple | None = None) -> tupl
             title=title,
             sidebar=sidebar(req, cid),
             messages=items,
-            composer=Composer(chat.send.to(), cid, max_chars=cfg.max_message_chars),
-            model=(conv or {}).get("model") or cfg.model,
+            composer=Composer(
+                chat.send.to(),
+                cid,
+                max_chars=cfg.max_message_chars,
+                choices=cfg.choices,
+                model=model,
+            ),
+            model=model,
+            usage=ConversationUsage(store(req).usage_total(cid) if cid else None),
             new_url=pages.index.to(),
             search_url=pages.search.to(),
             import_url=pages.import_json.to(),
