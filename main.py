@@ -18,6 +18,7 @@ from starlette.staticfiles import StaticFiles
 
 from chat.agent import build_agent
 from chat.config import Settings
+from chat.limits import Limiter
 from chat.runs import RunManager
 from chat.security import SecurityMiddleware
 from chat.store import ChatStore
@@ -39,6 +40,11 @@ def create_app(settings: Settings | None = None, *, model: Model | None = None) 
         store.purge_deleted((datetime.now(UTC) - timedelta(days=1)).isoformat())
         app.state.store = store
         app.state.runs = RunManager(store, build_agent(), settings, model=model)
+        app.state.limits = Limiter(
+            per_minute=settings.messages_per_minute,
+            concurrent_runs=settings.concurrent_runs,
+            open_streams=settings.open_streams,
+        )
         try:
             yield
         finally:

@@ -38,6 +38,9 @@ class Settings:
     model_retries: int = 2
     stall_timeout: float = 120.0
     history_page: int = 50
+    messages_per_minute: int = 20
+    concurrent_runs: int = 3
+    open_streams: int = 12
     provider_keys: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -80,6 +83,9 @@ class Settings:
             output_tokens_limit=_opt_int(env.get("MAX_OUTPUT_TOKENS"), 8_000),
             request_limit=_opt_int(env.get("MAX_MODEL_REQUESTS"), 10),
             model_retries=int(env.get("MODEL_RETRIES") or 2),
+            messages_per_minute=int(env.get("MESSAGES_PER_MINUTE") or 20),
+            concurrent_runs=int(env.get("CONCURRENT_RUNS") or 3),
+            open_streams=int(env.get("OPEN_STREAMS") or 12),
             stall_timeout=float(env.get("STALL_TIMEOUT") or 120),
             provider_keys=tuple(k for k in PROVIDER_KEYS if env.get(k)),
         )
@@ -88,6 +94,16 @@ class Settings:
         if not settings.secret_key:
             settings = cls(**{**values, "secret_key": load_or_create_secret(settings.db_path)})
         return settings
+
+
+def read_env() -> dict[str, str]:
+    """The environment: values from a `.env` file, overridden by real environment variables."""
+    return {**{k: v for k, v in dotenv_values(".env").items() if v is not None}, **os.environ}
+
+
+def db_path_from_env() -> Path:
+    """Just DB_PATH, for tools that need the database but not the rest of the settings."""
+    return Path(read_env().get("DB_PATH") or "data/chat.db")
 
 
 def _opt_int(raw: str | None, default: int) -> int | None:

@@ -145,6 +145,10 @@ class RunManager:
         self.titles: dict[str, asyncio.Task] = {}
         self.accepting = True
 
+    def running(self, owner: str) -> int:
+        """How many of `owner`'s replies are being generated now."""
+        return sum(1 for run in self.runs.values() if run.owner == owner)
+
     def get(self, turn_id: int) -> Run | None:
         """The live run for a turn, if it is still generating."""
         return self.runs.get(turn_id)

@@ -67,6 +67,35 @@ class ChatStore:
         self.db.execute("pragma foreign_keys = on")
         migrate(self.db)
 
+    def backup(self, target: str | Path) -> Path:
+        """Write a consistent copy of the live database to `target` (VACUUM INTO)."""
+        target = Path(target)
+        if target.exists():
+            raise FileExistsError(f"{target} exists; choose a new file name")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        self.db.execute("vacuum into ?", [str(target)])
+        return target
+
+    def integrity(self) -> str:
+        """SQLite's integrity check: 'ok' when the file is sound."""
+        return self.db.execute("pragma integrity_check").fetchone()[0]
+
+    def all_conversations(self, owner: str | None = None) -> list[dict]:
+        """Every conversation (of `owner`, if given), newest first, for administration."""
+        where, args = ("where owner = ?", [owner]) if owner else ("", [])
+        rows = self.db.execute(
+            f"select * from conversations {where} order by updated_at desc",  # noqa: S608
+            args,
+        ).fetchall()
+        return self._dicts("conversations", rows)
+
+    def erase(self, cid: str) -> bool:
+        """Delete a conversation and its turns for good (administration)."""
+        with self.db.conn:
+            self.db.execute("delete from turns where conversation_id = ?", [cid])
+            cur = self.db.execute("delete from conversations where id = ?", [cid])
+        return cur.rowcount == 1
+
     def close(self) -> None:
         """Close the connection."""
         self.db.close()

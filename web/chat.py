@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 from fasthtml.common import H1, APIRouter, Div, Input, Response, to_xml
 from pydantic_ai.messages import ModelRequest, UserPromptPart
+from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import RedirectResponse
 
@@ -79,8 +80,6 @@ async def send(
     """
     from web.pages import conversation
 
-    if (problem := check_message(req, msg)) is not None:
-        return problem
     cfg = settings(req)
     models = list(dict.fromkeys(m for m in (compare or []) if m))
     if model and model not in cfg.choices or any(m not in cfg.choices for m in models):
@@ -88,6 +87,9 @@ async def send(
     conv = store(req).conversation(cid, uid(req)) if cid else None
     if cid and conv is None:
         return error_fragment("That conversation does not exist.", 404)
+    replies = len(models) if len(models) >= 2 else 1
+    if (problem := check_message(req, msg, replies)) is not None:
+        return problem
     created = conv is None
     if created:
         conv = store(req).create_conversation(uid(req), model=model or cfg.default_model)
@@ -158,7 +160,13 @@ async def stream(req: Request, cid: str, tid: int):
     run = runs(req).get(tid)
     links = turn_links(turn, store(req).siblings(cid))
     chunks = _live(req, run, turn, links, start) if run else _stored(req, turn, links, start)
-    return sse.event_stream(chunks, accept_encoding=req.headers.get("accept-encoding", ""))
+    limits, who = req.app.state.limits, uid(req)
+    if not limits.open_stream(who):
+        return Response("Too many open streams: close some tabs.", status_code=429)
+    response = sse.event_stream(chunks, accept_encoding=req.headers.get("accept-encoding", ""))
+    # Runs when the stream ends or the client goes away, so the slot is always given back.
+    response.background = BackgroundTask(limits.close_stream, who)
+    return response
 
 
 def _title_refresh(turn: dict, status: str):
@@ -249,8 +257,8 @@ async def regenerate(req: Request, cid: str, tid: int):
     if owned is None:
         return not_found(req)
     conv, turn = owned
-    if not runs(req).accepting:
-        return error_fragment("The server is restarting. Try again in a moment.", 503)
+    if (problem := check_message(req, turn["user_text"])) is not None:
+        return problem
     _start(req, conv, turn["user_text"], parent_id=turn["parent_id"])
     return messages_view(req, store(req).conversation(cid, uid(req)))
 

@@ -64,8 +64,11 @@ def error_fragment(message: str, status: int, target: str = "#composer-error") -
     )
 
 
-def check_message(req: Request, msg: str) -> Response | None:
-    """Why a message cannot be sent (as an error response), or None if it can."""
+def check_message(req: Request, msg: str, replies: int = 1) -> Response | None:
+    """Why a message cannot be sent (as an error response), or None if it can.
+
+    Called last before committing: a message that passes has been counted against the limits.
+    """
     limit = settings(req).max_message_chars
     if not msg.strip():
         return error_fragment("Type a message before sending.", 422)
@@ -77,6 +80,9 @@ def check_message(req: Request, msg: str) -> Response | None:
         )
     if not runs(req).accepting:
         return error_fragment("The server is restarting. Send again in a moment.", 503)
+    refused = req.app.state.limits.check_send(uid(req), runs(req).running(uid(req)), replies)
+    if refused:
+        return error_fragment(refused, 429)
     return None
 
 

@@ -1,0 +1,93 @@
+"""Management commands: list, export and delete conversations, and back up the database.
+
+    python manage.py list [--owner ID]
+    python manage.py export CONVERSATION_ID [--format md|json] [--out FILE]
+    python manage.py delete CONVERSATION_ID
+    python manage.py backup FILE        # consistent copy of the live database (VACUUM INTO)
+    python manage.py check              # SQLite integrity check
+
+The database is DB_PATH (default data/chat.db) or --db. Safe to run while the app serves:
+SQLite's WAL mode lets these read (and the backup copy) alongside the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from chat.config import db_path_from_env
+from chat.store import ChatStore
+from chat.transcript import to_json, to_markdown
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one management command; returns the process exit code."""
+    parser = argparse.ArgumentParser(prog="manage.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--db", help="SQLite file (default: DB_PATH or data/chat.db)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_list = sub.add_parser("list", help="list conversations, newest first")
+    p_list.add_argument("--owner", help="only this identity's conversations")
+    p_export = sub.add_parser("export", help="print or save one conversation")
+    p_export.add_argument("cid")
+    p_export.add_argument("--format", choices=["md", "json"], default="md")
+    p_export.add_argument("--out", help="file to write (default: standard output)")
+    p_delete = sub.add_parser("delete", help="delete a conversation for good")
+    p_delete.add_argument("cid")
+    p_backup = sub.add_parser("backup", help="write a consistent copy of the database")
+    p_backup.add_argument("file")
+    sub.add_parser("check", help="run SQLite's integrity check")
+    args = parser.parse_args(argv)
+
+    db_path = Path(args.db) if args.db else db_path_from_env()
+    if not db_path.exists():
+        print(f"No database at {db_path}.", file=sys.stderr)
+        return 2
+    store = ChatStore(db_path)
+    try:
+        return _run(store, args)
+    finally:
+        store.close()
+
+
+def _run(store: ChatStore, args: argparse.Namespace) -> int:
+    if args.command == "list":
+        for c in store.all_conversations(args.owner):
+            state = " (deleted)" if c.get("deleted_at") else ""
+            print(f"{c['id']}\t{c['updated_at'][:19]}\t{c['owner'][:8]}…\t{c['title']}{state}")
+        return 0
+    if args.command == "export":
+        conv = next((c for c in store.all_conversations() if c["id"] == args.cid), None)
+        if conv is None:
+            print(f"No conversation {args.cid}.", file=sys.stderr)
+            return 1
+        turns = store.branch(conv["head_turn_id"])
+        data = (
+            to_json(turns) if args.format == "json" else to_markdown(conv["title"], turns).encode()
+        )
+        if args.out:
+            Path(args.out).write_bytes(data)
+        else:
+            sys.stdout.buffer.write(data)
+        return 0
+    if args.command == "delete":
+        if not store.erase(args.cid):
+            print(f"No conversation {args.cid}.", file=sys.stderr)
+            return 1
+        print(f"Deleted {args.cid}.")
+        return 0
+    if args.command == "backup":
+        try:
+            target = store.backup(args.file)
+        except FileExistsError as exc:
+            print(exc, file=sys.stderr)
+            return 1
+        print(f"Backed up to {target}.")
+        return 0
+    result = store.integrity()
+    print(result)
+    return 0 if result == "ok" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
