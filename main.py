@@ -8,12 +8,14 @@ import logging
 import secrets
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from urllib.parse import quote
 
 import uvicorn
 from fasthtml.common import FastHTML
 from pydantic_ai.models import Model
 from starlette.middleware import Middleware
 from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
 from starlette.staticfiles import StaticFiles
 
 from chat.agent import build_agent
@@ -23,9 +25,11 @@ from chat.runs import RunManager
 from chat.security import SecurityMiddleware
 from chat.store import ChatStore
 from components.layout import Head
-from web import chat, pages
+from web import auth, chat, pages
 
 log = logging.getLogger("chat")
+# Reachable without signing in when AUTH=password.
+PUBLIC_PATHS = {"/login", "/signup", "/health"}
 ROOT = Path(__file__).parent
 
 
@@ -51,11 +55,24 @@ def create_app(settings: Settings | None = None, *, model: Model | None = None) 
             await app.state.runs.shutdown()
             store.close()
 
-    async def identify(req: Request, session) -> None:
+    async def identify(req: Request, session):
+        if settings.auth == "password":
+            # Accounts: the identity is the signed-in user; everything else asks to sign in.
+            if user := session.get("user"):
+                req.scope["uid"] = "user:" + user
+                return None
+            req.scope["uid"] = None
+            if req.url.path in PUBLIC_PATHS:
+                return None
+            login = f"/login?next={quote(req.url.path)}"
+            if req.headers.get("hx-request") == "true":
+                return Response(status_code=204, headers={"HX-Redirect": login})
+            return RedirectResponse(login, status_code=303)
         # Every browser gets its own anonymous identity in the signed session cookie.
         if "uid" not in session:
             session["uid"] = secrets.token_urlsafe(18)
         req.scope["uid"] = session["uid"]
+        return None
 
     app = FastHTML(
         title="Agent chat",
@@ -77,6 +94,7 @@ def create_app(settings: Settings | None = None, *, model: Model | None = None) 
     app.mount("/static", StaticFiles(directory=ROOT / "static"), name="static")
     pages.ar.to_app(app)
     chat.ar.to_app(app)
+    auth.ar.to_app(app)
     return app
 
 

@@ -5,6 +5,7 @@
     python manage.py delete CONVERSATION_ID
     python manage.py backup FILE        # consistent copy of the live database (VACUUM INTO)
     python manage.py check              # SQLite integrity check
+    python manage.py adduser NAME       # create an account (AUTH=password); reads the password
 
 The database is DB_PATH (default data/chat.db) or --db. Safe to run while the app serves:
 SQLite's WAL mode lets these read (and the backup copy) alongside the server.
@@ -13,9 +14,11 @@ SQLite's WAL mode lets these read (and the backup copy) alongside the server.
 from __future__ import annotations
 
 import argparse
+import getpass
 import sys
 from pathlib import Path
 
+from chat import accounts
 from chat.config import db_path_from_env
 from chat.store import ChatStore
 from chat.transcript import to_json, to_markdown
@@ -37,10 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     p_backup = sub.add_parser("backup", help="write a consistent copy of the database")
     p_backup.add_argument("file")
     sub.add_parser("check", help="run SQLite's integrity check")
+    p_user = sub.add_parser("adduser", help="create an account for AUTH=password")
+    p_user.add_argument("username")
     args = parser.parse_args(argv)
 
     db_path = Path(args.db) if args.db else db_path_from_env()
-    if not db_path.exists():
+    if not db_path.exists() and args.command != "adduser":
         print(f"No database at {db_path}.", file=sys.stderr)
         return 2
     store = ChatStore(db_path)
@@ -83,6 +88,17 @@ def _run(store: ChatStore, args: argparse.Namespace) -> int:
             print(exc, file=sys.stderr)
             return 1
         print(f"Backed up to {target}.")
+        return 0
+    if args.command == "adduser":
+        password = getpass.getpass("Password: ") if sys.stdin.isatty() else sys.stdin.readline()
+        password = password.rstrip("\n")
+        if problem := accounts.signup_problem(args.username, password):
+            print(problem, file=sys.stderr)
+            return 1
+        if accounts.create(store, args.username, password) is None:
+            print(f"The username {args.username} is taken.", file=sys.stderr)
+            return 1
+        print(f"Created {args.username}.")
         return 0
     result = store.integrity()
     print(result)

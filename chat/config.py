@@ -26,6 +26,9 @@ class Settings:
     secret_key: str = ""
     # Mark the session cookie Secure; set HTTPS=1 when the site is served over HTTPS.
     https_only: bool = False
+    # AUTH=password turns on accounts; SIGNUP=closed stops new ones (use manage.py adduser).
+    auth: str = "none"
+    signup_open: bool = True
     # Replies: how often coalesced updates may go out, and when a partial reply is flushed to disk.
     stream_tick: float = 0.015
     flush_every: float = 2.0
@@ -79,6 +82,8 @@ class Settings:
             db_path=db_path,
             secret_key=env.get("SECRET_KEY") or "",
             https_only=(env.get("HTTPS") or "").lower() in ("1", "true", "yes"),
+            auth="password" if (env.get("AUTH") or "").lower() == "password" else "none",
+            signup_open=(env.get("SIGNUP") or "open").lower() != "closed",
             max_message_chars=int(env.get("MAX_MESSAGE_CHARS") or 32_000),
             output_tokens_limit=_opt_int(env.get("MAX_OUTPUT_TOKENS"), 8_000),
             request_limit=_opt_int(env.get("MAX_MODEL_REQUESTS"), 10),

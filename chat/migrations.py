@@ -84,3 +84,14 @@ def m002_soft_delete_and_search(db: Database) -> None:
     """Soft delete (so a deletion can be undone) and full-text search over every turn."""
     db["conversations"].add_column("deleted_at", str)
     db["turns"].enable_fts(["user_text", "reply_text"], create_triggers=True, tokenize="porter")
+
+
+@migration
+def m003_users(db: Database) -> None:
+    """Optional accounts (AUTH=password): usernames with argon2 password hashes."""
+    db["users"].create(
+        {"id": str, "username": str, "password_hash": str, "created_at": str},
+        pk="id",
+        not_null={"username", "password_hash", "created_at"},
+    )
+    db["users"].create_index(["username"], unique=True)

@@ -191,6 +191,33 @@ class ChatStore:
         with self.db.conn:
             self.db["conversations"].update(cid, {"model": model})
 
+    # Accounts -----------------------------------------------------------------------------
+
+    def create_user(self, username: str, password_hash: str) -> dict | None:
+        """Add an account; None if the username is taken."""
+        row = {
+            "id": secrets.token_urlsafe(12),
+            "username": username,
+            "password_hash": password_hash,
+            "created_at": now(),
+        }
+        try:
+            with self.db.conn:
+                self.db["users"].insert(row)
+        except sqlite3.IntegrityError:
+            return None
+        return row
+
+    def user_by_name(self, username: str) -> dict | None:
+        """The account with this username, if any."""
+        rows = self.db.execute("select * from users where username = ?", [username]).fetchall()
+        return self._dicts("users", rows)[0] if rows else None
+
+    def set_password_hash(self, user_id: str, password_hash: str) -> None:
+        """Store a re-hashed password (argon2 parameters change over time)."""
+        with self.db.conn:
+            self.db["users"].update(user_id, {"password_hash": password_hash})
+
     # Turns --------------------------------------------------------------------------------
 
     def add_turn(

@@ -389,6 +389,7 @@ def Page(
     import_url: str = "/import",
     export: FT | None = None,
     usage: FT | None = None,
+    account: FT | None = None,
 ) -> tuple:
     """A whole chat page: sidebar beside the conversation, composer at the bottom."""
     return (
@@ -402,6 +403,7 @@ def Page(
                 Div(id="search-results", cls="search-results", aria_live="polite"),
                 sidebar,
                 ImportForm(import_url),
+                account,
                 id="sidebar",
                 cls="sidebar",
             ),

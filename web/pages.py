@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from fasthtml.common import H1, A, APIRouter, Div, P, Response, Title, to_xml
+from fasthtml.common import H1, A, APIRouter, Div, P, Response, Title
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse
@@ -13,13 +13,13 @@ from chat.transcript import MAX_IMPORT_BYTES, ImportError_, split_turns, to_json
 from components.layout import (
     ConversationLink,
     DeletedItem,
-    Head,
     RenameForm,
     SearchResults,
 )
 from web.views import (
     conv_links,
     error_fragment,
+    full_page,
     html,
     is_htmx,
     message_items,
@@ -44,9 +44,7 @@ def not_found(req: Request, exc: Exception | None = None) -> Response:
         A("Start a new chat", href="/"),
         cls="not-found",
     )
-    head = to_xml((Title("Not found · Agent chat"), *Head()))
-    doc = f"<!doctype html><html lang='en'><head>{head}</head><body>{to_xml(body)}</body></html>"
-    return Response(doc, status_code=404, media_type="text/html")
+    return full_page((Title("Not found · Agent chat"), body), 404)
 
 
 def _conv(req: Request, cid: str) -> dict | None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 from fastcore.xml import FT
-from fasthtml.common import P, Response, Title, to_xml
+from fasthtml.common import Body, Html, P, Response, Title, to_xml
+from fasthtml.common import Head as HtmlHead
 from starlette.requests import Request
 
 from chat.config import Settings
@@ -13,7 +14,8 @@ from chat.markdown import render
 from chat.reply import segments
 from chat.runs import RunManager
 from chat.store import ChatStore, load_messages
-from components.layout import Composer, ConvLinks, ExportLinks, Page, Sidebar, Welcome
+from components.auth import SignOut
+from components.layout import Composer, ConvLinks, ExportLinks, Head, Page, Sidebar, Welcome
 from components.messages import (
     AssistantMessage,
     ConversationUsage,
@@ -53,6 +55,13 @@ def is_htmx(req: Request) -> bool:
 def html(fragment, status: int = 200, headers: dict | None = None) -> Response:
     """An HTML fragment response."""
     return Response(to_xml(fragment), status_code=status, headers=headers, media_type="text/html")
+
+
+def full_page(parts: tuple, status: int) -> Response:
+    """A whole HTML document with our head, for answers that are not 200 (404, 401, ...)."""
+    title, *body = parts
+    doc = Html(HtmlHead(title, *Head()), Body(*body), lang="en")
+    return Response("<!doctype html>" + to_xml(doc), status_code=status, media_type="text/html")
 
 
 def error_fragment(message: str, status: int, target: str = "#composer-error") -> Response:
@@ -196,6 +205,14 @@ def sidebar(req: Request, current: str | None) -> FT:
     return Sidebar(convs, {c["id"]: conv_links(c["id"]) for c in convs}, current)
 
 
+def _account(req: Request) -> FT | None:
+    if settings(req).auth != "password":
+        return None
+    from web.auth import logout
+
+    return SignOut(logout.to(), req.scope.get("session", {}).get("username", ""))
+
+
 def page(req: Request, conv: dict | None, *, items: tuple | None = None) -> tuple:
     """A whole chat page, for a conversation or for a new chat."""
     from web import chat, pages
@@ -224,6 +241,7 @@ def page(req: Request, conv: dict | None, *, items: tuple | None = None) -> tupl
             ),
             model=model,
             usage=ConversationUsage(store(req).usage_total(cid) if cid else None),
+            account=_account(req),
             new_url=pages.index.to(),
             search_url=pages.search.to(),
             import_url=pages.import_json.to(),
