@@ -40,7 +40,7 @@ from chat.agent import ModelUnavailable, make_title, resolve_model, short_title
 from chat.config import Settings
 from chat.markdown import StreamRenderer
 from chat.reply import ToolView
-from chat.store import ChatStore
+from chat.store import INTERRUPTED, ChatStore
 from chat.tools import ToolDeps
 
 log = logging.getLogger(__name__)
@@ -145,6 +145,10 @@ class RunManager:
         self.titles: dict[str, asyncio.Task] = {}
         self.accepting = True
 
+    def streaming_in(self, cid: str) -> bool:
+        """True while a reply in conversation `cid` is being generated."""
+        return any(run.conversation_id == cid for run in self.runs.values())
+
     def running(self, owner: str) -> int:
         """How many of `owner`'s replies are being generated now."""
         return sum(1 for run in self.runs.values() if run.owner == owner)
@@ -233,10 +237,13 @@ class RunManager:
                 run.usage = _usage(result.usage, run)
             status = "complete"
         except RunCancelled as exc:
-            status = "stopped"
             messages = exc.new_messages() or messages
+            if self.accepting:
+                status = "stopped"  # the user pressed Stop
+            else:  # the server is shutting down: not the user's doing
+                status, error = "interrupted", INTERRUPTED
         except asyncio.CancelledError:
-            status, error = "interrupted", "The server stopped before this reply finished."
+            status, error = "interrupted", INTERRUPTED
             messages = _salvage(events, messages)
             raise
         except Exception as exc:

@@ -15,6 +15,7 @@ from sqlite_utils import Database
 from chat.migrations import migrate
 
 FINISHED = ("complete", "stopped", "failed", "interrupted")
+INTERRUPTED = "Interrupted: the server stopped before this reply finished."
 
 
 def now() -> str:
@@ -310,10 +311,9 @@ class ChatStore:
         """Mark replies left 'streaming' by a crash as interrupted; return how many."""
         with self.db.conn:
             cur = self.db.execute(
-                "update turns set status = 'interrupted', finished_at = ?, "
-                "error = 'The server stopped before this reply finished.' "
+                "update turns set status = 'interrupted', finished_at = ?, error = ? "
                 "where status = 'streaming'",
-                [now()],
+                [now(), INTERRUPTED],
             )
         return cur.rowcount
 

@@ -38,6 +38,7 @@ from fasthtml.common import (
     Textarea,
     Ul,
 )
+from fasthtml.svg import Path, Svg
 
 HTMX_CONFIG = {
     "selfRequestsOnly": True,
@@ -94,6 +95,19 @@ class ConvLinks:
     item: str
 
 
+PENCIL = (
+    "M3 17.25V21h3.75L17.8 9.95l-3.75-3.75L3 17.25zm17.7-10.2a1 1 0 0 0 0-1.4"
+    "l-2.35-2.35a1 1 0 0 0-1.4 0l-1.85 1.85 3.75 3.75 1.85-1.85z"
+)
+TRASH = "M6 19a2 2 0 0 0 2 2h8a2 2 0 0 0 2-2V7H6v12zM19 4h-3.5l-1-1h-5l-1 1H5v2h14V4z"
+
+
+def Icon(path: str) -> FT:
+    """A small inline SVG icon (no emoji: they need fonts phones may not have)."""
+    return Svg(Path(d=path), viewBox="0 0 24 24", width="18", height="18", aria_hidden="true",
+               fill="currentColor", focusable="false")  # fmt: skip
+
+
 def ConversationLink(conv: dict, links: ConvLinks, *, current: bool = False) -> FT:
     """One conversation in the sidebar, with rename and delete."""
     title = conv["title"] or "New conversation"
@@ -101,7 +115,7 @@ def ConversationLink(conv: dict, links: ConvLinks, *, current: bool = False) -> 
         A(title, href=links.open, aria_current="page" if current else None, cls="conv-link"),
         Div(
             Button(
-                "✎",
+                Icon(PENCIL),
                 type="button",
                 cls="icon",
                 aria_label=f"Rename {title}",
@@ -110,7 +124,7 @@ def ConversationLink(conv: dict, links: ConvLinks, *, current: bool = False) -> 
                 hx_swap="outerHTML",
             ),
             Button(
-                "🗑",
+                Icon(TRASH),
                 type="button",
                 cls="icon",
                 aria_label=f"Delete {title}",

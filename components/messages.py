@@ -159,7 +159,7 @@ def ConversationUsage(total: dict | None, *, oob: bool = False) -> FT:
     """The running token total of a conversation, shown in the header."""
     text = ""
     if total and total["replies"]:
-        text = f"{total['input_tokens']:,} in · {total['output_tokens']:,} out"
+        text = f"Tokens: {total['input_tokens']:,} in · {total['output_tokens']:,} out"
     return Span(
         text,
         id="conv-usage",
@@ -200,6 +200,7 @@ def ReplyFooter(
     usage: dict | None = None,
     model: str | None = None,
     last: bool = False,
+    copy: bool = True,
     extra: FT | None = None,
 ) -> tuple:
     """What sits under a reply: 'Writing…' and Stop while streaming, then its outcome."""
@@ -228,7 +229,7 @@ def ReplyFooter(
         )  # fmt: skip
     elif status in STATUS_NOTES:
         parts.append(P(STATUS_NOTES[status], cls="note"))
-    if links:
+    if links and copy:
         parts.append(CopyButton(f"md-{turn_id}"))
         if last and not error:
             parts.append(
@@ -273,6 +274,7 @@ def AssistantMessage(
                 usage=usage,
                 model=model,
                 last=last,
+                copy=bool(body),
             ),
             cls="reply-foot",
             sse_swap="end" if live else None,

@@ -62,7 +62,10 @@
   }
   document.addEventListener("click", (e) => {
     const btn = e.target.closest && e.target.closest(".menu");
-    if (btn) toggleSidebar(!$("#sidebar").classList.contains("open"));
+    if (btn) { toggleSidebar(!$("#sidebar").classList.contains("open")); return; }
+    // A tap outside the open sidebar (on the dimmed page) closes it.
+    const side = $("#sidebar.open");
+    if (side && !side.contains(e.target)) toggleSidebar(false);
   });
 
   // Copy: buttons with data-copy="ID" copy that element's text; code blocks get their own.

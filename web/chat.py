@@ -44,6 +44,11 @@ from web.views import (
 ar = APIRouter()
 
 
+def normalize(msg: str) -> str:
+    """Browsers send line breaks as CRLF; the textarea (and its maxlength) counts one each."""
+    return msg.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def _owned_turn(req: Request, cid: str, tid: int) -> tuple[dict, dict] | None:
     conv = store(req).conversation(cid, uid(req))
     turn = store(req).turn(tid, uid(req)) if conv else None
@@ -80,6 +85,7 @@ async def send(
     """
     from web.pages import conversation
 
+    msg = normalize(msg)
     cfg = settings(req)
     models = list(dict.fromkeys(m for m in (compare or []) if m))
     if model and model not in cfg.choices or any(m not in cfg.choices for m in models):
@@ -87,6 +93,8 @@ async def send(
     conv = store(req).conversation(cid, uid(req)) if cid else None
     if cid and conv is None:
         return error_fragment("That conversation does not exist.", 404)
+    if conv is not None and runs(req).streaming_in(conv["id"]):
+        return error_fragment("Wait for the reply to finish, or stop it, before sending.", 409)
     replies = len(models) if len(models) >= 2 else 1
     if (problem := check_message(req, msg, replies)) is not None:
         return problem
@@ -198,6 +206,7 @@ async def _live(req: Request, run: Run, turn: dict, links, start: int) -> AsyncI
                 usage=run.usage,
                 model=run.model_name,
                 last=bool(conv and conv["head_turn_id"] == run.turn_id),
+                copy=bool(run.renderer.source),
                 extra=_title_refresh(turn, run.status),
             )
             total = ConversationUsage(store(req).usage_total(run.conversation_id), oob=True)
@@ -214,6 +223,8 @@ def _item(item) -> object:
 
 
 async def _stored(req: Request, turn: dict, links, start: int) -> AsyncIterator[str]:
+    if turn["status"] == "streaming":  # no run is generating it any more: it was cut off
+        turn = {**turn, "status": "interrupted", "error": "This reply was interrupted."}
     conv = store(req).conversation(turn["conversation_id"], uid(req))
     chunk = reply_body(turn)
     if start == 0:
@@ -231,6 +242,7 @@ async def _stored(req: Request, turn: dict, links, start: int) -> AsyncIterator[
         usage=load_json(turn["usage"]),
         model=turn["model"],
         last=conv is not None and conv["head_turn_id"] == turn["id"],
+        copy=bool(turn["reply_text"]),
         extra=_title_refresh(turn, turn["status"]),
     )
     yield sse.event("end", to_xml(footer) or " ")
@@ -257,6 +269,8 @@ async def regenerate(req: Request, cid: str, tid: int):
     if owned is None:
         return not_found(req)
     conv, turn = owned
+    if runs(req).streaming_in(cid):
+        return error_fragment("Wait for the reply to finish, or stop it, first.", 409)
     if (problem := check_message(req, turn["user_text"])) is not None:
         return problem
     _start(req, conv, turn["user_text"], parent_id=turn["parent_id"])
@@ -296,9 +310,12 @@ async def edit(req: Request, cid: str, tid: int, msg: str = ""):
     owned = _owned_turn(req, cid, tid)
     if owned is None:
         return not_found(req)
+    msg = normalize(msg)
     if (problem := check_message(req, msg)) is not None:
         return problem
     conv, turn = owned
+    if runs(req).streaming_in(cid):
+        return error_fragment("Wait for the reply to finish, or stop it, first.", 409)
     _start(req, conv, msg, parent_id=turn["parent_id"])
     return messages_view(req, store(req).conversation(cid, uid(req)))
 

@@ -122,11 +122,12 @@ async def rename_form(req: Request, cid: str):
 @ar("/c/{cid}/rename", methods=["post"])
 async def rename(req: Request, cid: str, title: str = ""):
     """Rename a conversation."""
+    if _conv(req, cid) is None:
+        return not_found(req)
     title = " ".join(title.split())[:200]
     if not title:
         return error_fragment("A title cannot be empty.", 422, target=f"#rename-{cid}")
-    if not store(req).rename(cid, uid(req), title):
-        return not_found(req)
+    store(req).rename(cid, uid(req), title)
     conv = _conv(req, cid)
     return (
         ConversationLink(conv, conv_links(cid)),
