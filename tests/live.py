@@ -1,0 +1,487 @@
+"""Live servers for the end-to-end and browser tests: the real app under uvicorn, the fake model.
+
+The app runs as `python main.py` in a subprocess, exactly as a user starts it, configured only
+through the environment; the model is either `openai-chat:fake-model` pointed at a loopback
+`FakeOpenAI`, or (no MODEL) the built-in demo model. Also here: a client that speaks to the app
+the way htmx does, an SSE reader, and the Chromium fixtures, which record console errors and
+Content-Security-Policy violations so tests can assert there are none.
+
+Import the fixtures a test module uses explicitly (`from tests.live import fake_fixture`): each
+is registered under its short name (`fake`), so test parameters do not shadow the import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urljoin
+
+import httpx
+import pytest
+from bs4 import BeautifulSoup
+
+from tests.fake_openai import FakeOpenAI, Recorded
+
+ROOT = Path(__file__).resolve().parent.parent
+FAKE_MODEL = "openai-chat:fake-model"
+# The app asks the model to name a conversation after its first exchange; these requests are
+# answered at once with TITLE and are not replies.
+TITLE_MARK = "short title"
+TITLE = "Fake title"
+# Settings the app reads; the tests decide them, never the developer's environment or .env.
+_APP_ENV = (
+    "MODEL", "MODELS", "HOST", "PORT", "DB_PATH", "SECRET_KEY", "HTTPS", "MAX_MESSAGE_CHARS",
+    "OPENAI_BASE_URL", "OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GOOGLE_API_KEY", "GROQ_API_KEY",
+)  # fmt: skip
+STARTUP_TIMEOUT = 30.0
+STREAM_TIMEOUT = 30.0
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def is_title_request(body: dict) -> bool:
+    """True for the app's background 'name this conversation' model call."""
+    return any(
+        m.get("role") in ("system", "developer") and TITLE_MARK in str(m.get("content"))
+        for m in body.get("messages") or []
+    )
+
+
+def title_reply(body: dict) -> str | None:
+    """FakeOpenAI side reply: answer title requests at once, leave every other request alone."""
+    return TITLE if is_title_request(body) else None
+
+
+def replies(fake: FakeOpenAI) -> list[Recorded]:
+    """The requests that generated replies (not titles), oldest first."""
+    return [r for r in fake.requests if not is_title_request(r.body)]
+
+
+def wait_for_replies(fake: FakeOpenAI, n: int, timeout: float = 10.0) -> list[Recorded]:
+    """Wait until `n` reply requests have reached the fake model."""
+    deadline = time.monotonic() + timeout
+    while len(replies(fake)) < n:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"expected {n} reply requests, got {len(replies(fake))}")
+        time.sleep(0.02)
+    return replies(fake)
+
+
+# The app -----------------------------------------------------------------------------------
+
+
+@dataclass
+class LiveApp:
+    """The real app served by `python main.py` in a subprocess."""
+
+    workdir: Path
+    model: str | None = FAKE_MODEL
+    env: dict[str, str] = field(default_factory=dict)
+    port: int = 0
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        """The app's base URL."""
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def db_path(self) -> Path:
+        """The SQLite file the app writes."""
+        return self.workdir / "chat.db"
+
+    @property
+    def log_path(self) -> Path:
+        """Where the app's stdout and stderr go."""
+        return self.workdir / "app.log"
+
+    def log(self) -> str:
+        """Everything the app has printed so far."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def start(self) -> LiveApp:
+        """Start the app and wait until /health answers."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = self.port or free_port()
+        env = {k: v for k, v in os.environ.items() if k not in _APP_ENV}
+        env.update(
+            HOST="127.0.0.1",
+            PORT=str(self.port),
+            DB_PATH=str(self.db_path),
+            MODEL=self.model or "",  # empty: the demo model, even if a .env file names one
+            NO_PROXY="127.0.0.1,localhost",
+            PYTHONUNBUFFERED="1",
+            **self.env,
+        )
+        with open(self.log_path, "wb") as log:
+            # cwd is the temporary directory, so no .env file of the developer's is read.
+            self.proc = subprocess.Popen(
+                [sys.executable, str(ROOT / "main.py")],
+                cwd=self.workdir,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        with httpx.Client(trust_env=False, timeout=2) as http:
+            while True:
+                if self.proc.poll() is not None:
+                    self.stop()
+                    raise RuntimeError(f"the app exited at start-up:\n{self.log()}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if http.get(f"{self.url}/health").status_code == 200:
+                        return self
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"the app did not answer /health:\n{self.log()}")
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        """Stop the app as a user would (SIGTERM), killing it if it does not end promptly."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+    def health(self) -> dict:
+        """The /health answer."""
+        with httpx.Client(trust_env=False, timeout=10) as http:
+            return http.get(f"{self.url}/health").json()
+
+    def wait_idle(self, timeout: float = 20.0) -> None:
+        """Wait until no reply is being generated."""
+        deadline = time.monotonic() + timeout
+        while self.health()["runs"]:
+            if time.monotonic() > deadline:
+                raise TimeoutError("replies still running")
+            time.sleep(0.05)
+
+    def turns(self) -> list[dict]:
+        """Every row of the `turns` table, oldest first (read-only, beside the running app)."""
+        conn = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True)
+        try:
+            conn.row_factory = sqlite3.Row
+            return [dict(r) for r in conn.execute("select * from turns order by id")]
+        finally:
+            conn.close()
+
+
+@contextlib.contextmanager
+def running_app(workdir: Path, model: str | None = FAKE_MODEL, **env: str) -> Iterator[LiveApp]:
+    """The app, started in `workdir` and stopped afterwards; prints its log if it has tracebacks."""
+    app = LiveApp(workdir, model=model, env=env).start()
+    try:
+        yield app
+    finally:
+        app.stop()
+        if "Traceback" in app.log():
+            print(f"--- app log ({app.log_path}) ---\n{app.log()}")
+
+
+# Fixtures: one fake model and one app per test module; each test gets a reset fake -----------
+
+
+@pytest.fixture(name="fake_server", scope="module")
+def fake_server_fixture() -> Iterator[FakeOpenAI]:
+    """The fake OpenAI-compatible server shared by a module's tests."""
+    with FakeOpenAI(side_reply=title_reply) as fake:
+        yield fake
+
+
+@pytest.fixture(name="app", scope="module")
+def app_fixture(fake_server: FakeOpenAI, tmp_path_factory) -> Iterator[LiveApp]:
+    """The real app on `openai-chat:fake-model`, talking to `fake_server`."""
+    workdir = tmp_path_factory.mktemp("app")
+    with running_app(workdir, OPENAI_BASE_URL=fake_server.base_url, OPENAI_API_KEY="test") as a:
+        yield a
+
+
+@pytest.fixture(name="fake")
+def fake_fixture(fake_server: FakeOpenAI, app: LiveApp) -> Iterator[FakeOpenAI]:
+    """The fake model, reset for this test; afterwards, waits until the app has gone quiet."""
+    fake_server.reset()
+    yield fake_server
+    fake_server.release()
+    app.wait_idle()
+    time.sleep(0.2)  # a title request may follow a finished reply
+    fake_server.wait_until_finished()
+
+
+@pytest.fixture(name="demo_app", scope="module")
+def demo_app_fixture(tmp_path_factory) -> Iterator[LiveApp]:
+    """The real app with no MODEL: the built-in offline demo model answers."""
+    with running_app(tmp_path_factory.mktemp("demo"), model=None) as a:
+        yield a
+
+
+# Talking to the app as htmx does -------------------------------------------------------------
+
+
+@dataclass
+class Event:
+    """One server-sent event."""
+
+    event: str
+    data: str
+    id: str | None = None
+
+
+def parse_sse(lines: Iterator[str]) -> Iterator[Event]:
+    """Server-sent events from a stream of lines (the text/event-stream format)."""
+    name, data, eid = "message", [], None
+    for line in lines:
+        if line == "":
+            if data:
+                yield Event(name, "\n".join(data), eid)
+            name, data, eid = "message", [], None
+            continue
+        if line.startswith(":"):
+            continue
+        key, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if key == "event":
+            name = value
+        elif key == "data":
+            data.append(value)
+        elif key == "id":
+            eid = value
+
+
+@dataclass
+class Sent:
+    """What POSTing the composer answered: the two messages and where the reply streams."""
+
+    response: httpx.Response
+    soup: BeautifulSoup
+    stream_url: str
+    close_event: str
+    cid: str
+
+    def text(self, role: str) -> str:
+        """The visible text of the message with data-role `role` in the answer."""
+        el = self.soup.find(attrs={"data-role": role})
+        return el.get_text(" ", strip=True) if el else ""
+
+
+def text_of(html: str) -> str:
+    """The visible text of an HTML fragment, whitespace folded."""
+    return " ".join(BeautifulSoup(html, "html.parser").get_text(" ").split())
+
+
+class HtmxClient:
+    """A browser-less client with a cookie jar that sends what htmx would send."""
+
+    def __init__(self, base_url: str):
+        self.base_url = base_url
+        self.http = httpx.Client(base_url=base_url, trust_env=False, timeout=STREAM_TIMEOUT)
+        self.cid = ""
+        self.send_url = ""
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self.http.close()
+
+    def __enter__(self) -> HtmxClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def open(self, path: str = "/") -> BeautifulSoup:
+        """GET a page; remember the composer's form (where it posts, the conversation id)."""
+        r = self.http.get(path)
+        r.raise_for_status()
+        soup = BeautifulSoup(r.text, "html.parser")
+        form = soup.find("textarea", attrs={"name": "msg"}).find_parent("form")
+        self.send_url = form.get("hx-post") or form.get("action")
+        cid = form.find("input", attrs={"name": "cid"})
+        self.cid = cid.get("value", "") if cid else ""
+        return soup
+
+    def send(self, msg: str, *, expect: int = 200) -> Sent | httpx.Response:
+        """Submit the composer like htmx: HX-Request, same-origin, form-encoded msg and cid."""
+        if not self.send_url:
+            self.open()
+        r = self.http.post(
+            self.send_url,
+            data={"msg": msg, "cid": self.cid},
+            headers={
+                "HX-Request": "true",
+                "HX-Current-URL": self.base_url + "/",
+                "Origin": self.base_url,
+                "Sec-Fetch-Site": "same-origin",
+            },
+        )
+        assert r.status_code == expect, (r.status_code, r.text)
+        if expect != 200:
+            return r
+        soup = BeautifulSoup(r.text, "html.parser")
+        live = soup.find(attrs={"sse-connect": True})
+        assert live is not None, f"no sse-connect in the answer: {r.text[:500]}"
+        assert live.get("hx-ext") == "sse"
+        cid_input = soup.find("input", attrs={"name": "cid"})
+        if cid_input is not None and cid_input.get("value"):
+            self.cid = cid_input["value"]
+        return Sent(r, soup, live["sse-connect"], live["sse-close"], self.cid)
+
+    @contextlib.contextmanager
+    def events(self, url: str, headers: dict | None = None) -> Iterator[Iterator[Event]]:
+        """Open a stream and iterate its events (the caller decides when to stop)."""
+        h = {"Accept": "text/event-stream", "Accept-Encoding": "identity", **(headers or {})}
+        with self.http.stream("GET", urljoin(self.base_url, url), headers=h) as r:
+            assert r.status_code == 200, r.status_code
+            assert r.headers["content-type"].startswith("text/event-stream")
+            yield parse_sse(r.iter_lines())
+
+    def wait_for_text(self, url: str, text: str) -> list[Event]:
+        """Read a stream until the reply so far (blocks and tail) shows `text`; then let go."""
+        deadline = time.monotonic() + STREAM_TIMEOUT
+        out: list[Event] = []
+        with self.events(url) as events:
+            for ev in events:
+                out.append(ev)
+                tail = next((e.data for e in reversed(out) if e.event == "tail"), "")
+                if text in text_of(reply_html(out) + tail):
+                    return out
+                if ev.event == "done" or time.monotonic() > deadline:
+                    break
+        raise AssertionError(f"the stream never showed {text!r}: {out}")
+
+    def follow(self, url: str, close: str = "done", headers: dict | None = None) -> list[Event]:
+        """Read a stream until its `close` event (as the sse extension would); bounded in time."""
+        deadline = time.monotonic() + STREAM_TIMEOUT
+        out: list[Event] = []
+        with self.events(url, headers) as events:
+            for ev in events:
+                out.append(ev)
+                if ev.event == close:
+                    return out
+                if time.monotonic() > deadline:
+                    break
+        raise AssertionError(f"the stream ended without {close!r}: {[e.event for e in out]}")
+
+
+def reply_html(events: list[Event]) -> str:
+    """The reply as the page would hold it at the end: every `blocks` event in order."""
+    return "".join(e.data for e in events if e.event == "blocks")
+
+
+# Chromium -----------------------------------------------------------------------------------
+
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+# Reports every CSP violation to Python (exposed binding), surviving reloads and navigations.
+_CSP_WATCH = """
+document.addEventListener("securitypolicyviolation", (e) => {
+  window.__reportCsp({directive: e.violatedDirective, blocked: e.blockedURI,
+                      sample: e.sample, source: e.sourceFile, line: e.lineNumber});
+});
+"""
+
+
+def chromium_path() -> str:
+    """The Chromium binary to drive: $CHROMIUM, else /usr/bin/chromium; skip the test if absent."""
+    path = os.environ.get("CHROMIUM") or "/usr/bin/chromium"
+    found = shutil.which(path)
+    if not found:
+        pytest.skip(
+            f"browser tests need Chromium: {path} not found (set CHROMIUM to a Chromium binary)"
+        )
+    return found
+
+
+@pytest.fixture(name="browser", scope="module")
+def browser_fixture():
+    """A headless Chromium for a module's tests."""
+    from playwright.sync_api import sync_playwright
+
+    path = chromium_path()
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=path, args=CHROMIUM_ARGS, timeout=60_000)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@dataclass
+class Watched:
+    """A page with everything that went wrong in it: console errors, page errors, CSP reports."""
+
+    page: object
+    context: object
+    console_errors: list[str] = field(default_factory=list)
+    csp_violations: list[dict] = field(default_factory=list)
+    requests: list[str] = field(default_factory=list)
+
+    def assert_clean(self) -> None:
+        """No CSP violation, no console error and no uncaught exception happened."""
+        assert self.csp_violations == [], self.csp_violations
+        assert self.console_errors == [], self.console_errors
+
+
+def watch(context, page) -> Watched:
+    """Start recording a page's console errors, uncaught errors, CSP violations and requests."""
+    w = Watched(page, context)
+    page.on(
+        "console",
+        lambda m: (
+            w.console_errors.append(f"{m.text} @ {m.location}") if m.type == "error" else None
+        ),
+    )
+    page.on("pageerror", lambda exc: w.console_errors.append(f"uncaught: {exc}"))
+    page.on("request", lambda r: w.requests.append(r.url))
+    return w
+
+
+def open_context(browser, base_url: str, **kw) -> Watched:
+    """A fresh browser profile (own cookies: a new anonymous user) with one watched page."""
+    kw.setdefault("viewport", {"width": 1280, "height": 800})
+    context = browser.new_context(base_url=base_url, **kw)
+    context.set_default_timeout(15_000)
+    violations: list[dict] = []
+    context.expose_binding("__reportCsp", lambda _source, v: violations.append(v))
+    context.add_init_script(_CSP_WATCH)
+    watched = watch(context, context.new_page())
+    watched.csp_violations = violations
+    return watched
+
+
+@pytest.fixture(name="web")
+def web_fixture(browser, app: LiveApp, fake: FakeOpenAI) -> Iterator[Watched]:
+    """A watched page in a fresh browser profile on the fake-model app."""
+    w = open_context(browser, app.url)
+    try:
+        yield w
+    finally:
+        w.context.close()
