@@ -12,7 +12,6 @@ import re
 import shutil
 from pathlib import Path
 
-import pytest
 from playwright.sync_api import Page, expect
 
 from tests.fake_openai import FakeOpenAI, Fault
