@@ -89,7 +89,7 @@ class Run:
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
     _flush_handle: asyncio.TimerHandle | None = None
     _last_flush: float = 0.0
-    _last_save: float = field(default_factory=time.monotonic)
+    _save_handle: asyncio.TimerHandle | None = None
 
     @property
     def done(self) -> bool:
@@ -340,12 +340,23 @@ class RunManager:
         new, run.tail = run.renderer.update()
         run.items.extend(Block(h) for h in new)
         run.publish()
-        if time.monotonic() - run._last_save >= self.settings.flush_every:
-            run._last_save = time.monotonic()
+        if run._save_handle is None:
+            # Text reaches the disk within `flush_every` of arriving, even if the model then
+            # goes quiet: one write per interval, never one per token.
+            run._save_handle = asyncio.get_running_loop().call_later(
+                self.settings.flush_every, self._save_partial, run
+            )
+
+    def _save_partial(self, run: Run) -> None:
+        run._save_handle = None
+        if not run.done:
             self.store.save_partial(run.turn_id, run.renderer.source)
 
     def _finish(self, run: Run, status: str, error: str | None, messages: list) -> None:
         self._text_done(run)
+        if run._save_handle is not None:
+            run._save_handle.cancel()
+            run._save_handle = None
         text = run.renderer.source
         if status != "complete" and text and not _has_text(messages):
             # Keep the partial reply in the history, so the next turn sees what the user saw.
