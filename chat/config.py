@@ -65,14 +65,9 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> Settings:
         """Build settings from `env` (default: `.env` file values overlaid by `os.environ`)."""
         if env is None:
-            env = {
-                **{k: v for k, v in dotenv_values(".env").items() if v is not None},
-                **os.environ,
-            }
+            env = read_env()
         model = (env.get("MODEL") or "").strip() or None
         models = tuple(m.strip() for m in (env.get("MODELS") or "").split(",") if m.strip())
-        if model and model not in models:
-            models = (model, *models)
         db_path = Path(env.get("DB_PATH") or "data/chat.db")
         values = dict(
             model=model,
@@ -95,6 +90,9 @@ class Settings:
             provider_keys=tuple(k for k in PROVIDER_KEYS if env.get(k)),
         )
         values.update(overrides)
+        # MODEL (from the environment or --model) is always among the models offered.
+        if values["model"] and values["model"] not in values["models"]:
+            values["models"] = (values["model"], *values["models"])
         settings = cls(**values)
         if not settings.secret_key:
             settings = cls(**{**values, "secret_key": load_or_create_secret(settings.db_path)})

@@ -12,6 +12,7 @@ once, and the one unfinished block at the end (the tail), re-rendered on every u
 from __future__ import annotations
 
 import html
+import re
 from dataclasses import dataclass, field
 
 import nh3
@@ -94,9 +95,14 @@ class StreamRenderer:
     committed: int = 0  # characters of `source` already emitted as finished blocks
     blocks: list[str] = field(default_factory=list)
 
+    _cr: bool = False  # the last delta ended in "\r": a "\n" starting the next one belongs to it
+
     def feed(self, delta: str) -> None:
-        """Append model text."""
-        self.source += delta
+        """Append model text (line breaks normalised to \n, even when split across deltas)."""
+        if self._cr and delta.startswith("\n"):
+            delta = delta[1:]
+        self._cr = delta.endswith("\r")
+        self.source += delta.replace("\r\n", "\n").replace("\r", "\n")
 
     def update(self, *, final: bool = False) -> tuple[list[str], str]:
         """Return (newly finished blocks' HTML, tail HTML) for everything fed so far."""
@@ -121,10 +127,18 @@ class StreamRenderer:
         return new, render(pending)
 
 
+# A last block that is only a number or a bullet may be the start of the next list item
+# ("2" arrives before "."), which would continue the list above it: not a new block yet.
+_MAYBE_ITEM = re.compile(r"\s*(\d{1,9}[.)]?|[-*+])\s*")
+
+
 def _last_block_start(text: str) -> int:
     """Offset where the last top-level block of `text` starts (0 if there is only one)."""
     tokens = _MD.parse(text)
     starts = [t.map[0] for t in tokens if t.level == 0 and t.nesting >= 0 and t.map]
+    lines = text.split("\n")
+    if len(starts) >= 2 and _MAYBE_ITEM.fullmatch("\n".join(lines[starts[-1] :])):
+        starts.pop()
     if len(starts) < 2:
         return 0
     line = starts[-1]

@@ -23,13 +23,12 @@ def migrate(db: Database) -> list[str]:
     for fn in MIGRATIONS:
         if fn.__name__ in done:
             continue
-        with db.conn:
+        # All of a step or none of it: a failed step leaves no half-made schema behind.
+        with db.atomic():
             fn(db)
-            db["_migrations"].insert(
-                {
-                    "name": fn.__name__,
-                    "applied_at": db.execute("select datetime('now')").fetchone()[0],
-                }
+            db.execute(
+                "insert into _migrations (name, applied_at) values (?, datetime('now'))",
+                [fn.__name__],
             )
         applied.append(fn.__name__)
     return applied

@@ -114,14 +114,17 @@ class Run:
         sent_tail: str | None = None
         while True:
             changed = self._changed  # taken before reading state, so no wake-up is missed
+            # Read once, before the items: a run that ends while this follower is suspended in a
+            # `yield` below adds its last items then, and they must still be sent before "end".
+            done = self.done
             if len(self.items) > sent:
                 new = self.items[sent:]
                 sent = len(self.items)
                 yield "items", (new, sent)
-            if self.tail != sent_tail and not (sent_tail is None and not self.tail and self.done):
+            if self.tail != sent_tail and not (sent_tail is None and not self.tail and done):
                 sent_tail = self.tail
                 yield "tail", self.tail
-            if self.done:
+            if done:
                 yield "end", self
                 return
             try:
@@ -357,7 +360,7 @@ class RunManager:
         if run._save_handle is not None:
             run._save_handle.cancel()
             run._save_handle = None
-        text = run.renderer.source
+        text = run.renderer.source or _text_of(messages)
         if status != "complete" and text and not _has_text(messages):
             # Keep the partial reply in the history, so the next turn sees what the user saw.
             messages = [*messages, ModelResponse(parts=[TextPart(content=text)])]
@@ -386,6 +389,17 @@ def _salvage(events, fallback: list[ModelMessage]) -> list[ModelMessage]:
         return events.new_messages() or fallback
     except Exception:
         return fallback
+
+
+def _text_of(messages: list[ModelMessage]) -> str:
+    """The reply text in `messages` (for replies whose text was never streamed)."""
+    return "\n\n".join(
+        p.content
+        for m in messages
+        if isinstance(m, ModelResponse)
+        for p in m.parts
+        if isinstance(p, TextPart) and p.content
+    )
 
 
 def _has_text(messages: list[ModelMessage]) -> bool:
@@ -422,7 +436,10 @@ def describe_error(exc: Exception) -> str:
     if isinstance(exc, StalledError):
         return "The model stopped sending the reply, so it was ended. Try again."
     if isinstance(exc, UsageLimitExceeded):
-        return f"The reply was stopped by a usage limit: {exc.message}"
+        return (
+            "The reply was stopped because it reached this site's usage limit per reply "
+            "(MAX_OUTPUT_TOKENS / MAX_MODEL_REQUESTS)."
+        )
     if isinstance(exc, ModelHTTPError):
         code = exc.status_code
         if code in (401, 403):

@@ -209,8 +209,9 @@ def test_messages_per_minute_limit_gives_429_and_changes_nothing(make_client, sc
 def test_concurrent_replies_limit(make_client, scripted):
     model = scripted(["a", "b"], pause_after=1)
     client = make_client(model, concurrent_runs=1)
-    cid, _, _ = send(client, "first")
-    r = client.post("/send", data={"msg": "second", "cid": cid}, headers=HX)
+    send(client, "first")
+    # A new conversation, so it is the per-identity limit that refuses (not "wait for the reply").
+    r = client.post("/send", data={"msg": "second"}, headers=HX)
     assert r.status_code == 429 and "still being written" in r.text
     assert len(model.calls) <= 1
     model.resume.set()

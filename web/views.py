@@ -61,7 +61,7 @@ def full_page(parts: tuple, status: int) -> Response:
     """A whole HTML document with our head, for answers that are not 200 (404, 401, ...)."""
     title, *body = parts
     doc = Html(HtmlHead(title, *Head()), Body(*body), lang="en")
-    return Response("<!doctype html>" + to_xml(doc), status_code=status, media_type="text/html")
+    return Response(to_xml(doc), status_code=status, media_type="text/html")
 
 
 def error_fragment(message: str, status: int, target: str = "#composer-error") -> Response:

@@ -1,0 +1,264 @@
+"""Shared fixtures and helpers: settings on a temporary database, scripted FunctionModels, app
+clients, and small parsers for what a browser receives (server-sent events, HTML)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pydantic_ai.models
+import pytest
+from pydantic_ai.messages import ModelMessage, ModelRequest, UserPromptPart
+from pydantic_ai.models.function import AgentInfo, FunctionModel
+from starlette.testclient import TestClient
+
+from chat.agent import INSTRUCTIONS
+from chat.config import Settings
+
+# Unit and route tests never reach a real model: only FunctionModels may answer.
+pydantic_ai.models.ALLOW_MODEL_REQUESTS = False
+
+
+class ModelBroke(Exception):
+    """What a scripted model raises when told to fail; its text must never reach the user."""
+
+
+# Models -----------------------------------------------------------------------------------
+
+
+@dataclass
+class ScriptedModel:
+    """A FunctionModel that streams fixed chunks and records the messages each call received.
+
+    `calls` holds the message lists of the chat agent's calls (the replies); calls made by any
+    other agent (for instance one that writes conversation titles) go to `side_calls` and are
+    answered with `side_reply`. `chunks` may also be a function of the received messages.
+    After `pause_after` chunks the model sets `paused` and waits for `resume`, so a test can act
+    while a reply is part-way through. With `error`, it raises that after streaming the chunks.
+    """
+
+    chunks: Sequence[str] | Callable[[list[ModelMessage]], Sequence[str]] = ("Hello!",)
+    delay: float = 0.0
+    error: BaseException | None = None
+    pause_after: int | None = None
+    side_reply: str = "Scripted title"
+    calls: list[list[ModelMessage]] = field(default_factory=list)
+    side_calls: list[list[ModelMessage]] = field(default_factory=list)
+    # asyncio.Event binds to a loop on first use, so these work on whichever loop runs the app.
+    paused: asyncio.Event = field(default_factory=asyncio.Event)
+    resume: asyncio.Event = field(default_factory=asyncio.Event)
+    model: FunctionModel = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.model = FunctionModel(stream_function=self._stream, model_name="scripted")
+
+    async def _stream(self, messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str]:
+        if INSTRUCTIONS not in (info.instructions or ""):
+            self.side_calls.append(list(messages))
+            yield self.side_reply
+            return
+        self.calls.append(list(messages))
+        chunks = self.chunks(messages) if callable(self.chunks) else self.chunks
+        for i, chunk in enumerate(chunks):
+            if i == self.pause_after:
+                self.paused.set()
+                await self.resume.wait()
+            yield chunk
+            await asyncio.sleep(self.delay)
+        if self.pause_after is not None and self.pause_after >= len(chunks):
+            self.paused.set()
+            await self.resume.wait()
+        if self.error is not None:
+            raise self.error
+
+    @property
+    def prompts(self) -> list[list[str]]:
+        """For each reply call, the user prompts in the messages it received, oldest first."""
+        return [user_prompts(messages) for messages in self.calls]
+
+
+def user_prompts(messages: Sequence[ModelMessage]) -> list[str]:
+    """The text of every user prompt in `messages`, in order."""
+    return [
+        part.content
+        for m in messages
+        if isinstance(m, ModelRequest)
+        for part in m.parts
+        if isinstance(part, UserPromptPart) and isinstance(part.content, str)
+    ]
+
+
+# What a browser receives ------------------------------------------------------------------
+
+
+@dataclass
+class Event:
+    """One server-sent event as a browser's EventSource sees it."""
+
+    name: str
+    data: str
+    id: str | None = None
+
+
+def parse_sse(body: str) -> list[Event]:
+    """Parse a text/event-stream body the way EventSource does (comments are dropped)."""
+    events: list[Event] = []
+    name, data, eid = "message", [], None
+    for line in body.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
+        if line == "":
+            if data:
+                events.append(Event(name, "\n".join(data), eid))
+            name, data, eid = "message", [], None
+            continue
+        if line.startswith(":"):
+            continue
+        key, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if key == "event":
+            name = value
+        elif key == "data":
+            data.append(value)
+        elif key == "id":
+            eid = value
+    return events
+
+
+VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "wbr"}
+
+
+@dataclass
+class Node:
+    """An element of a parsed HTML document."""
+
+    tag: str
+    attrs: dict[str, str | None]
+    children: list[Node | str] = field(default_factory=list)
+
+    def walk(self) -> Iterator[Node]:
+        """This element and every element inside it, in document order."""
+        yield self
+        for child in self.children:
+            if isinstance(child, Node):
+                yield from child.walk()
+
+    def find_all(self, tag: str | None = None, **attrs: str | None) -> list[Node]:
+        """Elements (including this one) with `tag` and the given attribute values."""
+        wanted = {k.replace("_", "-"): v for k, v in attrs.items()}
+        return [
+            n
+            for n in self.walk()
+            if (tag is None or n.tag == tag)
+            and all(n.attrs.get(k, ...) == v for k, v in wanted.items())
+        ]
+
+    def find(self, tag: str | None = None, **attrs: str | None) -> Node:
+        """The first matching element; fails the test if there is none."""
+        found = self.find_all(tag, **attrs)
+        assert found, f"no <{tag or '*'} {attrs}> in {self.text[:200]!r}"
+        return found[0]
+
+    @property
+    def text(self) -> str:
+        """All text inside, as a browser would show it (without layout)."""
+        return "".join(c if isinstance(c, str) else c.text for c in self.children)
+
+
+class _TreeBuilder(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.root = Node("#root", {})
+        self.stack = [self.root]
+
+    def handle_starttag(self, tag, attrs) -> None:
+        node = Node(tag, dict(attrs))
+        self.stack[-1].children.append(node)
+        if tag not in VOID:
+            self.stack.append(node)
+
+    def handle_startendtag(self, tag, attrs) -> None:
+        self.stack[-1].children.append(Node(tag, dict(attrs)))
+
+    def handle_endtag(self, tag) -> None:
+        for i in range(len(self.stack) - 1, 0, -1):
+            if self.stack[i].tag == tag:
+                del self.stack[i:]
+                return
+
+    def handle_data(self, data) -> None:
+        self.stack[-1].children.append(data)
+
+
+def parse_html(html: str) -> Node:
+    """Parse HTML (a page or a fragment) into a tree of `Node`s."""
+    builder = _TreeBuilder()
+    builder.feed(html)
+    builder.close()
+    return builder.root
+
+
+# Fixtures ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    """Settings on a fresh database, with a fixed session key and no configured model."""
+    return Settings.from_env({}, db_path=tmp_path / "chat.db", secret_key="test")
+
+
+@pytest.fixture
+def scripted() -> Callable[..., ScriptedModel]:
+    """Factory: `scripted(chunks, delay=..., error=..., pause_after=...)` -> ScriptedModel."""
+
+    def make(chunks=("Hello!",), **kw) -> ScriptedModel:
+        return ScriptedModel(chunks=chunks, **kw)
+
+    return make
+
+
+@pytest.fixture
+def model(scripted) -> ScriptedModel:
+    """The default model of the `client` fixture: a short markdown reply in a few chunks."""
+    return scripted(["Hello ", "**there**", ".\n\n", "- one\n", "- two\n"])
+
+
+@pytest.fixture
+def make_client(settings) -> Iterator[Callable[..., TestClient]]:
+    """Factory: `make_client(model, **settings_overrides)` -> a started TestClient.
+
+    The client is entered as a context manager, so the app's lifespan (store, run manager) runs;
+    it is closed at teardown.
+    """
+    import main
+
+    clients: list[TestClient] = []
+
+    def make(model: ScriptedModel | FunctionModel | None = None, **overrides) -> TestClient:
+        s = Settings(**{**settings.__dict__, **overrides})
+        fm = model.model if isinstance(model, ScriptedModel) else model
+        client = TestClient(main.create_app(s, model=fm))
+        client.__enter__()
+        clients.append(client)
+        return client
+
+    yield make
+    for client in reversed(clients):
+        client.__exit__(None, None, None)
+
+
+@pytest.fixture
+def client(make_client, model) -> TestClient:
+    """A browser on an app whose replies come from the `model` fixture."""
+    return make_client(model)
+
+
+@pytest.fixture
+def other_browser(client) -> TestClient:
+    """A second browser on the same running app: no cookies, so a different anonymous user."""
+    # Not entered as a context manager, which would run the lifespan a second time; it shares
+    # the first client's event loop instead, where the app's runs live.
+    other = TestClient(client.app)
+    other.portal = client.portal
+    return other

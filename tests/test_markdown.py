@@ -1,0 +1,398 @@
+"""Model output to safe HTML, whole and while streaming."""
+
+from __future__ import annotations
+
+import html
+import random
+import re
+from pathlib import Path
+
+import pytest
+
+from chat.markdown import StreamRenderer, render, sanitize
+from tests.conftest import Node, parse_html
+
+ROOT = Path(__file__).parent.parent
+
+
+def tree(markdown: str) -> Node:
+    return parse_html(render(markdown))
+
+
+def tags(markdown: str) -> list[str]:
+    return [n.tag for n in tree(markdown).walk()][1:]
+
+
+# Formatting -------------------------------------------------------------------------------
+
+
+def test_empty_text_renders_nothing():
+    assert render("") == ""
+
+
+def test_inline_formatting():
+    doc = tree("Some **bold**, *italic*, ~~gone~~ and `code`.")
+    assert doc.find("strong").text == "bold"
+    assert doc.find("em").text == "italic"
+    assert doc.find("s").text == "gone"
+    assert doc.find("code").text == "code"
+
+
+def test_block_formatting():
+    doc = tree(
+        "# Title\n\n## Section\n\n- one\n- two\n\n1. first\n2. second\n\n> quoted\n\n---\n\ntext"
+    )
+    assert doc.find("h1").text == "Title"
+    assert doc.find("h2").text == "Section"
+    assert [li.text for li in doc.find("ul").find_all("li")] == ["one", "two"]
+    assert [li.text for li in doc.find("ol").find_all("li")] == ["first", "second"]
+    assert doc.find("blockquote").text.strip() == "quoted"
+    assert doc.find_all("hr")
+
+
+def test_ordered_list_keeps_its_start_number():
+    assert tree("3. three\n4. four").find("ol").attrs.get("start") == "3"
+
+
+def test_tables():
+    doc = tree("| Name | Qty |\n|---|---:|\n| apple | 3 |\n| pear | 5 |")
+    assert [th.text for th in doc.find("thead").find_all("th")] == ["Name", "Qty"]
+    assert [td.text for td in doc.find("tbody").find_all("td")] == ["apple", "3", "pear", "5"]
+
+
+def test_safe_links_are_kept_and_marked_nofollow():
+    doc = tree("[site](https://example.com/a?b=1) and [mail](mailto:a@example.com)")
+    links = doc.find_all("a")
+    assert [a.attrs["href"] for a in links] == ["https://example.com/a?b=1", "mailto:a@example.com"]
+    for a in links:
+        assert set(a.attrs["rel"].split()) >= {"noopener", "noreferrer"}
+
+
+def test_plain_urls_in_angle_brackets_become_links():
+    assert tree("<https://example.com>").find("a").attrs["href"] == "https://example.com"
+
+
+# Code highlighting ------------------------------------------------------------------------
+
+
+def test_fenced_code_with_a_known_language_is_highlighted_with_prefixed_classes():
+    doc = tree("```python\ndef add(a, b):\n    return a + b  # sum\n```")
+    code = doc.find("pre").find("code")
+    assert "language-python" in code.attrs["class"]
+    assert code.text == "def add(a, b):\n    return a + b  # sum\n"
+    spans = code.find_all("span")
+    assert spans, "no highlighting"
+    classes = {c for s in spans for c in s.attrs["class"].split()}
+    assert all(c.startswith("hl-") for c in classes), classes
+    keyword = [s.text for s in spans if "hl-k" in s.attrs["class"].split()]
+    assert "def" in keyword and "return" in keyword
+
+
+def test_highlight_classes_have_styles():
+    css = (ROOT / "static" / "pygments.css").read_text()
+    doc = tree("```python\nimport os\n\ndef f(x):\n    return x + 1  # c\n```")
+    classes = {c for s in doc.find_all("span") for c in s.attrs["class"].split()}
+    styled = set(re.findall(r"\.(hl-[\w-]+)", css))
+    # Whitespace tokens need no style; every other class the formatter emits is styled.
+    assert classes - {"hl-w"} <= styled
+
+
+@pytest.mark.parametrize("fence", ["```", "```nosuchlanguage", "~~~"])
+def test_code_without_a_known_language_is_escaped_not_highlighted(fence):
+    doc = tree(f"{fence}\n<b onclick=x>bold?</b>\n{fence[:3]}")
+    code = doc.find("pre").find("code")
+    assert code.text == "<b onclick=x>bold?</b>\n"
+    assert not code.find_all("b")
+    assert not code.find_all("span")
+
+
+def test_code_fence_info_cannot_add_attributes():
+    doc = tree('```" onmouseover="alert(1)\nx\n```')
+    for node in doc.walk():
+        assert not any(k.startswith("on") for k in node.attrs)
+
+
+# Untrusted output -------------------------------------------------------------------------
+
+
+def test_images_become_links_and_are_never_loaded():
+    doc = tree("Look: ![a cat](https://example.com/cat.png)")
+    assert not doc.find_all("img")
+    link = doc.find("a")
+    assert link.attrs["href"] == "https://example.com/cat.png"
+    assert "a cat" in link.text
+
+
+@pytest.mark.parametrize(
+    "markdown",
+    [
+        "<script>alert(1)</script>",
+        "<img src=x onerror=alert(1)>",
+        "<iframe src=https://evil.example></iframe>",
+        "<style>body{display:none}</style>",
+        '<a href="javascript:alert(1)">x</a>',
+        "text <b onmouseover=alert(1)>bold</b> <svg onload=alert(1)>",
+        '<div hx-get="/c/x/delete" hx-trigger="load">x</div>',
+        "<form action=https://evil.example><input name=q></form>",
+    ],
+)
+def test_raw_html_is_shown_as_text(markdown):
+    doc = tree(markdown)
+    assert {n.tag for n in doc.walk()} <= {"#root", "p"}
+    # The user sees the markup as text, exactly as the model wrote it.
+    assert doc.text.strip() == markdown
+
+
+def test_raw_html_block_is_escaped():
+    out = render("<div>\n<script>alert(1)</script>\n</div>")
+    assert "<script" not in out
+    assert "&lt;script&gt;" in out
+
+
+DANGEROUS_LINKS = [
+    "javascript:alert(1)",
+    "JaVaScRiPt:alert(1)",
+    " javascript:alert(1)",
+    "java\tscript:alert(1)",
+    "&#106;avascript:alert(1)",
+    "&#x6A;avascript:alert(1)",
+    "javascript&colon;alert(1)",
+    "\x01javascript:alert(1)",
+    "vbscript:msgbox(1)",
+    "VBScript:msgbox(1)",
+    "data:text/html;base64,PHNjcmlwdD5hbGVydCgxKTwvc2NyaXB0Pg==",
+    "data:image/svg+xml,<svg onload=alert(1)>",
+    "data:image/png;base64,iVBORw0KGgo=",
+    "file:///etc/passwd",
+]
+
+
+def unsafe_href(href: str | None) -> bool:
+    """True if a browser would treat `href` as something other than http(s), mailto or a path."""
+    if href is None:
+        return False
+    value = re.sub(r"[\x00-\x20]", "", html.unescape(href)).lower()
+    scheme = re.match(r"^([a-z][a-z0-9+.-]*):", value)
+    return bool(scheme) and scheme.group(1) not in {"http", "https", "mailto"}
+
+
+@pytest.mark.parametrize("href", DANGEROUS_LINKS)
+@pytest.mark.parametrize(
+    "template",
+    [
+        "[click]({href})",
+        "[click](<{href}>)",
+        "![pic]({href})",
+        "<{href}>",
+        "[click][r]\n\n[r]: {href}",
+        '[click]({href} "title")',
+    ],
+)
+def test_dangerous_links_are_dropped(template, href):
+    doc = tree(template.format(href=href))
+    for node in doc.walk():
+        for name in ("href", "src", "action", "formaction", "xlink:href"):
+            assert not unsafe_href(node.attrs.get(name)), (node.tag, node.attrs)
+
+
+def test_unsafe_href_helper_catches_what_it_should():
+    assert unsafe_href("javascript:alert(1)")
+    assert unsafe_href("JAVA\tSCRIPT:x")
+    assert unsafe_href("&#106;avascript:x")
+    assert not unsafe_href("https://example.com")
+    assert not unsafe_href("/c/abc")
+
+
+ATTACKS = "\n\n".join(
+    [
+        "<img src=x onerror=alert(1)>",
+        '[a](https://example.com "x" onclick="alert(1)")',
+        '[b](https://example.com "onmouseover=alert(1)")',
+        "```python onclick=alert(1)\nprint(1)\n```",
+        '<div hx-post="/send" hx-trigger="load" hx-vals=\'{"msg":"x"}\'>go</div>',
+        "| <b onclick=x>a</b> |\n|---|\n| <i hx-get=/x>b</i> |",
+        "> <span onmouseover=alert(1) style=color:red>q</span>",
+    ]
+)
+
+
+def test_no_event_handler_style_or_htmx_attribute_survives():
+    doc = tree(ATTACKS)
+    for node in doc.walk():
+        for name in node.attrs:
+            assert not name.startswith("on"), (node.tag, node.attrs)
+            assert not name.startswith(("hx-", "data-hx-", "sse-")), (node.tag, node.attrs)
+            assert name != "style", (node.tag, node.attrs)
+
+
+def test_sanitize_strips_generated_html_to_the_allow_list():
+    dirty = (
+        '<p onclick="x" style="color:red" hx-get="/x" data-hx-post="/y">hi</p>'
+        '<a href="javascript:alert(1)" onmouseover="x">bad</a>'
+        '<a href="https://ok.example" target="_top">ok</a>'
+        '<script>alert(1)</script><iframe src="https://evil.example"></iframe>'
+        '<img src="https://evil.example/t.png"><span class="hl-k">def</span><!-- note -->'
+    )
+    out = sanitize(dirty)
+    doc = parse_html(out)
+    assert not doc.find_all("script") and not doc.find_all("iframe") and not doc.find_all("img")
+    assert "alert(1)" not in out
+    assert "<!--" not in out
+    assert doc.find("p").attrs == {}
+    bad, ok = doc.find_all("a")
+    assert "href" not in bad.attrs
+    assert ok.attrs["href"] == "https://ok.example"
+    assert "target" not in ok.attrs
+    assert doc.find("span").attrs == {"class": "hl-k"}
+
+
+# Streaming --------------------------------------------------------------------------------
+
+DOCUMENTS = {
+    "paragraphs": "First paragraph with **bold\ntext** across lines.\n\nSecond, `code`.\n\nEnd.",
+    "headings": "# Title\n\nIntro.\n\n## Part one\n\nText.\n\nSetext\n======\n\n"
+    "### Part *two*\nMore.",
+    "lists": "Shopping:\n\n- apples\n- pears\n  - green\n  - red\n- plums\n\n"
+    "1. one\n2. two\n3. three\n\nLoose:\n\n- a\n\n- b\n\n  continued\n\n- c\n\nDone.",
+    "fences": "Code:\n\n```python\ndef f(x):\n\n\n    return x\n```\n\n    indented code\n\n"
+    "~~~\n# not a heading\n- not a list\n~~~\n\n```\nunclosed at the end",
+    "tables": "Intro\n| a | b |\n|---|:-:|\n| 1 | 2 |\n| 3 | 4 |\n\nAfter.\n\n| x |\n|---|\n| y |",
+    "blockquotes": "> one\n> two\nlazy\n\n> again\n> > nested\n> - item\n\nplain\n\n> last",
+    # (Loose *numbered* lists are left to test_loose_numbered_list_streamed_token_by_token.)
+    "mixed": "## Steps\n\n- Install:\n\n  ```bash\n  uv sync\n  ```\n\n- Run it.\n\n"
+    "> **Note:** keep `MODEL` set.\n\n***\n\n| k | v |\n|---|---|\n| a | 1 |\n\nBye!\n",
+    "unsafe": "Hi <script>alert(1)</script>\n\n[x](javascript:alert(1)) ![i](https://e.x/i.png)"
+    "\n\n<div hx-get=/x>y</div>",
+}
+
+
+def stream(doc: str, sizes: list[int]) -> tuple[list[str], list[list[str]], str]:
+    """Feed `doc` in chunks of the given sizes (cycled); return all blocks, per-update blocks
+    and the last tail before the final update."""
+    r = StreamRenderer()
+    emitted: list[list[str]] = []
+    tail = ""
+    i = k = 0
+    while i < len(doc):
+        n = sizes[k % len(sizes)]
+        r.feed(doc[i : i + n])
+        i, k = i + n, k + 1
+        new, tail = r.update()
+        emitted.append(new)
+    new, final_tail = r.update(final=True)
+    emitted.append(new)
+    assert final_tail == ""
+    return r.blocks, emitted, tail
+
+
+def chunkings(seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    fixed = [[1], [2], [3], [5], [8], [17], [64], [10_000]]
+    return fixed + [[rng.randint(1, 12) for _ in range(25)] for _ in range(12)]
+
+
+@pytest.mark.parametrize("name", DOCUMENTS)
+def test_streamed_blocks_add_up_to_the_whole_render(name):
+    doc = DOCUMENTS[name]
+    whole = render(doc)
+    for sizes in chunkings(seed=len(doc)):
+        blocks, _, _ = stream(doc, sizes)
+        assert "".join(blocks) == whole, f"chunk sizes {sizes}"
+
+
+@pytest.mark.parametrize("name", DOCUMENTS)
+def test_finished_blocks_are_emitted_once(name):
+    doc = DOCUMENTS[name]
+    for sizes in ([1], [4], [1, 7, 3]):
+        blocks, emitted, _ = stream(doc, sizes)
+        # Every update hands out only new blocks: together they are exactly the block list.
+        assert [b for new in emitted for b in new] == blocks
+
+
+def test_a_block_is_emitted_when_the_next_one_starts():
+    r = StreamRenderer()
+    r.feed("First para")
+    assert r.update() == ([], "<p>First para</p>\n")
+    r.feed("graph.\n\n")
+    new, tail = r.update()
+    assert new == []
+    r.feed("Sec")
+    new, tail = r.update()
+    assert new == ["<p>First paragraph.</p>\n"]
+    assert tail == "<p>Sec</p>\n"
+    r.feed("ond.")
+    new, tail = r.update()
+    assert new == []
+    assert tail == "<p>Second.</p>\n"
+    assert r.update(final=True) == (["<p>Second.</p>\n"], "")
+    assert r.blocks == ["<p>First paragraph.</p>\n", "<p>Second.</p>\n"]
+
+
+def test_an_unfinished_fence_stays_in_the_tail():
+    r = StreamRenderer()
+    r.feed("Intro.\n\n```python\nx = 1\n\n\ny = 2\n")
+    new, tail = r.update()
+    assert new == ["<p>Intro.</p>\n"]
+    assert "<pre>" in tail and "y" in tail
+    r.feed("```\n\nAfter.")
+    new, tail = r.update()
+    assert len(new) == 1 and new[0].startswith("<pre>")
+    assert tail == "<p>After.</p>\n"
+
+
+def test_update_without_new_text_changes_nothing():
+    r = StreamRenderer()
+    assert r.update() == ([], "")
+    r.feed("a\n\nb")
+    first = r.update()
+    assert r.update() == ([], first[1])
+    r.update(final=True)
+    assert r.update(final=True) == ([], "")
+
+
+def test_streamed_output_is_sanitized_too():
+    blocks, _, tail = stream(DOCUMENTS["unsafe"], [3])
+    out = "".join(blocks)
+    doc = parse_html(out)
+    assert not doc.find_all("script") and not doc.find_all("img")
+    for node in doc.walk():
+        assert not unsafe_href(node.attrs.get("href"))
+        assert not any(k.startswith(("on", "hx-")) for k in node.attrs)
+
+
+def test_loose_numbered_list_streamed_token_by_token():
+    doc = "Steps:\n\n1. Open the file.\n\n2. Edit it.\n\n3. Save it.\n"
+    tokens = ["Steps", ":\n\n", "1", ".", " Open", " the", " file", ".\n\n", "2", ".", " Edit"]
+    tokens += [" it", ".\n\n", "3", ".", " Save", " it", ".\n"]
+    assert "".join(tokens) == doc
+    r = StreamRenderer()
+    for token in tokens:
+        r.feed(token)
+        r.update()
+    r.update(final=True)
+    assert "".join(r.blocks) == render(doc)
+
+
+@pytest.mark.xfail(
+    reason="a reference-style link is rendered before its definition arrives later in the "
+    "reply, so the streamed block shows '[docs][1]' while the reloaded page shows a link",
+    raises=AssertionError,
+    strict=True,
+)
+def test_reference_link_defined_later_streams_like_the_whole():
+    doc = "See [the docs][1].\n\nMore text.\n\n[1]: https://example.com\n"
+    blocks, _, _ = stream(doc, [4])
+    assert "".join(blocks) == render(doc)
+
+
+def test_carriage_returns_alone_do_not_break_streaming():
+    doc = "one\r\rtwo\r\rthree"
+    blocks, _, _ = stream(doc, [3])
+    assert "".join(blocks) == render(doc)
+
+
+def test_windows_line_endings_stream_like_the_whole():
+    doc = "one\r\n\r\ntwo\r\n\r\n- a\r\n- b\r\n\r\n```\r\ncode\r\n```\r\n"
+    for sizes in ([1], [2], [3], [5]):
+        blocks, _, _ = stream(doc, sizes)
+        assert "".join(blocks) == render(doc)

@@ -1,0 +1,419 @@
+"""RunManager: a reply as a server-owned task whose state streams can replay and follow."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import pytest
+from pydantic_ai.exceptions import ModelAPIError, ModelHTTPError, UsageLimitExceeded
+from pydantic_ai.messages import (
+    ModelMessagesTypeAdapter,
+    ModelRequest,
+    ModelResponse,
+    TextPart,
+    UserPromptPart,
+)
+
+from chat.agent import build_agent
+from chat.config import Settings
+from chat.markdown import render
+from chat.runs import Run, RunManager, describe_error
+from chat.store import ChatStore
+from tests.conftest import ModelBroke, ScriptedModel, user_prompts
+
+
+@pytest.fixture
+def store(settings):
+    s = ChatStore(settings.db_path)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+async def manager(store, settings):
+    """Factory: `manager(model, **settings_overrides)` -> RunManager; shut down at teardown."""
+    made: list[RunManager] = []
+
+    def make(model: ScriptedModel | None, **overrides) -> RunManager:
+        s = Settings(**{**settings.__dict__, **overrides})
+        m = RunManager(store, build_agent(), s, model=model.model if model else None)
+        made.append(m)
+        return m
+
+    yield make
+    for m in made:
+        await m.shutdown(timeout=5)
+    # Background work a run leaves behind (such as naming the conversation) ends with the test.
+    others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    if others:
+        await asyncio.wait(others, timeout=5)
+
+
+def new_turn(store: ChatStore, text: str = "Hi", cid: str | None = None) -> dict:
+    """Commit a user message the way the send route does."""
+    cid = cid or store.create_conversation("alice", model="scripted")["id"]
+    request = ModelRequest(parts=[UserPromptPart(content=text)])
+    return store.add_turn(cid, text, [request], model="scripted")
+
+
+async def eventually(condition: Callable[[], bool], what: str = "condition") -> None:
+    """Wait (bounded) until `condition()` holds."""
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0.005)
+    raise TimeoutError(f"gave up waiting for {what}")
+
+
+async def collect(run: Run, **kw) -> list[tuple[str, object]]:
+    """Everything a follower receives, to the end."""
+    return [(kind, data) for kind, data in [e async for e in run.follow(**kw)]]
+
+
+def text_blocks(items: list) -> list[str]:
+    """The HTML of the finished text blocks among a run's items (tool calls are left out)."""
+    out = []
+    for item in items:
+        html = item if isinstance(item, str) else getattr(item, "html", None)
+        if isinstance(html, str):
+            out.append(html)
+    return out
+
+
+def blocks_html(events: list[tuple[str, object]]) -> str:
+    """The reply's finished blocks as a follower received them, joined."""
+    return "".join(
+        "".join(text_blocks(data[0])) for kind, data in events if kind in ("blocks", "items")
+    )
+
+
+CHUNKS = ["# Title\n\n", "Some **bold", "** text.\n\n", "- one\n", "- two\n\n", "Done."]
+TEXT = "".join(CHUNKS)
+
+
+async def test_a_run_calls_the_model_once_and_saves_the_reply(manager, store, scripted):
+    model = scripted(CHUNKS, delay=0.001)
+    runs = manager(model)
+    turn = new_turn(store, "Write something")
+    run = runs.start(turn, "alice")
+    assert runs.get(turn["id"]) is run
+    await run.task
+
+    assert len(model.calls) == 1
+    assert model.prompts == [["Write something"]]
+    assert run.status == "complete"
+    assert runs.get(turn["id"]) is None
+    row = store.turn(turn["id"], "alice")
+    assert row["status"] == "complete"
+    assert row["reply_text"] == TEXT
+    assert row["error"] is None
+    messages = ModelMessagesTypeAdapter.validate_json(row["messages"])
+    assert user_prompts(messages) == ["Write something"]
+    assert isinstance(messages[-1], ModelResponse)
+    assert "".join(p.content for p in messages[-1].parts if isinstance(p, TextPart)) == TEXT
+    assert "".join(text_blocks(run.items)) == render(TEXT)
+
+
+async def test_the_model_receives_the_earlier_turns_as_history(manager, store, scripted):
+    model = scripted(["First answer."])
+    runs = manager(model)
+    first = new_turn(store, "First question")
+    await runs.start(first, "alice").task
+    second = new_turn(store, "Second question", cid=first["conversation_id"])
+    await runs.start(second, "alice").task
+
+    assert model.prompts[1] == ["First question", "Second question"]
+    replies = [
+        p.content
+        for m in model.calls[1]
+        if isinstance(m, ModelResponse)
+        for p in m.parts
+        if isinstance(p, TextPart)
+    ]
+    assert replies == ["First answer."]
+
+
+async def test_follow_replays_what_exists_then_follows_live(manager, store, scripted):
+    model = scripted(["Para one.\n\n", "Para two", " goes on.\n\n", "Para three."], pause_after=2)
+    runs = manager(model, stream_tick=0.0)
+    run = runs.start(new_turn(store), "alice")
+    await asyncio.wait_for(model.paused.wait(), 5)
+    await eventually(lambda: "Para two" in run.tail, "the tail to show the text so far")
+
+    follower = run.follow(heartbeat=5)
+    first = await anext(follower)
+    assert blocks_html([first]) == "<p>Para one.</p>\n"
+    assert first[1][1] == 1  # how many items the follower now holds (its Last-Event-ID)
+    kind, tail = await anext(follower)
+    assert kind == "tail" and tail == "<p>Para two</p>\n"
+
+    model.resume.set()
+    rest = [e async for e in follower]
+    assert rest[-1] == ("end", run)
+    assert [k for k, _ in rest].count("end") == 1
+    assert "<p>Para one.</p>\n" + blocks_html(rest) == render("".join(model.chunks))
+    assert run.status == "complete"
+
+
+async def test_a_follower_that_starts_midway_skips_blocks_it_already_has(manager, store, scripted):
+    model = scripted(["A.\n\n", "B.\n\n", "C.\n\n", "D."], pause_after=3)
+    runs = manager(model, stream_tick=0.0)
+    run = runs.start(new_turn(store), "alice")
+    await asyncio.wait_for(model.paused.wait(), 5)
+    await eventually(lambda: len(text_blocks(run.items)) == 2, "two finished blocks")
+
+    # A reconnecting browser says it holds one block (Last-Event-ID: 1).
+    follower = run.follow(start_block=1, heartbeat=5)
+    first = await anext(follower)
+    assert blocks_html([first]) == "<p>B.</p>\n"
+    assert first[1][1] == 2
+    model.resume.set()
+    rest = [e async for e in follower]
+    assert blocks_html(rest) == "<p>C.</p>\n<p>D.</p>\n"
+
+
+async def test_two_followers_see_the_same_reply(manager, store, scripted):
+    chunks = [f"Word{i} " if i % 7 else f"\n\nPara {i}. " for i in range(60)]
+    model = scripted(chunks, delay=0.001)
+    runs = manager(model, stream_tick=0.002)
+    run = runs.start(new_turn(store), "alice")
+    a, b = await asyncio.gather(collect(run, heartbeat=5), collect(run, heartbeat=5))
+
+    assert blocks_html(a) == blocks_html(b) == render("".join(chunks))
+    assert a[-1] == b[-1] == ("end", run)
+    assert len(model.calls) == 1
+
+
+async def test_a_follower_busy_sending_when_the_run_ends_still_gets_everything(
+    manager, store, scripted
+):
+    model = scripted(["A.\n\n", "B.\n\n", "C", ", the last block."], pause_after=3)
+    runs = manager(model, stream_tick=0.0)
+    run = runs.start(new_turn(store), "alice")
+    await asyncio.wait_for(model.paused.wait(), 5)
+    await eventually(lambda: len(text_blocks(run.items)) == 2, "two finished blocks")
+
+    follower = run.follow(heartbeat=5)
+    first = await anext(follower)
+    # While this event is on its way to the browser, the reply finishes.
+    model.resume.set()
+    await run.task
+    rest = [e async for e in follower]
+    assert rest[-1] == ("end", run)
+    assert blocks_html([first, *rest]) == render("".join(model.chunks))
+
+
+async def test_a_follower_after_the_end_gets_the_whole_reply_at_once(manager, store, scripted):
+    model = scripted(CHUNKS)
+    runs = manager(model)
+    run = runs.start(new_turn(store), "alice")
+    await run.task
+
+    events = await collect(run, heartbeat=5)
+    assert [k for k, _ in events][1:] == ["end"]
+    assert blocks_html(events) == render(TEXT)
+    assert len(model.calls) == 1
+
+
+async def test_follow_sends_a_heartbeat_while_the_model_is_silent(manager, store, scripted):
+    model = scripted(["Thinking"], pause_after=1)
+    runs = manager(model, stream_tick=0.0)
+    run = runs.start(new_turn(store), "alice")
+    await asyncio.wait_for(model.paused.wait(), 5)
+    await eventually(lambda: bool(run.tail), "the first text")
+
+    follower = run.follow(heartbeat=0.01)
+    assert (await anext(follower))[0] == "tail"
+    assert await anext(follower) == ("ping", None)
+    model.resume.set()
+    assert [e async for e in follower][-1] == ("end", run)
+
+
+async def test_stop_keeps_the_partial_reply_and_saves_it_as_stopped(manager, store, scripted):
+    model = scripted(["Partial ", "answer", " never sent"], pause_after=2)
+    runs = manager(model, stream_tick=0.0)
+    turn = new_turn(store, "Tell me")
+    run = runs.start(turn, "alice")
+    await asyncio.wait_for(model.paused.wait(), 5)
+    follower = asyncio.create_task(collect(run, heartbeat=5))
+
+    assert runs.stop(turn["id"]) is True
+    await asyncio.wait_for(run.task, 5)
+    events = await follower
+
+    assert run.status == "stopped"
+    assert events[-1] == ("end", run)
+    assert blocks_html(events) == "<p>Partial answer</p>\n"
+    row = store.turn(turn["id"], "alice")
+    assert row["status"] == "stopped"
+    assert row["reply_text"] == "Partial answer"
+    assert row["error"] is None
+    messages = ModelMessagesTypeAdapter.validate_json(row["messages"])
+    assert user_prompts(messages) == ["Tell me"]
+    # The next turn's history holds what the user saw.
+    said = [
+        p.content
+        for m in messages
+        if isinstance(m, ModelResponse)
+        for p in m.parts
+        if isinstance(p, TextPart)
+    ]
+    assert "".join(said) == "Partial answer"
+    assert runs.stop(turn["id"]) is False
+
+
+async def test_stop_right_after_start_saves_a_stopped_reply(manager, store, scripted):
+    model = scripted(["Never ", "seen"])
+    runs = manager(model)
+    turn = new_turn(store, "Quick")
+    run = runs.start(turn, "alice")
+    assert runs.stop(turn["id"]) is True
+    await asyncio.wait_for(run.task, 5)
+    row = store.turn(turn["id"], "alice")
+    assert row["status"] == "stopped"
+    assert row["user_text"] == "Quick"
+    assert user_prompts(ModelMessagesTypeAdapter.validate_json(row["messages"])) == ["Quick"]
+
+
+async def test_a_silent_model_is_given_up_on_and_the_partial_reply_kept(manager, store, scripted):
+    model = scripted(["Partial", " and never more"], pause_after=1)  # never resumed
+    runs = manager(model, stall_timeout=0.05, stream_tick=0.0)
+    turn = new_turn(store)
+    await asyncio.wait_for(runs.start(turn, "alice").task, 5)
+    row = store.turn(turn["id"], "alice")
+    assert row["status"] == "failed"
+    assert row["reply_text"] == "Partial"
+    assert "try again" in row["error"].lower()
+
+
+async def test_stop_of_an_unknown_turn_is_refused(manager):
+    assert manager(None).stop(12345) is False
+
+
+async def test_a_failing_model_gives_a_friendly_error_and_keeps_everything(
+    manager, store, scripted, caplog
+):
+    model = scripted(["Half an ", "answer"], error=ModelBroke("Traceback: secret sk-live-123"))
+    runs = manager(model, stream_tick=0.0)
+    turn = new_turn(store, "Please answer")
+    run = runs.start(turn, "alice")
+    events = await collect(run, heartbeat=5)
+    await run.task
+
+    assert run.status == "failed"
+    assert events[-1] == ("end", run)
+    row = store.turn(turn["id"], "alice")
+    assert row["status"] == "failed"
+    assert row["error"] == run.error
+    assert row["error"] and "try again" in row["error"].lower()
+    for secret in ("sk-live-123", "Traceback", "ModelBroke", "secret"):
+        assert secret not in row["error"]
+    assert row["user_text"] == "Please answer"
+    assert row["reply_text"] == "Half an answer"
+    messages = ModelMessagesTypeAdapter.validate_json(row["messages"])
+    assert user_prompts(messages) == ["Please answer"]
+    assert len(model.calls) == 1
+
+
+async def test_an_unknown_model_fails_the_reply_with_a_message(manager, store):
+    runs = manager(None)
+    turn = store.add_turn(
+        store.create_conversation("alice")["id"],
+        "hi",
+        [ModelRequest(parts=[UserPromptPart(content="hi")])],
+        model="nosuchprovider:some-model",
+    )
+    run = runs.start(turn, "alice")
+    await run.task
+    row = store.turn(turn["id"], "alice")
+    assert row["status"] == "failed"
+    assert "nosuchprovider:some-model" in row["error"]
+    assert row["user_text"] == "hi"
+
+
+async def test_updates_are_coalesced(manager, store, scripted):
+    chunks = [f"w{i} " for i in range(300)]
+    model = scripted(chunks)  # as fast as the event loop allows
+    runs = manager(model)
+    run = runs.start(new_turn(store), "alice")
+    events = await collect(run, heartbeat=5)
+
+    tails = [e for e in events if e[0] == "tail"]
+    assert len(tails) < 60, f"{len(tails)} tail updates for 300 chunks"
+    assert run.version < 60
+    assert blocks_html(events) == render("".join(chunks))
+
+
+async def test_partial_reply_is_flushed_to_disk_while_streaming(manager, store, scripted):
+    model = scripted(["Saved ", "so far", " and more"], pause_after=2)
+    runs = manager(model, stream_tick=0.0, flush_every=0.0)
+    turn = new_turn(store)
+    runs.start(turn, "alice")
+    await asyncio.wait_for(model.paused.wait(), 5)
+    await eventually(
+        lambda: store.turn(turn["id"], "alice")["reply_text"] == "Saved so far", "a flush"
+    )
+    assert store.turn(turn["id"], "alice")["status"] == "streaming"
+    model.resume.set()
+
+
+async def test_shutdown_saves_the_replies_in_flight(manager, store, scripted):
+    model = scripted(["Cut ", "short", " here"], pause_after=2)
+    runs = manager(model, stream_tick=0.0)
+    turn = new_turn(store)
+    run = runs.start(turn, "alice")
+    await asyncio.wait_for(model.paused.wait(), 5)
+
+    await runs.shutdown(timeout=5)
+    assert runs.accepting is False
+    assert run.done
+    row = store.turn(turn["id"], "alice")
+    assert row["status"] != "streaming"
+    assert row["reply_text"] == "Cut short"
+
+
+async def test_a_reply_cut_off_by_shutdown_is_marked_interrupted(manager, store, scripted):
+    model = scripted(["Cut ", "short", " here"], pause_after=2)
+    runs = manager(model, stream_tick=0.0)
+    turn = new_turn(store)
+    runs.start(turn, "alice")
+    await asyncio.wait_for(model.paused.wait(), 5)
+    await runs.shutdown(timeout=5)
+    row = store.turn(turn["id"], "alice")
+    # The user did not press Stop: the reply must not say so.
+    assert row["status"] == "interrupted"
+    assert row["error"]
+    assert row["reply_text"] == "Cut short"
+
+
+async def test_a_reply_with_bare_carriage_returns_completes(manager, store, scripted):
+    model = scripted(["one\r\rtwo\r\r", "three"])
+    runs = manager(model, stream_tick=0.0)
+    turn = new_turn(store)
+    await runs.start(turn, "alice").task
+    assert store.turn(turn["id"], "alice")["status"] == "complete"
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected"),
+    [
+        (ModelHTTPError(401, "m", body={"error": "bad key sk-abc"}), "API key"),
+        (ModelHTTPError(403, "m", body="sk-abc"), "API key"),
+        (ModelHTTPError(404, "m", body="sk-abc"), "MODEL"),
+        (ModelHTTPError(429, "m", body="sk-abc"), "rate limiting"),
+        (ModelHTTPError(500, "m", body="sk-abc"), "HTTP 500"),
+        (ModelAPIError("m", "connection reset sk-abc"), "could not be reached"),
+        (RuntimeError("sk-abc"), "Something went wrong"),
+    ],
+)
+def test_describe_error_is_friendly_and_leaks_nothing(exc, expected):
+    message = describe_error(exc)
+    assert expected in message
+    assert "sk-abc" not in message
+    assert "Traceback" not in message
+
+
+def test_describe_error_for_a_usage_limit():
+    message = describe_error(UsageLimitExceeded("The next request would exceed 10 tokens"))
+    assert "usage limit" in message

@@ -1,0 +1,243 @@
+"""ChatStore: conversations, turns and their pydantic-ai messages in SQLite."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+
+import pytest
+from pydantic_ai.messages import (
+    ModelMessage,
+    ModelMessagesTypeAdapter,
+    ModelRequest,
+    ModelResponse,
+    TextPart,
+    UserPromptPart,
+)
+
+from chat.store import ChatStore
+from tests.conftest import user_prompts
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = ChatStore(tmp_path / "chat.db")
+    yield s
+    s.close()
+
+
+def request(text: str) -> ModelRequest:
+    return ModelRequest(parts=[UserPromptPart(content=text)])
+
+
+def exchange(text: str, reply: str) -> list[ModelMessage]:
+    return [request(text), ModelResponse(parts=[TextPart(content=reply)])]
+
+
+def answered(store: ChatStore, cid: str, text: str, reply: str) -> dict:
+    """Add a turn and finish it as complete, as a run would."""
+    turn = store.add_turn(cid, text, [request(text)], model="m")
+    store.finish_turn(
+        turn["id"], status="complete", reply_text=reply, messages=exchange(text, reply)
+    )
+    return turn
+
+
+def test_create_conversation(store):
+    conv = store.create_conversation("alice", model="openai-chat:x")
+    assert conv["owner"] == "alice"
+    assert conv["model"] == "openai-chat:x"
+    assert conv["head_turn_id"] is None
+    assert store.conversation(conv["id"], "alice")["id"] == conv["id"]
+
+
+def test_conversation_ids_are_unguessable(store):
+    ids = {store.create_conversation("alice")["id"] for _ in range(20)}
+    assert len(ids) == 20
+    assert all(len(i) >= 16 for i in ids)
+
+
+def test_conversations_are_listed_most_recently_active_first(store):
+    a = store.create_conversation("alice")
+    b = store.create_conversation("alice")
+    c = store.create_conversation("alice")
+    assert [x["id"] for x in store.conversations("alice")] == [c["id"], b["id"], a["id"]]
+    time.sleep(0.002)  # timestamps have millisecond resolution
+    store.add_turn(a["id"], "bump", [request("bump")], model=None)
+    assert [x["id"] for x in store.conversations("alice")][0] == a["id"]
+
+
+def test_another_owner_sees_nothing(store):
+    conv = store.create_conversation("alice")
+    turn = store.add_turn(conv["id"], "private", [request("private")], model=None)
+    assert store.conversation(conv["id"], "mallory") is None
+    assert store.turn(turn["id"], "mallory") is None
+    assert store.conversations("mallory") == []
+    assert store.turn(turn["id"], "alice")["user_text"] == "private"
+
+
+def test_set_title(store):
+    conv = store.create_conversation("alice")
+    store.set_title(conv["id"], "Trip to Lisbon")
+    assert store.conversation(conv["id"], "alice")["title"] == "Trip to Lisbon"
+
+
+def test_add_turn_is_committed_at_once(store, tmp_path):
+    conv = store.create_conversation("alice")
+    turn = store.add_turn(conv["id"], "hello", [request("hello")], model="m")
+    # Another connection (another process) sees the message before any model is called.
+    other = sqlite3.connect(tmp_path / "chat.db")
+    try:
+        row = other.execute(
+            "select user_text, status, messages from turns where id = ?", [turn["id"]]
+        ).fetchone()
+        head = other.execute(
+            "select head_turn_id from conversations where id = ?", [conv["id"]]
+        ).fetchone()
+    finally:
+        other.close()
+    assert row[0] == "hello"
+    assert row[1] == "streaming"
+    assert user_prompts(ModelMessagesTypeAdapter.validate_json(row[2])) == ["hello"]
+    assert head == (turn["id"],)
+
+
+def test_turns_chain_from_the_head(store):
+    conv = store.create_conversation("alice")
+    t1 = store.add_turn(conv["id"], "one", [request("one")], model=None)
+    t2 = store.add_turn(conv["id"], "two", [request("two")], model=None)
+    assert t1["parent_id"] is None
+    assert t2["parent_id"] == t1["id"]
+    assert store.conversation(conv["id"], "alice")["head_turn_id"] == t2["id"]
+
+
+def test_history_is_the_branch_before_the_turn(store):
+    conv = store.create_conversation("alice")
+    answered(store, conv["id"], "first", "reply one")
+    answered(store, conv["id"], "second", "reply two")
+    third = store.add_turn(conv["id"], "third", [request("third")], model=None)
+
+    history = store.history(third)
+    # Valid as pydantic-ai message_history: it survives a round trip through the adapter.
+    again = ModelMessagesTypeAdapter.validate_json(ModelMessagesTypeAdapter.dump_json(history))
+    assert again == history
+    assert user_prompts(history) == ["first", "second"]
+    replies = [p.content for m in history if isinstance(m, ModelResponse) for p in m.parts]
+    assert replies == ["reply one", "reply two"]
+
+
+def test_history_of_the_first_turn_is_empty(store):
+    conv = store.create_conversation("alice")
+    first = store.add_turn(conv["id"], "first", [request("first")], model=None)
+    assert store.history(first) == []
+
+
+def test_history_follows_only_its_own_branch(store):
+    conv = store.create_conversation("alice")
+    root = answered(store, conv["id"], "root", "r")
+    answered(store, conv["id"], "abandoned", "a")
+    # A sibling of the abandoned turn (an edit) sees only what came before it.
+    edited = store.add_turn(
+        conv["id"], "edited", [request("edited")], model=None, parent_id=root["id"]
+    )
+    assert user_prompts(store.history(edited)) == ["root"]
+
+
+def test_finish_turn_records_the_outcome(store):
+    conv = store.create_conversation("alice")
+    turn = store.add_turn(conv["id"], "hi", [request("hi")], model="m")
+    usage = {"input_tokens": 3, "output_tokens": 5}
+    store.finish_turn(
+        turn["id"],
+        status="complete",
+        reply_text="**hello**",
+        messages=exchange("hi", "**hello**"),
+        usage=usage,
+    )
+    row = store.turn(turn["id"], "alice")
+    assert row["status"] == "complete"
+    assert row["reply_text"] == "**hello**"
+    assert row["error"] is None
+    assert row["finished_at"]
+    assert json.loads(row["usage"]) == usage
+    messages = ModelMessagesTypeAdapter.validate_json(row["messages"])
+    assert isinstance(messages[-1], ModelResponse)
+    assert messages[-1].parts[0].content == "**hello**"
+
+
+def test_finish_turn_keeps_an_error(store):
+    conv = store.create_conversation("alice")
+    turn = store.add_turn(conv["id"], "hi", [request("hi")], model="m")
+    store.finish_turn(
+        turn["id"], status="failed", reply_text="", messages=[request("hi")], error="Try again."
+    )
+    row = store.turn(turn["id"], "alice")
+    assert (row["status"], row["error"]) == ("failed", "Try again.")
+    assert row["user_text"] == "hi"
+
+
+def test_finish_turn_refuses_an_unknown_status(store):
+    conv = store.create_conversation("alice")
+    turn = store.add_turn(conv["id"], "hi", [request("hi")], model="m")
+    with pytest.raises(AssertionError):
+        store.finish_turn(turn["id"], status="streaming", reply_text="", messages=[])
+
+
+def test_save_partial_only_while_streaming(store):
+    conv = store.create_conversation("alice")
+    turn = store.add_turn(conv["id"], "hi", [request("hi")], model="m")
+    store.save_partial(turn["id"], "Hel")
+    assert store.turn(turn["id"], "alice")["reply_text"] == "Hel"
+    store.finish_turn(turn["id"], status="complete", reply_text="Hello", messages=[])
+    # A late flush never overwrites the finished reply.
+    store.save_partial(turn["id"], "Hel")
+    assert store.turn(turn["id"], "alice")["reply_text"] == "Hello"
+
+
+def test_mark_interrupted_finishes_only_streaming_turns(store):
+    conv = store.create_conversation("alice")
+    done = answered(store, conv["id"], "done", "ok")
+    left = store.add_turn(conv["id"], "left", [request("left")], model="m")
+    store.save_partial(left["id"], "half a rep")
+
+    assert store.mark_interrupted() == 1
+    row = store.turn(left["id"], "alice")
+    assert row["status"] == "interrupted"
+    assert row["reply_text"] == "half a rep"
+    assert row["error"]
+    assert row["finished_at"]
+    assert store.turn(done["id"], "alice")["status"] == "complete"
+    assert store.mark_interrupted() == 0
+
+
+def test_branch_is_oldest_first_and_limit_keeps_the_newest(store):
+    conv = store.create_conversation("alice")
+    turns = [answered(store, conv["id"], f"m{i}", f"r{i}") for i in range(5)]
+    head = turns[-1]["id"]
+    assert [t["user_text"] for t in store.branch(head)] == ["m0", "m1", "m2", "m3", "m4"]
+    assert [t["user_text"] for t in store.branch(head, limit=2)] == ["m3", "m4"]
+    assert [t["user_text"] for t in store.branch(turns[2]["id"], limit=10)] == ["m0", "m1", "m2"]
+    assert store.branch(None) == []
+
+
+def test_data_survives_reopening(tmp_path):
+    s = ChatStore(tmp_path / "chat.db")
+    conv = s.create_conversation("alice")
+    answered(s, conv["id"], "kept", "also kept")
+    s.close()
+    s = ChatStore(tmp_path / "chat.db")
+    try:
+        [turn] = s.branch(s.conversation(conv["id"], "alice")["head_turn_id"])
+        assert (turn["user_text"], turn["reply_text"]) == ("kept", "also kept")
+    finally:
+        s.close()
+
+
+def test_in_memory_store_works():
+    s = ChatStore(":memory:")
+    try:
+        conv = s.create_conversation("alice")
+        assert s.conversation(conv["id"], "alice") is not None
+    finally:
+        s.close()
