@@ -1,0 +1,1065 @@
+"""Deployment files: the image, compose.yaml, deploy/kubernetes.yaml, deploy/nginx.conf, the docs.
+
+No Docker engine is needed (CI has none), so the image is emulated where it matters: the build
+context is this working tree filtered by .dockerignore, the Dockerfile's COPY steps lay it out
+under a temporary root, and its CMD runs there with its ENV, its WORKDIR as the working directory
+and its VOLUME mapped to a temporary directory, as `docker run` would (the RUN steps, installing
+dependencies and adding the user, are what the test environment already provides). The
+Dockerfile is linted (hadolint when installed, and a set of built-in rules that are themselves
+tested on bad examples); the YAML files are parsed (PyYAML when present, and always a small
+parser for the subset they use, checked against PyYAML) and checked for how they fit together;
+and the nginx example runs for real in front of the app, with a streamed reply read through it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import posixpath
+import re
+import shlex
+import shutil
+import signal
+import socket
+import sqlite3
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.fake_openai import FakeOpenAI
+from tests.live import (
+    ROOT,
+    STREAM_TIMEOUT,
+    Event,
+    HtmxClient,
+    free_port,
+    parse_sse,
+    reply_html,
+    running_app,
+    text_of,
+    title_reply,
+)
+
+DOCKERFILE = ROOT / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+COMPOSE = ROOT / "compose.yaml"
+KUBERNETES = ROOT / "deploy" / "kubernetes.yaml"
+NGINX_CONF = ROOT / "deploy" / "nginx.conf"
+DEPLOY_DOC = ROOT / "docs" / "DEPLOY.md"
+START_TIMEOUT = 30.0
+
+
+def graceful_shutdown_seconds() -> float:
+    """How long uvicorn waits for open responses on SIGTERM (main.py's setting)."""
+    found = re.search(
+        r"timeout_graceful_shutdown\s*=\s*(\d+(?:\.\d+)?)", (ROOT / "main.py").read_text()
+    )
+    assert found, "main.py no longer sets timeout_graceful_shutdown: update this test"
+    return float(found.group(1))
+
+
+def seconds(duration: str | int) -> float:
+    """A compose duration ('30s', '1m30s', '500ms') or a plain number of seconds."""
+    if isinstance(duration, int | float):
+        return float(duration)
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, f"bad duration {duration!r}"
+    scale = {"h": 3600, "m": 60, "s": 1, "ms": 0.001, "us": 0.000001}
+    return sum(float(n) * scale[u] for n, u in parts)
+
+
+# The Dockerfile --------------------------------------------------------------------------------
+
+
+@dataclass
+class Instruction:
+    """One Dockerfile instruction, continuation lines joined."""
+
+    cmd: str
+    args: str
+    line: int
+
+
+def parse_dockerfile(text: str) -> list[Instruction]:
+    """Instructions in order; comment lines (also inside a continued instruction) are dropped."""
+    out: list[Instruction] = []
+    buf: list[str] = []
+    start = 0
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if not buf:
+            start = n
+        continued = line.endswith("\\")
+        buf.append(line[:-1].strip() if continued else line)
+        if not continued:
+            cmd, _, args = " ".join(buf).partition(" ")
+            out.append(Instruction(cmd.upper(), args.strip(), start))
+            buf = []
+    assert not buf, "the Dockerfile ends inside a continued instruction"
+    return out
+
+
+def env_of(instructions: list[Instruction]) -> dict[str, str]:
+    """The environment the image's ENV instructions set (KEY=VALUE pairs, or legacy KEY VALUE)."""
+    env: dict[str, str] = {}
+    for ins in instructions:
+        if ins.cmd != "ENV":
+            continue
+        words = shlex.split(ins.args)
+        if words and "=" not in words[0]:
+            env[words[0]] = ins.args.split(None, 1)[1] if len(words) > 1 else ""
+            continue
+        for word in words:
+            key, eq, value = word.partition("=")
+            assert eq, f"line {ins.line}: ENV {word!r} is not KEY=VALUE"
+            env[key] = value
+    return env
+
+
+def exec_form(args: str) -> list[str] | None:
+    """The argv of a JSON exec-form CMD/ENTRYPOINT, or None for shell form."""
+    try:
+        argv = json.loads(args)
+    except ValueError:
+        return None
+    return argv if isinstance(argv, list) and all(isinstance(a, str) for a in argv) else None
+
+
+def last(instructions: list[Instruction], cmd: str) -> Instruction | None:
+    """The last instruction of a kind (the one that takes effect)."""
+    return next((i for i in reversed(instructions) if i.cmd == cmd), None)
+
+
+def healthcheck_of(instructions: list[Instruction]) -> tuple[dict[str, str], list[str]]:
+    """HEALTHCHECK's options (interval, timeout, ...) and its exec-form command."""
+    ins = last(instructions, "HEALTHCHECK")
+    assert ins is not None, "the Dockerfile has no HEALTHCHECK"
+    found = re.fullmatch(r"((?:--[a-z-]+=\S+\s+)*)CMD\s+(.*)", ins.args, re.S)
+    assert found, f"line {ins.line}: HEALTHCHECK is not `[OPTIONS] CMD ...`"
+    options = dict(o[2:].split("=", 1) for o in found.group(1).split())
+    argv = exec_form(found.group(2))
+    assert argv, f"line {ins.line}: HEALTHCHECK CMD is not in exec form"
+    return options, argv
+
+
+def workdir_at(instructions: list[Instruction], index: int) -> str:
+    """The working directory in effect at instruction `index` (WORKDIR semantics: relative
+    paths build on the previous one; the default is /)."""
+    cwd = "/"
+    for ins in instructions[:index]:
+        if ins.cmd == "WORKDIR":
+            cwd = posixpath.normpath(posixpath.join(cwd, ins.args))
+    return cwd
+
+
+def volumes_of(instructions: list[Instruction]) -> list[str]:
+    """Every VOLUME path (JSON or space-separated form)."""
+    out: list[str] = []
+    for ins in instructions:
+        if ins.cmd == "VOLUME":
+            out += exec_form(ins.args) or ins.args.split()
+    return out
+
+
+# Built-in lint rules, for when hadolint is not installed (each is tested on a bad example).
+ROOT_USERS = {"root", "0", "root:root", "0:0"}
+
+
+def lint(text: str) -> list[str]:
+    """Problems in a Dockerfile, by the built-in rules; an empty list when there are none."""
+    ins = parse_dockerfile(text)
+    problems: list[str] = []
+    env = env_of(ins)
+    for i in ins:
+        if i.cmd == "FROM":
+            image = [w for w in i.args.split() if not w.startswith("--")][0]
+            name = image.split("@")[0]
+            tag = name.rsplit(":", 1)[1] if ":" in name.rsplit("/", 1)[-1] else None
+            if "@sha256:" not in image and (tag is None or tag == "latest"):
+                problems.append(f"line {i.line}: FROM {image}: pin a tag other than latest")
+        if i.cmd == "ADD" and re.search(r"(^|\s)(https?|ftp)://", i.args):
+            problems.append(f"line {i.line}: ADD of a URL: download in RUN and check it")
+        if i.cmd == "ADD":
+            problems.append(f"line {i.line}: ADD: use COPY for local files")
+        if i.cmd == "WORKDIR" and not i.args.startswith("/"):
+            problems.append(f"line {i.line}: WORKDIR {i.args}: use an absolute path")
+        if i.cmd == "RUN":
+            for pip in re.finditer(r"pip3?\s+install\s+([^&;|]*)", i.args):
+                words = shlex.split(pip.group(1))
+                if "-r" in words or "--requirement" in words:
+                    continue
+                if not (
+                    "--no-cache-dir" in words
+                    or "--no-cache" in words
+                    or env.get("PIP_NO_CACHE_DIR")
+                ):
+                    problems.append(f"line {i.line}: pip install without --no-cache-dir")
+                for word in words:
+                    if not word.startswith("-") and not re.search(r"==|@|\.whl$|^\.|/", word):
+                        problems.append(f"line {i.line}: pip install {word}: pin its version")
+    cmd = last(ins, "CMD")
+    if cmd is None:
+        problems.append("no CMD")
+    elif exec_form(cmd.args) is None:
+        problems.append(
+            f"line {cmd.line}: CMD in shell form: use JSON exec form (signals reach it)"
+        )
+    if sum(i.cmd == "CMD" for i in ins) > 1:
+        problems.append("more than one CMD: only the last takes effect")
+    cmd_index = ins.index(cmd) if cmd else len(ins)
+    users = [i for i in ins[:cmd_index] if i.cmd == "USER"]
+    if not users or users[-1].args.strip() in ROOT_USERS:
+        problems.append("the app runs as root: add a non-root USER before CMD")
+    health = last(ins, "HEALTHCHECK")
+    if health is None or health.args.strip().upper() == "NONE":
+        problems.append("no HEALTHCHECK")
+    elif "/health" not in health.args:
+        problems.append(f"line {health.line}: HEALTHCHECK does not ask /health")
+    exposed = {p.split("/")[0] for i in ins if i.cmd == "EXPOSE" for p in i.args.split()}
+    if not exposed:
+        problems.append("no EXPOSE")
+    elif env.get("PORT") not in exposed:
+        problems.append(f"EXPOSE {sorted(exposed)} does not match ENV PORT={env.get('PORT')}")
+    stop = last(ins, "STOPSIGNAL")
+    if stop is not None and stop.args.strip() not in ("SIGTERM", "15"):
+        problems.append(
+            f"line {stop.line}: STOPSIGNAL {stop.args}: the app saves replies on SIGTERM"
+        )
+    return problems
+
+
+GOOD = """\
+FROM python:3.12-slim
+WORKDIR /app
+RUN pip install --no-cache-dir "uv==0.13.8"
+COPY . .
+ENV PORT=5001
+EXPOSE 5001
+USER 10001
+HEALTHCHECK CMD ["python", "-c", "print('/health')"]
+CMD ["python", "main.py"]
+"""
+
+
+def test_built_in_dockerfile_rules_accept_a_good_example():
+    assert lint(GOOD) == []
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "problem"),
+    [
+        ("python:3.12-slim", "python", "pin a tag"),
+        ("python:3.12-slim", "python:latest", "pin a tag"),
+        ("COPY . .", "ADD https://example.com/app.tgz /app", "ADD of a URL"),
+        ("COPY . .", "ADD . .", "use COPY"),
+        ("WORKDIR /app", "WORKDIR app", "absolute path"),
+        ('"uv==0.13.8"', "uv", "pin its version"),
+        ("--no-cache-dir ", "", "--no-cache-dir"),
+        ('CMD ["python", "main.py"]', "CMD python main.py", "shell form"),
+        ('CMD ["python", "main.py"]', "", "no CMD"),
+        ("USER 10001\n", "", "runs as root"),
+        ("USER 10001", "USER root", "runs as root"),
+        ("HEALTHCHECK CMD", "# HEALTHCHECK CMD", "no HEALTHCHECK"),
+        ("print('/health')", "print(1)", "does not ask /health"),
+        ("EXPOSE 5001", "EXPOSE 8000", "does not match ENV PORT"),
+        ("EXPOSE 5001\n", "", "no EXPOSE"),
+        ("USER 10001", "STOPSIGNAL SIGKILL\nUSER 10001", "STOPSIGNAL"),
+    ],
+)
+def test_built_in_dockerfile_rules_catch_a_bad_example(old: str, new: str, problem: str):
+    assert old in GOOD
+    problems = lint(GOOD.replace(old, new, 1))
+    assert any(problem in p for p in problems), problems
+
+
+def test_dockerfile_passes_the_lint_rules():
+    problems = lint(DOCKERFILE.read_text())
+    assert problems == [], problems
+    hadolint = shutil.which("hadolint")
+    if hadolint:
+        result = subprocess.run(
+            [hadolint, str(DOCKERFILE)], capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_says_what_the_container_needs():
+    ins = parse_dockerfile(DOCKERFILE.read_text())
+    base = ins[0]
+    assert base.cmd == "FROM" and re.match(r"python:3\.1[1-9]-slim", base.args), base.args
+    env = env_of(ins)
+    assert env["HOST"] == "0.0.0.0"  # reachable through the container's port mapping
+    assert env["PORT"] == "5001"
+    assert env.get("PYTHONDONTWRITEBYTECODE") == "1"  # the code dir is not writable by the app
+    assert any(env["DB_PATH"].startswith(v.rstrip("/") + "/") for v in volumes_of(ins)), (
+        "DB_PATH must be inside a VOLUME"
+    )
+    assert exec_form(last(ins, "CMD").args) == ["python", "main.py"]
+    assert last(ins, "STOPSIGNAL").args == "SIGTERM"
+    # Dependencies come from pyproject.toml without a lock file and without the dev group.
+    run = " ".join(i.args for i in ins if i.cmd == "RUN")
+    assert "-r pyproject.toml" in run and "--frozen" not in run and "uv.lock" not in run
+    assert "--group" not in run and "--dev" not in run and "--all-extras" not in run
+
+
+# The build context: .dockerignore -----------------------------------------------------------
+
+
+def _pattern_regex(pattern: str) -> re.Pattern:
+    """Docker's .dockerignore pattern syntax (Go filepath.Match plus `**`) as a regex."""
+    out, i = "", 0
+    while i < len(pattern):
+        c = pattern[i]
+        if pattern.startswith("**/", i):
+            out, i = out + "(?:.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+        elif c == "*":
+            out, i = out + "[^/]*", i + 1
+        elif c == "?":
+            out, i = out + "[^/]", i + 1
+        elif c == "[":
+            end = pattern.index("]", i)
+            out, i = out + "[" + pattern[i + 1 : end].replace("!", "^", 1) + "]", end + 1
+        else:
+            out, i = out + re.escape(c), i + 1
+    return re.compile(out)
+
+
+@dataclass
+class DockerIgnore:
+    """The rules of a .dockerignore file: later rules win; `!` re-includes."""
+
+    rules: list[tuple[re.Pattern, bool]]
+
+    @classmethod
+    def read(cls, path: Path) -> DockerIgnore:
+        """Parse a .dockerignore file."""
+        rules = []
+        for raw in path.read_text().splitlines():
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            negate = line.startswith("!")
+            pattern = posixpath.normpath(line.lstrip("!").strip()).lstrip("/")
+            rules.append((_pattern_regex(pattern), negate))
+        return cls(rules)
+
+    def excluded(self, rel: str) -> bool:
+        """Whether a path of the context (relative, with /) is left out of the build."""
+        parts = rel.split("/")
+        prefixes = ["/".join(parts[: n + 1]) for n in range(len(parts))]
+        verdict = False
+        for regex, negate in self.rules:
+            if any(regex.fullmatch(p) for p in prefixes):
+                verdict = not negate
+        return verdict
+
+    def context(self, root: Path) -> list[str]:
+        """Every file of the build context: the files under `root` that are not excluded."""
+        prune = not any(negate for _, negate in self.rules)
+        out = []
+        for dirpath, dirnames, filenames in os.walk(root):
+            rel_dir = Path(dirpath).relative_to(root).as_posix()
+            rel_dir = "" if rel_dir == "." else rel_dir + "/"
+            if prune:
+                dirnames[:] = [d for d in dirnames if not self.excluded(rel_dir + d)]
+            out += [rel_dir + f for f in filenames if not self.excluded(rel_dir + f)]
+        return sorted(out)
+
+
+def test_dockerignore_leaves_out_local_state_and_secrets():
+    ignore = DockerIgnore.read(DOCKERIGNORE)
+    for rel in [
+        ".git/config",
+        ".venv/bin/python",
+        ".env",
+        "data/chat.db",
+        "data/.secret_key",
+        "chat.db-wal",
+        "chat/__pycache__/store.cpython-312.pyc",
+        ".pytest_cache/v/cache",
+        ".ruff_cache/CACHEDIR.TAG",
+        "tests/test_e2e.py",
+        "uv.lock",
+    ]:
+        assert ignore.excluded(rel), f"{rel} would be sent to the image"
+    for rel in [
+        "main.py",
+        "manage.py",
+        "pyproject.toml",
+        "chat/store.py",
+        "web/pages.py",
+        "components/layout.py",
+        "static/vendor/htmx.min.js",
+    ]:
+        assert not ignore.excluded(rel), f"{rel} would be left out of the image"
+
+
+# The image, emulated: its files, its environment, its command ------------------------------
+
+
+@dataclass
+class Image:
+    """The image's filesystem under `root` (code copied as COPY would), ENV, CMD and WORKDIR."""
+
+    root: Path
+    env: dict[str, str]
+    cmd: list[str]
+    workdir: Path
+    volumes: list[Path]
+    health: tuple[dict[str, str], list[str]]
+
+    def path(self, container_path: str) -> Path:
+        """Where a path inside the container is in the emulation."""
+        return self.root / container_path.lstrip("/")
+
+
+def build_image(root: Path) -> Image:
+    """Lay out the image under `root`: the COPY steps from the .dockerignore-filtered context."""
+    ins = parse_dockerfile(DOCKERFILE.read_text())
+    context = DockerIgnore.read(DOCKERIGNORE).context(ROOT)
+    for index, step in enumerate(ins):
+        if step.cmd != "COPY":
+            continue
+        words = [w for w in shlex.split(step.args) if not w.startswith("--")]
+        *sources, dest = words
+        cwd = workdir_at(ins, index)
+        target = root / posixpath.join(cwd, dest).lstrip("/")
+        for src in sources:
+            assert not re.search(r"[*?\[]", src), "COPY with wildcards: teach this test"
+            src = posixpath.normpath(src)
+            if src == ".":  # the whole context, into dest
+                chosen = {rel: target / rel for rel in context}
+            elif src in context:  # one file: into dest/ or as dest
+                chosen = {src: target / Path(src).name if dest.endswith("/") else target}
+            else:  # a directory: its contents, into dest
+                chosen = {
+                    rel: target / rel[len(src) + 1 :]
+                    for rel in context
+                    if rel.startswith(src + "/")
+                }
+            assert chosen, f"line {step.line}: COPY {src}: nothing in the build context"
+            for rel, out in chosen.items():
+                out.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(ROOT / rel, out)
+    volumes = [root / v.lstrip("/") for v in volumes_of(ins)]
+    for v in volumes:
+        v.mkdir(parents=True, exist_ok=True)
+    cmd_index = ins.index(last(ins, "CMD"))
+    return Image(
+        root=root,
+        env=env_of(ins),
+        cmd=exec_form(last(ins, "CMD").args),
+        workdir=root / workdir_at(ins, cmd_index).lstrip("/"),
+        volumes=volumes,
+        health=healthcheck_of(ins),
+    )
+
+
+def files_under(path: Path) -> set[str]:
+    """Every file and directory below `path`, relative."""
+    return {p.relative_to(path).as_posix() for p in path.rglob("*")}
+
+
+def with_python(argv: list[str]) -> list[str]:
+    """The image's `python` is this test's interpreter (it has the same dependencies)."""
+    assert argv[0] in ("python", "python3"), f"unexpected program {argv[0]!r}"
+    return [sys.executable, *argv[1:]]
+
+
+def test_image_command_and_environment_run_the_app_as_the_container_would(tmp_path: Path):
+    image = build_image(tmp_path / "image")
+    assert image.cmd == ["python", "main.py"]
+    assert (image.workdir / "main.py").is_file(), "CMD's main.py is not in WORKDIR"
+    copied = files_under(image.root)
+    assert not [f for f in copied if f.endswith((".db", ".secret_key", ".env")) or "/." in f], (
+        "local state or secrets copied into the image"
+    )
+    before = files_under(image.workdir)
+
+    port = free_port()
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **image.env}
+    # DB_PATH points into the volume, which lives in the temporary directory here.
+    db_path = image.path(env["DB_PATH"])
+    data_dir = db_path.parent
+    assert data_dir in image.volumes
+    # The container listens on 0.0.0.0 behind its port mapping; this test stays on loopback.
+    env.update(HOST="127.0.0.1", PORT=str(port), DB_PATH=str(db_path))
+    log = tmp_path / "app.log"
+    url = f"http://127.0.0.1:{port}"
+    options, health_cmd = image.health
+    health_timeout = seconds(options.get("timeout", "30s"))
+
+    def healthcheck() -> int:
+        return subprocess.run(
+            with_python(health_cmd), env=env, cwd=image.workdir, timeout=health_timeout + 5,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        ).returncode  # fmt: skip
+
+    with open(log, "wb") as out, started(with_python(image.cmd), image.workdir, env, out) as proc:
+        wait_for_health(url, proc, log)
+        with httpx.Client(trust_env=False, timeout=10) as http:
+            assert http.get(f"{url}/health").json()["model"] == "demo"
+        assert healthcheck() == 0, "the image's HEALTHCHECK fails against the running app"
+
+        with HtmxClient(url) as visitor:
+            sent = visitor.send("Hello from the image test")
+            events = visitor.follow(sent.stream_url, sent.close_event)
+            assert events[-1].data == "complete"
+            assert "offline demo model" in text_of(reply_html(events))
+            assert db_path.is_file(), "the database is not in the volume"
+            assert (data_dir / ".secret_key").is_file(), "the session key is not in the volume"
+
+            # SIGTERM in the middle of a reply, with its stream open: the container's stop.
+            second = visitor.send("And a second question")
+            with visitor.events(second.stream_url) as stream:
+                first = next(stream)
+                assert first.event in ("blocks", "tail"), first
+                stopped_at = time.monotonic()
+                proc.send_signal(signal.SIGTERM)
+                rest = [e.event for e in stream]  # ends when the server closes it
+            grace = min(compose_grace(), kubernetes_grace())
+            try:
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"still running {grace} s after SIGTERM:\n{log.read_text()}")
+            took = time.monotonic() - stopped_at
+        # uvicorn re-raises the signal once it has shut down cleanly (exit status 143 in Docker).
+        assert proc.returncode in (0, -signal.SIGTERM), log.read_text()
+        assert "Application shutdown complete" in log.read_text()
+        assert took < grace, took
+        # The shutdown ended the reply, so its stream was closed properly, not cut.
+        assert rest[-2:] == ["end", second.close_event], rest
+
+    assert healthcheck() != 0, "the HEALTHCHECK passes with the app stopped"
+    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        statuses = [s for (s,) in conn.execute("select status from turns order by id")]
+    finally:
+        conn.close()
+    # The second reply was saved as interrupted by the shutdown, not left streaming.
+    assert statuses == ["complete", "interrupted"], statuses
+    # The app wrote only into the volume: the code directory is read-only in the container.
+    assert files_under(image.workdir) == before, files_under(image.workdir) - before
+    assert "Traceback" not in log.read_text(), log.read_text()
+
+
+@contextlib.contextmanager
+def started(argv: list[str], cwd: Path, env: dict[str, str], out) -> Iterator[subprocess.Popen]:
+    """A process in its own session, ended (SIGTERM, then SIGKILL) whatever happens."""
+    proc = subprocess.Popen(
+        argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+
+
+def wait_for_health(url: str, proc: subprocess.Popen, log: Path) -> None:
+    """Wait until /health answers 200; fail with the log if the process dies or time runs out."""
+    deadline = time.monotonic() + START_TIMEOUT
+    with httpx.Client(trust_env=False, timeout=2) as http:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"the app exited at start-up:\n{log.read_text()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if http.get(f"{url}/health").status_code == 200:
+                    return
+            if time.monotonic() > deadline:
+                pytest.fail(f"the app did not answer /health:\n{log.read_text()}")
+            time.sleep(0.1)
+
+
+# YAML: PyYAML when present, and always a small parser for the subset these files use --------
+
+
+def _strip_comment(line: str) -> str:
+    quote = None
+    for i, c in enumerate(line):
+        if quote:
+            if c == quote:
+                quote = None
+        elif c in "\"'" and (i == 0 or line[i - 1] in " [,:-"):
+            quote = c
+        elif c == "#" and (i == 0 or line[i - 1] == " "):
+            return line[:i].rstrip()
+    return line.rstrip()
+
+
+def _quoted(text: str) -> tuple[str, str]:
+    """A quoted scalar at the start of `text`: its value and the text after it."""
+    q = text[0]
+    i = 1
+    while i < len(text):
+        if q == '"' and text[i] == "\\":
+            i += 2
+            continue
+        if text[i] == q:
+            if q == "'" and text[i + 1 : i + 2] == "'":
+                i += 2
+                continue
+            raw = text[: i + 1]
+            value = json.loads(raw) if q == '"' else raw[1:-1].replace("''", "'")
+            return value, text[i + 1 :]
+        i += 1
+    raise ValueError(f"unterminated string: {text}")
+
+
+def _scalar(text: str):
+    text = text.strip()
+    if not text:
+        return None
+    if text[0] in "\"'":
+        value, rest = _quoted(text)
+        if rest.strip():
+            raise ValueError(f"text after a quoted scalar: {text}")
+        return value
+    if text[0] == "[":
+        return _flow_list(text)
+    if text[0] in "{|>&*!%@`":
+        raise ValueError(f"YAML feature outside the supported subset: {text}")
+    if text in ("null", "~"):
+        return None
+    if text in ("true", "false"):
+        return text == "true"
+    if re.fullmatch(r"[-+]?\d+", text):
+        return int(text)
+    if re.fullmatch(r"[-+]?(\d+\.\d*|\.\d+)([eE][-+]?\d+)?", text):
+        return float(text)
+    return text
+
+
+def _flow_list(text: str) -> list:
+    assert text.startswith("[") and text.endswith("]"), text
+    body, items = text[1:-1].strip(), []
+    while body:
+        if body[0] in "\"'":
+            value, body = _quoted(body)
+        else:
+            raw, _, _ = body.partition(",")
+            value, body = _scalar(raw), body[len(raw) :]
+        items.append(value)
+        body = body.strip()
+        if body:
+            if body[0] != ",":
+                raise ValueError(f"expected a comma in {text}")
+            body = body[1:].strip()
+    return items
+
+
+_KEY = re.compile(r"""^("(?:[^"\\]|\\.)*"|'(?:[^']|'')*'|[^\s"'#\[\]{},][^#]*?):(?:\s+|$)(.*)$""")
+
+
+def _parse_block(lines: list[tuple[int, str]], i: int, indent: int):
+    if lines[i][1] == "-" or lines[i][1].startswith("- "):
+        out = []
+        while (
+            i < len(lines)
+            and lines[i][0] == indent
+            and (lines[i][1] == "-" or lines[i][1].startswith("- "))
+        ):
+            rest = lines[i][1][1:].lstrip()
+            if not rest:
+                value, i = _parse_block(lines, i + 1, lines[i + 1][0])
+            elif _KEY.match(rest):
+                lines[i] = (indent + len(lines[i][1]) - len(rest), rest)
+                value, i = _parse_block(lines, i, lines[i][0])
+            else:
+                value, i = _scalar(rest), i + 1
+            out.append(value)
+        return out, i
+    out = {}
+    while i < len(lines) and lines[i][0] == indent:
+        found = _KEY.match(lines[i][1])
+        if not found:
+            raise ValueError(f"not a mapping entry: {lines[i][1]!r}")
+        key, rest = _scalar(found.group(1)), found.group(2)
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        i += 1
+        if rest.strip():
+            out[key] = _scalar(rest)
+        elif i < len(lines) and (
+            lines[i][0] > indent
+            or (lines[i][0] == indent and (lines[i][1] == "-" or lines[i][1].startswith("- ")))
+        ):
+            out[key], i = _parse_block(lines, i, lines[i][0])
+        else:
+            out[key] = None
+    if i < len(lines) and lines[i][0] > indent:
+        raise ValueError(f"bad indentation at {lines[i][1]!r}")
+    return out, i
+
+
+def mini_yaml(text: str) -> list:
+    """The documents of a YAML stream in the block-style subset (no anchors, block scalars or
+    flow mappings); raises ValueError on anything outside it."""
+    docs, current = [], []
+    for raw in text.splitlines() + ["---"]:
+        if "\t" in raw[: len(raw) - len(raw.lstrip())]:
+            raise ValueError("tab indentation")
+        if raw.rstrip() == "---":
+            lines = [(len(s) - len(s.lstrip()), s.strip()) for s in current if s.strip()]
+            if lines:
+                value, end = _parse_block(lines, 0, lines[0][0])
+                if end != len(lines):
+                    raise ValueError(f"unparsed from {lines[end][1]!r}")
+                docs.append(value)
+            current = []
+            continue
+        current.append(_strip_comment(raw))
+    return docs
+
+
+def load_yaml(path: Path) -> list:
+    """The documents of a YAML file; when PyYAML is installed, it must read them the same."""
+    text = path.read_text()
+    docs = mini_yaml(text)
+    with contextlib.suppress(ImportError):
+        import yaml
+
+        assert docs == [d for d in yaml.safe_load_all(text) if d is not None]
+    return docs
+
+
+def test_small_yaml_parser_reads_the_subset():
+    text = """\
+# comment
+a: 1
+b: "x: y # not a comment"   # a comment
+c:
+  - plain
+  - 'it''s'
+  - name: n
+    value: "2"
+  -
+    deep: [one, "t,wo", 3]
+d:
+- x
+e:
+f: true
+---
+g: ~
+"""
+    assert mini_yaml(text) == [
+        {
+            "a": 1,
+            "b": "x: y # not a comment",
+            "c": ["plain", "it's", {"name": "n", "value": "2"}, {"deep": ["one", "t,wo", 3]}],
+            "d": ["x"],
+            "e": None,
+            "f": True,
+        },
+        {"g": None},
+    ]
+    for bad in ["a: 1\n  b: 2\n", "a: |\n  text\n", "a: 1\na: 2\n", "a: {b: 1}\n"]:
+        with pytest.raises(ValueError):
+            mini_yaml(bad)
+
+
+def compose_service() -> dict:
+    """The one service of compose.yaml."""
+    [doc] = load_yaml(COMPOSE)
+    [service] = doc["services"].values()
+    return service
+
+
+def compose_grace() -> float:
+    """compose.yaml's stop_grace_period, in seconds."""
+    return seconds(compose_service()["stop_grace_period"])
+
+
+def kubernetes() -> dict[str, dict]:
+    """deploy/kubernetes.yaml's objects by kind (one of each)."""
+    objects = {}
+    for doc in load_yaml(KUBERNETES):
+        assert doc["kind"] not in objects, f"two {doc['kind']} objects"
+        objects[doc["kind"]] = doc
+    return objects
+
+
+def kubernetes_grace() -> float:
+    """The pod's terminationGracePeriodSeconds."""
+    return float(
+        kubernetes()["Deployment"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    )
+
+
+def test_compose_runs_the_image_with_its_data_in_a_named_volume():
+    [doc] = load_yaml(COMPOSE)
+    service = compose_service()
+    assert service["build"] == "."
+    env = {**env_of(parse_dockerfile(DOCKERFILE.read_text())), **service.get("environment", {})}
+    mounts = dict(v.split(":", 1) for v in service["volumes"])
+    data_volume = next(name for name, target in mounts.items() if target == "/data")
+    assert data_volume in doc["volumes"], "the /data volume is not a declared named volume"
+    assert env["DB_PATH"].startswith("/data/")
+    assert [f["path"] for f in service["env_file"]] == [".env"]
+    assert service["env_file"][0]["required"] is False
+    assert service["restart"] in ("always", "unless-stopped", "on-failure")
+    assert [p.rsplit(":", 1)[-1] for p in service["ports"]] == [env["PORT"]]
+    test = service["healthcheck"]["test"]
+    assert test[0] == "CMD" and any("/health" in t for t in test)
+    # The same probe as the image's, so the two cannot drift apart.
+    assert test[1:] == healthcheck_of(parse_dockerfile(DOCKERFILE.read_text()))[1]
+    assert service.get("stop_signal", "SIGTERM") == "SIGTERM"
+    assert compose_grace() >= graceful_shutdown_seconds() + 10
+
+
+def test_kubernetes_manifest_runs_one_pod_with_data_on_a_volume_and_secrets_from_a_secret():
+    objects = kubernetes()
+    assert {"Deployment", "PersistentVolumeClaim", "Secret", "Service"} <= set(objects)
+    deploy, secret, pvc, service = (
+        objects[k] for k in ("Deployment", "Secret", "PersistentVolumeClaim", "Service")
+    )
+    spec = deploy["spec"]
+    assert spec["replicas"] == 1  # SQLite and in-process runs: see docs/DEPLOY.md, Scale out
+    assert spec["strategy"]["type"] == "Recreate"
+    labels = spec["template"]["metadata"]["labels"]
+    assert spec["selector"]["matchLabels"].items() <= labels.items()
+    assert service["spec"]["selector"].items() <= labels.items()
+    pod = spec["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] >= graceful_shutdown_seconds() + 10
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    [container] = pod["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    secret_keys = set(secret.get("stringData", {})) | set(secret.get("data", {}))
+    for name in ("SECRET_KEY", "OPENAI_API_KEY"):
+        ref = env[name]["valueFrom"]["secretKeyRef"]
+        assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret_keys, name
+        assert "value" not in env[name]
+    assert env["DB_PATH"]["value"].startswith("/data/")
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    claim = volumes[mounts["/data"]]["persistentVolumeClaim"]["claimName"]
+    assert claim == pvc["metadata"]["name"]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
+    # Probes ask /health on the port the app listens on.
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["http"] == int(env["PORT"]["value"])
+    image_env = env_of(parse_dockerfile(DOCKERFILE.read_text()))
+    assert str(ports["http"]) == image_env["PORT"]
+    for probe in ("readinessProbe", "livenessProbe"):
+        get = container[probe]["httpGet"]
+        assert get["path"] == "/health" and get["port"] in ("http", ports["http"]), probe
+    assert service["spec"]["ports"][0]["targetPort"] in ("http", ports["http"])
+    resources = container["resources"]
+    assert {"cpu", "memory"} <= set(resources["requests"]) and "memory" in resources["limits"]
+    # With a read-only root, everything the app writes must be on a mounted volume.
+    if container["securityContext"].get("readOnlyRootFilesystem"):
+        assert os.path.dirname(env["DB_PATH"]["value"]) in mounts
+    ingress = objects.get("Ingress")
+    if ingress is not None:
+        notes = ingress["metadata"]["annotations"]
+        assert notes["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
+        assert int(notes["nginx.ingress.kubernetes.io/proxy-read-timeout"]) > 15
+        backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+        assert backend["name"] == service["metadata"]["name"]
+
+
+# The docs --------------------------------------------------------------------------------------
+
+
+def test_deploy_doc_covers_every_setting():
+    doc = DEPLOY_DOC.read_text()
+    readme = (ROOT / "README.md").read_text()
+    table = re.search(r"## Configuration\n(.*?)\n## ", readme, re.S).group(1)
+    documented = set(re.findall(r"`([A-Z][A-Z0-9_]+)`", table))
+    read = set(
+        re.findall(r"""env\.get\(["']([A-Z][A-Z0-9_]+)""", (ROOT / "chat/config.py").read_text())
+    )
+    assert read and documented
+    missing = sorted(name for name in documented | read if f"`{name}`" not in doc)
+    assert missing == [], f"docs/DEPLOY.md does not mention {missing}"
+    for needed in ["manage.py backup", ".secret_key", "HTTPS=1", "deploy/nginx.conf", "Scale out"]:
+        assert needed in doc, needed
+
+
+# nginx in front of the app -----------------------------------------------------------------------
+
+
+def tool(name: str, why: str) -> str:
+    """The path of a program, or skip the test saying what is missing."""
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin:/sbin")
+    if not found:
+        pytest.skip(f"{why}: `{name}` is not installed (CI: apt-get install nginx openssl)")
+    return found
+
+
+def render_nginx(text: str, *, app_port: int, http_port: int, https_port: int, tls: Path) -> str:
+    """The shipped config with loopback ports, the test certificate and the app's port; every
+    proxy setting stays as shipped. Fails if a line this relies on is gone."""
+    steps = [
+        (r"(?m)^(\s*server\s+)127\.0\.0\.1:5001;", rf"\g<1>127.0.0.1:{app_port};"),
+        (r"(?m)^\s*listen\s+\[::\]:\d+[^;]*;\n", ""),
+        (r"(?m)^(\s*listen\s+)80;", rf"\g<1>127.0.0.1:{http_port};"),
+        (r"(?m)^(\s*listen\s+)443(\s+ssl[^;]*);", rf"\g<1>127.0.0.1:{https_port}\g<2>;"),
+        (r"(?m)^(\s*ssl_certificate\s+)\S+;", rf"\g<1>{tls / 'cert.pem'};"),
+        (r"(?m)^(\s*ssl_certificate_key\s+)\S+;", rf"\g<1>{tls / 'key.pem'};"),
+    ]
+    for pattern, replacement in steps:
+        text, n = re.subn(pattern, replacement, text)
+        assert n >= 1, f"deploy/nginx.conf has no line matching {pattern!r}"
+    return text
+
+
+def nginx_main_conf(prefix: Path, site: Path) -> str:
+    """A minimal nginx.conf around the site file: temp paths in `prefix`, and Debian's default of
+    gzip on, so the stream location has to hold its own against it."""
+    temp = "\n".join(
+        f"    {kind}_temp_path {prefix / kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    user = "user root;\n" if os.geteuid() == 0 else ""  # workers may read the 0700 temp dir
+    return f"""{user}worker_processes 1;
+events {{ worker_connections 128; }}
+http {{
+    access_log {prefix / "access.log"};
+{temp}
+    gzip on;
+    gzip_types text/event-stream text/plain application/json;
+    include {site};
+}}
+"""
+
+
+@contextlib.contextmanager
+def nginx_in_front(app_port: int, tmp: Path) -> Iterator[tuple[int, int, Path]]:
+    """nginx running deploy/nginx.conf in front of the app: (https port, http port, CA file)."""
+    nginx = tool("nginx", "the reverse-proxy test runs the shipped nginx config")
+    openssl = tool("openssl", "the reverse-proxy test makes a TLS certificate")
+    tmp.mkdir()
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(tmp / "key.pem"), "-out", str(tmp / "cert.pem")],
+        check=True, capture_output=True, timeout=30,
+    )  # fmt: skip
+    https_port, http_port = free_port(), free_port()
+    site = tmp / "chat.conf"
+    site.write_text(
+        render_nginx(
+            NGINX_CONF.read_text(),
+            app_port=app_port,
+            http_port=http_port,
+            https_port=https_port,
+            tls=tmp,
+        )
+    )
+    conf = tmp / "nginx.conf"
+    conf.write_text(nginx_main_conf(tmp, site))
+    argv = [nginx, "-p", str(tmp), "-c", str(conf), "-g",
+            f"daemon off; pid {tmp / 'nginx.pid'}; error_log stderr;"]  # fmt: skip
+    check = subprocess.run([*argv, "-t"], capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check.stderr
+    log = tmp / "nginx.log"
+    with open(log, "wb") as out, started(argv, tmp, dict(os.environ), out) as proc:
+        deadline = time.monotonic() + 10
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"nginx exited:\n{log.read_text()}")
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", https_port), 1),
+            ):
+                break
+            if time.monotonic() > deadline:
+                pytest.fail(f"nginx did not listen:\n{log.read_text()}")
+            time.sleep(0.05)
+        yield https_port, http_port, tmp / "cert.pem"
+
+
+class TlsClient(HtmxClient):
+    """HtmxClient over HTTPS, trusting only the test's certificate."""
+
+    def __init__(self, base_url: str, ca: Path):
+        super().__init__(base_url)
+        self.http.close()
+        context = ssl.create_default_context(cafile=str(ca))
+        context.verify_flags &= ~ssl.VERIFY_X509_STRICT  # a bare self-signed test certificate
+        self.http = httpx.Client(
+            base_url=base_url, trust_env=False, timeout=STREAM_TIMEOUT, verify=context
+        )
+
+
+def timed_events(
+    client: HtmxClient, url: str, close: str, encoding: str
+) -> tuple[httpx.Headers, list[tuple[float, Event]]]:
+    """Read a stream to its close event, noting when each event arrived."""
+    deadline = time.monotonic() + STREAM_TIMEOUT
+    headers = {"Accept": "text/event-stream", "Accept-Encoding": encoding}
+    out: list[tuple[float, Event]] = []
+    with client.http.stream("GET", url, headers=headers) as r:
+        assert r.status_code == 200, r.status_code
+        for ev in parse_sse(r.iter_lines()):
+            out.append((time.monotonic(), ev))
+            if ev.event == close or time.monotonic() > deadline:
+                break
+    return r.headers, out
+
+
+WORDS = 40
+TOKEN_DELAY = 0.04  # the model writes for WORDS * TOKEN_DELAY = 1.6 s
+REPLY = " ".join(f"word{n}" for n in range(1, WORDS + 1))
+
+
+def test_nginx_config_streams_replies_through_https(tmp_path: Path):
+    with (
+        FakeOpenAI(REPLY, delay=TOKEN_DELAY, side_reply=title_reply) as fake,
+        running_app(
+            tmp_path / "app", OPENAI_BASE_URL=fake.base_url, OPENAI_API_KEY="test", HTTPS="1"
+        ) as app,
+        nginx_in_front(app.port, tmp_path / "nginx") as (https_port, http_port, ca),
+    ):
+        # Plain HTTP is sent to HTTPS.
+        with httpx.Client(trust_env=False, timeout=10) as http:
+            r = http.get(f"http://127.0.0.1:{http_port}/c/abc?x=1")
+        assert r.status_code == 301 and r.headers["location"].startswith("https://127.0.0.1")
+        assert r.headers["location"].endswith("/c/abc?x=1")
+
+        base = f"https://127.0.0.1:{https_port}"
+        with TlsClient(base, ca) as visitor:
+            page = visitor.http.get("/")
+            assert page.status_code == 200
+            cookie = page.headers["set-cookie"].lower()
+            assert "secure" in cookie and "httponly" in cookie  # HTTPS=1 behind the proxy
+
+            for encoding in ("identity", "gzip"):
+                # The POST passes the cross-site check only if the proxy keeps Host's port.
+                sent = visitor.send(f"Count for me ({encoding})")
+                headers, events = timed_events(visitor, sent.stream_url, sent.close_event, encoding)
+                assert headers["cache-control"] == "no-cache"
+                assert headers["content-type"].startswith("text/event-stream")
+                assert headers.get("content-encoding", "identity") == encoding
+                names = [e.event for _, e in events]
+                assert names[-1] == sent.close_event and events[-1][1].data, names
+                assert f"word{WORDS}" in text_of(reply_html([e for _, e in events]))
+                # Incremental: the reply's first words reached the client while the model was
+                # still writing, long before the close event (nginx holding the stream would
+                # deliver them all at once at the end).
+                content = [t for t, e in events if e.event in ("blocks", "tail")]
+                closed_at = events[-1][0]
+                assert content, names
+                assert closed_at - content[0] > 0.5, (encoding, closed_at - content[0])
+                early = [t for t in content if closed_at - t > 0.25]
+                assert len(early) >= 5, (encoding, len(early), len(content))
