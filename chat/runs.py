@@ -39,6 +39,7 @@ from pydantic_ai.models import Model
 from chat.agent import ModelUnavailable, make_title, resolve_model, short_title
 from chat.config import Settings
 from chat.markdown import StreamRenderer
+from chat.personas import load_personas
 from chat.reply import ToolView
 from chat.store import INTERRUPTED, ChatStore
 from chat.tools import ToolDeps
@@ -146,6 +147,7 @@ class RunManager:
         self._models: dict[str, Model] = {}
         self.runs: dict[int, Run] = {}
         self.titles: dict[str, asyncio.Task] = {}
+        self.personas = load_personas()
         self.accepting = True
 
     def streaming_in(self, cid: str) -> bool:
@@ -193,6 +195,11 @@ class RunManager:
             if pending:
                 await asyncio.wait(pending, timeout=2)
 
+    def _persona_instructions(self, run: Run) -> str | None:
+        conv = self.store.conversation(run.conversation_id, run.owner)
+        persona = self.personas.get((conv or {}).get("persona") or "")
+        return persona.instructions if persona else None
+
     def _model(self, name: str) -> Model:
         if self._model_override is not None:
             return self._model_override
@@ -216,6 +223,7 @@ class RunManager:
                 message_history=history,
                 model=model,
                 deps=ToolDeps(self.store, run.owner),
+                instructions=self._persona_instructions(run),
                 cancellation_token=run.token,
                 usage_limits=UsageLimits(
                     request_limit=cfg.request_limit, output_tokens_limit=cfg.output_tokens_limit

@@ -103,7 +103,9 @@ class ChatStore:
 
     # Conversations -------------------------------------------------------------------------
 
-    def create_conversation(self, owner: str, *, model: str | None = None) -> dict:
+    def create_conversation(
+        self, owner: str, *, model: str | None = None, persona: str | None = None
+    ) -> dict:
         """Create an empty conversation owned by `owner`."""
         stamp = now()
         row = {
@@ -111,7 +113,7 @@ class ChatStore:
             "owner": owner,
             "title": "",
             "model": model,
-            "persona": None,
+            "persona": persona,
             "head_turn_id": None,
             "created_at": stamp,
             "updated_at": stamp,
@@ -186,6 +188,11 @@ class ChatStore:
                 self.db.execute("delete from turns where conversation_id = ?", [cid])
                 self.db.execute("delete from conversations where id = ?", [cid])
         return len(ids)
+
+    def set_persona(self, cid: str, persona: str | None) -> None:
+        """Set the persona (instruction set) a conversation's next turns use."""
+        with self.db.conn:
+            self.db["conversations"].update(cid, {"persona": persona})
 
     def set_model(self, cid: str, model: str | None) -> None:
         """Set the model a conversation's next turns use."""

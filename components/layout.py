@@ -279,11 +279,32 @@ def ImportForm(url: str) -> FT:
     )  # fmt: skip
 
 
-def ModelPicker(choices: tuple[str, ...], current: str) -> FT | None:
-    """Choose the model for this conversation, and optionally compare several side by side."""
-    if len(choices) < 2:
+def PersonaPicker(personas: dict[str, str], current: str | None) -> FT | None:
+    """Choose the persona (instruction set) for this conversation."""
+    if len(personas) < 2:
         return None
+    return (
+        Label("Persona", fr="persona", cls="picker-label"),
+        Select(
+            *(Option(name, value=key, selected=key == current) for key, name in personas.items()),
+            id="persona",
+            name="persona",
+        ),
+    )
+
+
+def ModelPicker(
+    choices: tuple[str, ...],
+    current: str,
+    personas: dict[str, str] | None = None,
+    persona: str | None = None,
+) -> FT | None:
+    """Choose model and persona for this conversation, and optionally compare several models."""
+    people = PersonaPicker(personas or {}, persona)
+    if len(choices) < 2:
+        return Div(*people, cls="picker") if people else None
     return Div(
+        *(people or ()),
         Label("Model", fr="model", cls="picker-label"),
         Select(
             *(Option(m, value=m, selected=m == current) for m in choices),
@@ -312,10 +333,12 @@ def Composer(
     max_chars: int,
     choices: tuple[str, ...] = (),
     model: str = "demo",
+    personas: dict[str, str] | None = None,
+    persona: str | None = None,
 ) -> FT:
     """The message form: Enter sends, Shift+Enter adds a line (see app.js)."""
     return Form(
-        ModelPicker(choices, model),
+        ModelPicker(choices, model, personas, persona),
         Div(id="composer-error", cls="composer-error", role="alert"),
         Div(
             Label("Message", fr="msg", cls="visually-hidden"),

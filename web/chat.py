@@ -76,6 +76,7 @@ async def send(
     msg: str = "",
     cid: str = "",
     model: str = "",
+    persona: str = "",
     compare: list[str] | None = None,
 ):
     """Commit a message, start its reply, answer with both messages (the reply streams).
@@ -90,6 +91,8 @@ async def send(
     models = list(dict.fromkeys(m for m in (compare or []) if m))
     if model and model not in cfg.choices or any(m not in cfg.choices for m in models):
         return error_fragment("That model is not offered here. Pick one from the list.", 422)
+    if persona and persona not in runs(req).personas:
+        return error_fragment("That persona does not exist. Pick one from the list.", 422)
     conv = store(req).conversation(cid, uid(req)) if cid else None
     if cid and conv is None:
         return error_fragment("That conversation does not exist.", 404)
@@ -100,12 +103,20 @@ async def send(
         return problem
     created = conv is None
     if created:
-        conv = store(req).create_conversation(uid(req), model=model or cfg.default_model)
+        conv = store(req).create_conversation(
+            uid(req),
+            model=model or cfg.default_model,
+            persona=persona or next(iter(runs(req).personas)),
+        )
         conv["title"] = short_title(msg)
         store(req).set_title(conv["id"], conv["title"])
-    elif model and model != conv["model"]:
-        store(req).set_model(conv["id"], model)
-        conv["model"] = model
+    else:
+        if model and model != conv["model"]:
+            store(req).set_model(conv["id"], model)
+            conv["model"] = model
+        if persona and persona != conv["persona"]:
+            store(req).set_persona(conv["id"], persona)
+            conv["persona"] = persona
     if len(models) >= 2:
         parent = conv["head_turn_id"]
         turns = [_start(req, {**conv, "model": m}, msg, parent_id=parent) for m in models]

@@ -238,6 +238,8 @@ def page(req: Request, conv: dict | None, *, items: tuple | None = None) -> tupl
                 max_chars=cfg.max_message_chars,
                 choices=cfg.choices,
                 model=model,
+                personas={k: p.name for k, p in runs(req).personas.items()},
+                persona=(conv or {}).get("persona") or next(iter(runs(req).personas)),
             ),
             model=model,
             usage=ConversationUsage(store(req).usage_total(cid) if cid else None),
