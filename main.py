@@ -25,7 +25,7 @@ from chat.runs import RunManager
 from chat.security import SecurityMiddleware
 from chat.store import ChatStore
 from components.layout import Head
-from web import auth, chat, pages
+from web import api, auth, chat, pages
 
 log = logging.getLogger("chat")
 # Reachable without signing in when AUTH=password.
@@ -95,6 +95,7 @@ def create_app(settings: Settings | None = None, *, model: Model | None = None) 
     pages.ar.to_app(app)
     chat.ar.to_app(app)
     auth.ar.to_app(app)
+    api.ar.to_app(app)
     return app
 
 

@@ -200,6 +200,10 @@ class RunManager:
         persona = self.personas.get((conv or {}).get("persona") or "")
         return persona.instructions if persona else None
 
+    def model_for(self, name: str) -> Model:
+        """The Model for a model string (the test override, when one is set)."""
+        return self._model(name)
+
     def _model(self, name: str) -> Model:
         if self._model_override is not None:
             return self._model_override
