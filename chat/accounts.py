@@ -7,7 +7,7 @@ import re
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
-from chat.store import ChatStore
+from chat.storage import Store
 
 _hasher = PasswordHasher()
 USERNAME = re.compile(r"^[A-Za-z0-9_.-]{3,40}$")
@@ -27,12 +27,12 @@ def signup_problem(username: str, password: str) -> str | None:
     return None
 
 
-def create(store: ChatStore, username: str, password: str) -> dict | None:
+def create(store: Store, username: str, password: str) -> dict | None:
     """Create an account (None if the username is taken); the password is stored hashed."""
     return store.create_user(username, _hasher.hash(password))
 
 
-def authenticate(store: ChatStore, username: str, password: str) -> dict | None:
+def authenticate(store: Store, username: str, password: str) -> dict | None:
     """The account if the password is right, else None. Upgrades outdated hashes."""
     user = store.user_by_name(username)
     try:

@@ -41,7 +41,8 @@ from chat.config import Settings
 from chat.markdown import StreamRenderer
 from chat.personas import load_personas
 from chat.reply import ToolView
-from chat.store import INTERRUPTED, ChatStore
+from chat.storage import Store
+from chat.store import INTERRUPTED
 from chat.tools import ToolDeps
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,7 @@ class RunManager:
     """Starts, tracks, stops and finishes runs; saves every reply however it ends."""
 
     def __init__(
-        self, store: ChatStore, agent: Agent, settings: Settings, *, model: Model | None = None
+        self, store: Store, agent: Agent, settings: Settings, *, model: Model | None = None
     ):
         self.store = store
         self.agent = agent

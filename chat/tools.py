@@ -14,14 +14,14 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic_ai import FunctionToolset, ModelRetry, RunContext
 
-from chat.store import ChatStore
+from chat.storage import Store
 
 
 @dataclass
 class ToolDeps:
     """What tools may use during a run: the store, scoped to the user the run belongs to."""
 
-    store: ChatStore
+    store: Store
     owner: str
 
 

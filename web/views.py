@@ -13,7 +13,8 @@ from chat.config import Settings
 from chat.markdown import render
 from chat.reply import segments
 from chat.runs import RunManager
-from chat.store import ChatStore, load_messages
+from chat.storage import Store
+from chat.store import load_messages
 from components.auth import SignOut
 from components.layout import Composer, ConvLinks, ExportLinks, Head, Page, Sidebar, Welcome
 from components.messages import (
@@ -27,8 +28,8 @@ from components.messages import (
 )
 
 
-def store(req: Request) -> ChatStore:
-    """The app's ChatStore."""
+def store(req: Request) -> Store:
+    """The app's store (the SQLite ChatStore unless a fork swaps it)."""
     return req.app.state.store
 
 
