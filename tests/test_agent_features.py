@@ -19,7 +19,7 @@ from chat.agent import INSTRUCTIONS
 from chat.config import Settings
 from chat.personas import load_personas
 from tests.conftest import parse_html, parse_sse
-from tests.fake_openai import FakeOpenAI
+from tests.fake_openai import FakeOpenAI, Fault
 from tests.live import (  # noqa: F401  (fixtures are used by name)
     HtmxClient,
     app_fixture,
@@ -269,3 +269,15 @@ def test_usage_shown_matches_what_the_provider_reported(fake: FakeOpenAI, tmp_pa
         usage = page.find(attrs={"data-role": "assistant"}).find(attrs={"data-usage": True})
         assert f"{prompt:,} in · {completion:,} out" in usage.get_text()
         assert "tok/s" in usage.get_text() and "first token" in usage.get_text()
+
+
+def test_a_429_is_retried_once_after_its_retry_after(fake: FakeOpenAI, tmp_path):
+    fake.configure("Worth the wait.", script=[Fault.http(429, retry_after=1)])
+    env = {"OPENAI_BASE_URL": fake.base_url, "OPENAI_API_KEY": "t"}
+    with running_app(tmp_path / "retry", **env) as app, HtmxClient(app.url) as client:
+        sent = client.send("Busy?")
+        assert client.follow(sent.stream_url)[-1].data == "complete"
+    limited, ok = [r for r in fake.requests if "short title" not in str(r.body)]
+    assert limited.fault.status == 429 and ok.completed
+    # The retry waited for the Retry-After the server asked for.
+    assert ok.started - limited.started >= 0.95
