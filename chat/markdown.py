@@ -59,13 +59,16 @@ def _image_as_link(self, tokens, idx, options, env) -> str:
     return f'<a href="{html.escape(src)}">{html.escape("Image: " + alt)}</a>'
 
 
-def _make_md() -> MarkdownIt:
-    md = MarkdownIt("js-default", {"highlight": _highlight})
+def _make_md(highlighter=_highlight) -> MarkdownIt:
+    md = MarkdownIt("js-default", {"highlight": highlighter})
     md.add_render_rule("image", _image_as_link)
     return md
 
 
 _MD = _make_md()
+# The unfinished tail is re-rendered on every update: it skips Pygments (the costliest step),
+# and its code is highlighted once, when the block is finished.
+_MD_TAIL = _make_md(None)
 
 
 def sanitize(fragment: str) -> str:
@@ -115,16 +118,25 @@ class StreamRenderer:
             new = [done] if done else []
             self.blocks.extend(new)
             return new, ""
-        split = _last_block_start(pending)
+        # One parse per update: the tokens say where the last block starts and are rendered
+        # directly, finished part and tail alike.
+        tokens = _MD.parse(pending)
+        split_line, split = _last_block_start(pending, tokens)
         new: list[str] = []
         if split > 0:
-            done = render(pending[:split])
+            k = next(
+                i
+                for i, t in enumerate(tokens)
+                if t.level == 0 and t.nesting >= 0 and t.map and t.map[0] >= split_line
+            )
+            done = sanitize(_MD.renderer.render(tokens[:k], _MD.options, {}))
             if done:
                 new.append(done)
                 self.blocks.append(done)
             self.committed += split
-            pending = pending[split:]
-        return new, render(pending)
+            tokens = tokens[k:]
+        tail = sanitize(_MD_TAIL.renderer.render(tokens, _MD_TAIL.options, {})) if tokens else ""
+        return new, tail
 
 
 # A last block that is only a number or a bullet may be the start of the next list item
@@ -132,17 +144,14 @@ class StreamRenderer:
 _MAYBE_ITEM = re.compile(r"\s*(\d{1,9}[.)]?|[-*+])\s*")
 
 
-def _last_block_start(text: str) -> int:
-    """Offset where the last top-level block of `text` starts (0 if there is only one)."""
-    tokens = _MD.parse(text)
+def _last_block_start(text: str, tokens: list | None = None) -> tuple[int, int]:
+    """(line, offset) where the last top-level block of `text` starts; (0, 0) if only one."""
+    tokens = _MD.parse(text) if tokens is None else tokens
     starts = [t.map[0] for t in tokens if t.level == 0 and t.nesting >= 0 and t.map]
     lines = text.split("\n")
     if len(starts) >= 2 and _MAYBE_ITEM.fullmatch("\n".join(lines[starts[-1] :])):
         starts.pop()
     if len(starts) < 2:
-        return 0
+        return 0, 0
     line = starts[-1]
-    offset = 0
-    for _ in range(line):
-        offset = text.index("\n", offset) + 1
-    return offset
+    return line, sum(len(part) + 1 for part in lines[:line])

@@ -333,7 +333,10 @@ class RunManager:
         if run._flush_handle is not None:
             return
         loop = asyncio.get_running_loop()
-        wait = run._last_flush + self.settings.stream_tick - loop.time()
+        # Under load, coalesce more: each render and event costs CPU every stream shares. A few
+        # replies at once update every tick; a hundred update a few times a second.
+        tick = self.settings.stream_tick * max(1.0, len(self.runs) / 8)
+        wait = run._last_flush + tick - loop.time()
         if wait <= 0:
             self._flush(run)
         else:
