@@ -409,6 +409,7 @@ def ExportLinks(md_url: str, json_url: str) -> FT:
         A("Markdown", href=md_url, download=True, cls="button small"),
         A("JSON", href=json_url, download=True, cls="button small"),
         cls="export",
+        id="export",
         role="group",
         aria_label="Export conversation",
     )
@@ -457,7 +458,7 @@ def Page(
                     H1(title, id="chat-title"),
                     ModelBadge(model),
                     usage,
-                    export,
+                    export or Div(id="export", cls="export"),
                     ThemeToggle(),
                     cls="topbar",
                 ),

@@ -53,10 +53,19 @@
     if (art) art.removeAttribute("aria-busy");
   });
 
+  // On narrow screens the closed sidebar is off-canvas: inert, so Tab never lands in it.
+  const narrow = window.matchMedia("(max-width: 760px)");
+  function syncInert() {
+    const side = $("#sidebar");
+    if (side) side.inert = narrow.matches && !side.classList.contains("open");
+  }
+  narrow.addEventListener("change", syncInert);
+
   function toggleSidebar(open) {
     const side = $("#sidebar"), btn = $(".menu");
     if (!side || !btn) return;
     side.classList.toggle("open", open);
+    syncInert();
     btn.setAttribute("aria-expanded", String(open));
     if (open) { const a = $("a", side); if (a) a.focus(); } else btn.focus();
   }
@@ -138,7 +147,7 @@
   }, true);
 
   document.addEventListener("DOMContentLoaded", () => {
-    addCodeCopy(); labelTheme();
+    addCodeCopy(); labelTheme(); syncInert();
     const m = messages(); if (m) m.scrollTop = m.scrollHeight;
     const ta = $("#msg"); if (ta) { autosize(ta); ta.focus(); }
   });

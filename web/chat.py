@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from fasthtml.common import H1, APIRouter, Div, Input, Response, to_xml
+from fasthtml.common import H1, APIRouter, Div, Input, Response, Title, to_xml
 from pydantic_ai.messages import ModelRequest, UserPromptPart
 from starlette.background import BackgroundTask
 from starlette.requests import Request
@@ -13,6 +13,7 @@ from starlette.responses import RedirectResponse
 from chat import sse
 from chat.agent import short_title
 from chat.runs import Block, Run, ToolUpdate
+from components.layout import ExportLinks
 from components.messages import (
     AssistantMessage,
     CompareColumns,
@@ -150,10 +151,20 @@ async def send(
             side,
             Input(type="hidden", name="cid", value=conv["id"], id="cid", hx_swap_oob="true"),
             H1(conv["title"], id="chat-title", hx_swap_oob="true"),
+            Title(f"{conv['title']} · Agent chat"),
+            _export_links(conv["id"]),
             Div(id="welcome", hx_swap_oob="delete"),
         ]
         headers["HX-Push-Url"] = url
     return html(tuple(parts), headers=headers)
+
+
+def _export_links(cid: str):
+    from web.pages import export_json, export_md
+
+    links = ExportLinks(export_md.to(cid=cid), export_json.to(cid=cid))
+    links.attrs["hx-swap-oob"] = "true"
+    return links
 
 
 def _show_url(turn: dict) -> str:

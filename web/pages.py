@@ -167,7 +167,8 @@ async def title(req: Request, cid: str):
         return not_found(req)
     li = ConversationLink(conv, conv_links(cid), current=True)
     li.attrs["hx-swap-oob"] = "true"
-    return (li, H1(conv["title"], id="chat-title", hx_swap_oob="true"))
+    heading = H1(conv["title"], id="chat-title", hx_swap_oob="true")
+    return (li, heading, Title(f"{conv['title']} · Agent chat"))
 
 
 def _filename(title: str, ext: str) -> str:
