@@ -5,7 +5,9 @@ a list and a fenced code block), streamed as `chat.completion.chunk` events with
 chunk, either as fast as possible (`--rate 0`) or paced at `--rate` tokens per second per stream.
 Pacing follows an absolute schedule (token i is due at t0 + i/rate), so lateness never accumulates;
 `GET /stats` reports how late the sends actually were, so a benchmark can tell the fake model's
-own jitter from the server's.
+own jitter from the server's. A prompt tagged `[bench:<id>]` has the send time of each of its
+tokens recorded (`GET /stats?sends=1`), so the load client can subtract the model's real
+timing from what it observed.
 
     uv run python bench/fake_model.py --port 8100 --tokens 300 --rate 50
 
@@ -114,6 +116,9 @@ class FakeModel:
         self.title_requests = 0
         self.active = 0
         self.peak_active = 0
+        # perf_counter() (CLOCK_MONOTONIC, shared by every process on the machine) at which each
+        # token of a tagged reply was handed to the socket, keyed by the tag in the prompt.
+        self.sends: dict[str, list[float]] = {}
 
     def configure(self, tokens: int, rate: float) -> None:
         """Set the reply length and pace (also reachable as POST /config?tokens=N&rate=R)."""
@@ -162,6 +167,10 @@ class FakeModel:
 
     async def _complete(self, request: dict, send) -> None:
         title = _asks_for_title(request)
+        tag = None if title else _tag(request)
+        times: list[float] | None = None
+        if tag is not None and len(self.sends) < 100_000:
+            times = self.sends[tag] = []
         self.requests += 1
         self.title_requests += title
         if not request.get("stream"):
@@ -209,6 +218,8 @@ class FakeModel:
                         await asyncio.sleep(wait)
                     if len(self.lateness) < 2_000_000:
                         self.lateness.append(time.perf_counter() - due)
+                if times is not None:
+                    times.append(time.perf_counter())
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             usage = {
                 "id": "chatcmpl-bench",
@@ -241,11 +252,26 @@ class FakeModel:
             "late_ms_p99": pct(0.99),
             "late_ms_max": round(late[-1] * 1000, 3) if late else None,
         }
+        if b"sends" in scope.get("query_string", b""):
+            body["sends"] = self.sends
         if b"reset" in scope.get("query_string", b""):
             self.lateness.clear()
+            self.sends = {}
             self.requests = self.title_requests = 0
             self.peak_active = self.active
         await _send_json(send, body)
+
+
+_TAG = re.compile(r"\[bench:([\w.-]+)\]")
+
+
+def _tag(request: dict) -> str | None:
+    """The load client's tag for this user (`[bench:…]` in the last user message), if any."""
+    for m in reversed(request.get("messages", [])):
+        if m.get("role") == "user":
+            found = _TAG.search(str(m.get("content", "")))
+            return found.group(1) if found else None
+    return None
 
 
 def _asks_for_title(request: dict) -> bool:

@@ -16,7 +16,10 @@ What is measured, per user:
   letters the reply has up to k. Only tokens that put letters on the page are timed (287 of 300);
   the same tokens are timed for both servers;
 - TTFT: from the start of the POST to the arrival of the first timed token;
-- added gap: for consecutive timed tokens i < j, (arrival_j - arrival_i) - (j - i) * model gap.
+- added gap: for consecutive timed tokens i < j, (arrival_j - arrival_i) minus the model's gap
+  between them: its real send times when the fake model reports them (each prompt carries a
+  `[bench:<tag>]` the fake model keys them by; perf_counter is CLOCK_MONOTONIC, one clock for
+  every process), else (j - i) / rate; and token latency = arrival - model send time.
 
     uv run python bench/load.py --target app --url http://127.0.0.1:5001 --users 10 --tokens 300
 """
@@ -159,6 +162,7 @@ class Reply:
 class UserResult:
     """What one user saw."""
 
+    tag: str = ""  # in the prompt, so the fake model can report when it sent each token
     ok: bool = False
     error: str | None = None
     status: str | None = None
@@ -238,9 +242,9 @@ async def _read_sse(resp: httpx.Response, on_event, result: UserResult) -> None:
                 on_event(*event, now)
 
 
-async def app_user(base: str, reply: Reply, gauge: Gauge, timeout: float) -> UserResult:
+async def app_user(base: str, reply: Reply, gauge: Gauge, timeout: float, tag: str) -> UserResult:
     """One browser: GET /, POST /send as htmx does, then follow the reply's SSE stream."""
-    result, counter = UserResult(), Counter()
+    result, counter = UserResult(tag=tag), Counter()
     progress = _Progress(reply.need_letters, result)
     blocks = 0
 
@@ -266,7 +270,7 @@ async def app_user(base: str, reply: Reply, gauge: Gauge, timeout: float) -> Use
         host = base.split("://", 1)[1]
         sent = await client.post(
             "/send",
-            data={"msg": PROMPT, "cid": ""},
+            data={"msg": f"{PROMPT} [bench:{tag}]", "cid": ""},
             headers={
                 "HX-Request": "true",
                 "HX-Current-URL": base + "/",
@@ -304,9 +308,9 @@ async def app_user(base: str, reply: Reply, gauge: Gauge, timeout: float) -> Use
     return result
 
 
-async def baseline_user(base: str, reply: Reply, gauge: Gauge, timeout: float, idx: int):
+async def baseline_user(base: str, reply: Reply, gauge: Gauge, timeout: float, tag: str):
     """One client of the seed server: POST /chat (JSON) and read the stream to `event: done`."""
-    result, counter = UserResult(), Counter()
+    result, counter = UserResult(tag=tag), Counter()
     progress = _Progress(reply.need_chars, result)
     chars = 0
 
@@ -321,7 +325,7 @@ async def baseline_user(base: str, reply: Reply, gauge: Gauge, timeout: float, i
 
     async with make_client(base, counter, timeout) as client:
         result.t_start = result.t_post = time.perf_counter()
-        body = {"session_id": f"bench-{idx}-{time.monotonic_ns()}", "message": PROMPT}
+        body = {"session_id": f"bench-{tag}", "message": f"{PROMPT} [bench:{tag}]"}
         mark = counter.read
         async with client.stream("POST", "/chat", json=body) as resp:
             resp.raise_for_status()
@@ -338,7 +342,7 @@ async def baseline_user(base: str, reply: Reply, gauge: Gauge, timeout: float, i
     return result
 
 
-async def _guarded(coro, gauge: Gauge, timeout: float) -> UserResult:
+async def _guarded(coro, gauge: Gauge, timeout: float, tag: str) -> UserResult:
     gauge.started += 1
     try:
         async with asyncio.timeout(timeout):
@@ -346,7 +350,7 @@ async def _guarded(coro, gauge: Gauge, timeout: float) -> UserResult:
     except BaseException as exc:  # noqa: BLE001 - every failure is a data point
         if isinstance(exc, KeyboardInterrupt | SystemExit):
             raise
-        return UserResult(error=f"{type(exc).__name__}: {exc}"[:200])
+        return UserResult(tag=tag, error=f"{type(exc).__name__}: {exc}"[:200])
     finally:
         gauge.done += 1
 
@@ -360,23 +364,33 @@ async def run_load(
     timeout: float = 120.0,
     gauge: Gauge | None = None,
     ramp: float = 0.0,
+    model_url: str | None = None,
 ) -> dict:
     """Start `users` users against `target` ('app' or 'baseline'), all at once or spread evenly
-    over `ramp` seconds; summarise."""
+    over `ramp` seconds; summarise. With `model_url` (the fake model), gaps and latencies are
+    measured against the times the model really sent each token."""
     gauge = gauge or Gauge()
     cpu0, t0 = time.process_time(), time.perf_counter()
+    run_tag = f"{target[0]}{time.monotonic_ns() % 10**9}"
 
     async def user(i: int) -> UserResult:
         if ramp:
             await asyncio.sleep(i * ramp / users)
+        tag = f"{run_tag}-{i}"
         if target == "app":
-            coro = app_user(base, reply, gauge, timeout)
+            coro = app_user(base, reply, gauge, timeout, tag)
         else:
-            coro = baseline_user(base, reply, gauge, timeout, i)
-        return await _guarded(coro, gauge, timeout)
+            coro = baseline_user(base, reply, gauge, timeout, tag)
+        return await _guarded(coro, gauge, timeout, tag)
 
     results = await asyncio.gather(*(user(i) for i in range(users)))
-    summary = summarise(results, reply, time.perf_counter() - t0, t0)
+    wall = time.perf_counter() - t0
+    sends = {}
+    if model_url:
+        async with httpx.AsyncClient(timeout=30, trust_env=False) as client:
+            stats = await client.get(f"{model_url}/stats", params={"sends": 1})
+            sends = stats.json().get("sends", {})
+    summary = summarise(results, reply, wall, t0, sends)
     summary["client_cpu_s"] = round(time.process_time() - cpu0, 2)
     summary["peak_open_streams"] = gauge.peak
     summary["s_to_peak_open"] = round(gauge.peak_at - t0, 2) if gauge.peak else None
@@ -401,18 +415,38 @@ def _ms(x: float | None) -> float | None:
     return None if x is None else round(x * 1000, 2)
 
 
-def gaps(result: UserResult, reply: Reply) -> list[float]:
-    """Added gap (seconds) between consecutive timed tokens of one reply."""
+def gaps(result: UserResult, reply: Reply, sent: list[float] | None = None) -> list[float]:
+    """Added gap (seconds) between consecutive timed tokens of one reply: observed gap minus
+    the model's gap (its real send times if known, else its schedule)."""
     a, idx = result.arrivals, reply.timed
+    if sent is not None and len(sent) == len(reply.tokens):
+        return [(a[j] - a[j - 1]) - (sent[idx[j]] - sent[idx[j - 1]]) for j in range(1, len(a))]
     return [(a[j] - a[j - 1]) - (idx[j] - idx[j - 1]) * reply.gap for j in range(1, len(a))]
 
 
-def summarise(results: list[UserResult], reply: Reply, wall: float, t0: float = 0.0) -> dict:
+def latencies(result: UserResult, reply: Reply, sent: list[float] | None) -> list[float]:
+    """Per timed token: arrival at the client minus the model's send time (same clock)."""
+    if sent is None or len(sent) != len(reply.tokens):
+        return []
+    return [a - sent[i] for a, i in zip(result.arrivals, reply.timed, strict=False)]
+
+
+def summarise(
+    results: list[UserResult],
+    reply: Reply,
+    wall: float,
+    t0: float = 0.0,
+    sends: dict[str, list[float]] | None = None,
+) -> dict:
     """Aggregate figures for one run (raw samples kept under `_samples` for pooling)."""
+    sends = sends or {}
     ok = [r for r in results if r.ok]
     ttft = [r.arrivals[0] - r.t_post for r in ok if r.arrivals]
-    added = [g for r in ok for g in gaps(r, reply)]
-    stalls = [max(gaps(r, reply), default=0.0) for r in ok]
+    per_user = [gaps(r, reply, sends.get(r.tag)) for r in ok]
+    added = [g for user in per_user for g in user]
+    stalls = [max(user, default=0.0) for user in per_user]
+    latency = [x for r in ok for x in latencies(r, reply, sends.get(r.tag))]
+    matched = sum(1 for r in ok if len(sends.get(r.tag) or ()) == len(reply.tokens))
     text = reply.text_bytes * len(ok)
     span = (max(r.t_done for r in ok) - min(r.t_start for r in ok)) if ok else wall
     errors: dict[str, int] = {}
@@ -429,6 +463,9 @@ def summarise(results: list[UserResult], reply: Reply, wall: float, t0: float = 
         "ttft_ms_p95": _ms(percentile(ttft, 95)),
         "added_gap_ms_p50": _ms(percentile(added, 50)),
         "added_gap_ms_p99": _ms(percentile(added, 99)),
+        "gaps_vs_model_sends": f"{matched}/{len(ok)}",
+        "token_latency_ms_p50": _ms(percentile(latency, 50)),
+        "token_latency_ms_p99": _ms(percentile(latency, 99)),
         "stall_ms_p50": _ms(percentile(stalls, 50)),
         "stall_ms_max": _ms(max(stalls, default=None) if stalls else None),
         "reply_text_bytes": reply.text_bytes,
@@ -440,7 +477,7 @@ def summarise(results: list[UserResult], reply: Reply, wall: float, t0: float = 
         "events_per_reply": round(sum(r.events for r in ok) / len(ok), 1) if ok else 0,
         "stream_open_ms_p50": _ms(percentile([r.t_open - r.t_post for r in ok], 50)),
         "stream_open_ms_p95": _ms(percentile([r.t_open - r.t_post for r in ok], 95)),
-        "_samples": {"ttft": ttft, "added": added},
+        "_samples": {"ttft": ttft, "added": added, "latency": latency},
         "_timeline": [
             [round(x - t0, 3) for x in (r.t_start, r.t_post, r.t_open, r.arrivals[0], r.t_done)]
             for r in ok
@@ -459,6 +496,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rate", type=float, default=0, help="the fake model's --rate")
     parser.add_argument("--timeout", type=float, default=120)
     parser.add_argument("--ramp", type=float, default=0, help="start users over this many s")
+    parser.add_argument("--model-url", help="the fake model's base URL, to use its send times")
     args = parser.parse_args(argv)
     reply = Reply.for_model(args.tokens, args.rate)
     summary = asyncio.run(
@@ -469,6 +507,7 @@ def main(argv: list[str] | None = None) -> None:
             reply,
             timeout=args.timeout,
             ramp=args.ramp,
+            model_url=args.model_url,
         )
     )
     summary.pop("_samples")
