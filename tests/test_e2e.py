@@ -20,6 +20,8 @@ from pydantic_ai.messages import (
     UserPromptPart,
 )
 
+from chat.agent import INSTRUCTIONS
+from chat.personas import load_personas
 from tests.fake_openai import FakeOpenAI, Fault
 from tests.live import (  # noqa: F401  (fixtures are used by name)
     TITLE,
@@ -83,8 +85,12 @@ def test_second_message_sends_the_first_turn_as_history(visitor: HtmxClient, fak
     assert one.texts("user") == ["First question"]
     assert two.texts("user") == ["First question", "Second question"]
     assert two.texts("assistant") == ["Reply number 1."]
-    # The instructions go with every request, once.
-    assert len(two.texts("system")) == 1
+    # The instructions (the base ones and the default persona's) go with every request, once
+    # each: the stored history does not repeat them.
+    system = "\n".join(two.texts("system"))
+    assert system.count(INSTRUCTIONS) == 1
+    persona = next(iter(load_personas().values())).instructions
+    assert system.count(persona) == 1
 
 
 def test_reopening_a_finished_stream_never_calls_the_model_again(
