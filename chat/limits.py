@@ -47,8 +47,8 @@ class Limiter:
         self._streams[who] += 1
         return True
 
-    def close_stream(self, who: str) -> None:
-        """Give a stream slot back."""
+    async def close_stream(self, who: str) -> None:
+        """Give a stream slot back (async: Starlette runs a sync background task in a thread)."""
         self._streams[who] -= 1
         if self._streams[who] <= 0:
             del self._streams[who]
