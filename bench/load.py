@@ -187,6 +187,7 @@ class Gauge:
         self.peak_at = 0.0  # perf_counter() when `peak` was first reached
         self.started = 0
         self.done = 0
+        self.total = 0  # users in this run
 
     def opened(self) -> None:
         self.open += 1
@@ -372,6 +373,7 @@ async def run_load(
     gauge = gauge or Gauge()
     cpu0, t0 = time.process_time(), time.perf_counter()
     run_tag = f"{target[0]}{time.monotonic_ns() % 10**9}"
+    gauge.total = users
 
     async def user(i: int) -> UserResult:
         if ramp:

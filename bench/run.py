@@ -36,6 +36,7 @@ RESULTS = BENCH / "results"
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(ROOT))
 
+import load  # noqa: E402
 from load import Gauge, Reply, percentile, run_load  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -53,6 +54,7 @@ SCENARIOS = {
     "streams": {"users": 1000, "tokens": 24, "rate": 0.25, "timeout": 240, "ramp": 30},
 }
 TARGETS = ("app", "baseline")
+TRACEMALLOC = False  # --tracemalloc: the app under bench/trace_app.py, dumped at peak streams
 
 
 # Processes ----------------------------------------------------------------------------------
@@ -229,12 +231,15 @@ def start_server(target: str, fake: FakeModel, tmp: Path, *, profile: Path | Non
     if target == "app":
         db = tmp / f"app-{port}" / "chat.db"
         env["DB_PATH"] = str(db)
+        marker = "main.py"
         if profile:
             cmd = ["uv", "run", "--with", "pyinstrument", "pyinstrument", "-r", "pyisession"]
             cmd += ["-o", str(profile), "main.py"]
+        elif TRACEMALLOC:
+            cmd, marker = ["uv", "run", "python", "bench/trace_app.py"], "trace_app.py"
         else:
             cmd = ["uv", "run", "python", "main.py"]
-        proc = Proc.start("app", cmd, port=port, env=env, marker="main.py")
+        proc = Proc.start("app", cmd, port=port, env=env, marker=marker)
         proc.db = db
     else:
         if target == "baseline-nodebounce":
@@ -261,6 +266,8 @@ async def _sample(proc: Proc, gauge: Gauge, out: dict, stop: asyncio.Event) -> N
         if gauge.open > out.get("open_at_sample", -1):
             out["open_at_sample"] = gauge.open
             out["rss_at_peak_open_mb"] = rss
+            if TRACEMALLOC and gauge.open == gauge.started == gauge.total:
+                os.kill(proc.pid, signal.SIGUSR1)  # every stream is open: where is the memory?
         elif gauge.open == out["open_at_sample"]:
             out["rss_at_peak_open_mb"] = max(out["rss_at_peak_open_mb"], rss)
         try:
@@ -278,7 +285,8 @@ def one_run(target: str, scenario: str, fake: FakeModel, tmp: Path, **kw) -> dic
     kind = "app" if target == "app" else "baseline"
     try:
         fake.configure(cfg["tokens"], 0)
-        warm = asyncio.run(run_load(kind, base, 2, Reply.for_model(cfg["tokens"], 0), timeout=60))
+        warm_reply = Reply.for_model(cfg["tokens"], 0)
+        warm = asyncio.run(run_load(kind, base, 2, warm_reply, timeout=600 if TRACEMALLOC else 60))
         if warm["completed"] != 2:
             raise RuntimeError(f"warm-up failed: {warm['errors']}")
         fake.configure(cfg["tokens"], cfg["rate"])
@@ -635,7 +643,22 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="profile the app under --scenario (default throughput) instead",
     )
+    parser.add_argument(
+        "--tracemalloc",
+        action="store_true",
+        help="diagnostic: run the app with tracemalloc and dump it when all streams are open",
+    )
+    parser.add_argument(
+        "--accept-encoding",
+        help="what app users send as Accept-Encoding (default: a browser's; 'identity' to "
+        "measure the app without stream compression)",
+    )
     args = parser.parse_args(argv)
+    if args.tracemalloc:
+        global TRACEMALLOC
+        TRACEMALLOC = True
+    if args.accept_encoding:
+        load.BROWSER_ACCEPT_ENCODING = args.accept_encoding
     try:
         import uvloop
 
