@@ -241,3 +241,20 @@ def test_oversized_message_is_413_and_never_reaches_the_model(make_client, scrip
     assert r.status_code == 413 and "limit is 100" in r.text
     assert model.calls == []
     assert 'class="msg user"' not in client.get("/").text
+
+
+def test_a_message_refused_while_a_reply_streams_does_not_use_up_the_limit(make_client, scripted):
+    model = scripted(["a", "b"], pause_after=1)
+    client = make_client(model, messages_per_minute=2)
+    cid, tid, body = send(client, "first")
+    for _ in range(3):  # edits and resends while the first reply is still being written
+        assert (
+            client.post(f"/c/{cid}/turns/{tid}/edit", data={"msg": "x"}, headers=HX).status_code
+            == 409
+        )
+        r = client.post("/send", data={"msg": "y", "cid": cid}, headers=HX)
+        assert r.status_code == 409 and "Wait for the reply" in r.text
+    model.resume.set()
+    read_stream(client, body)
+    # Only the first message counted: the second of the two allowed per minute still goes through.
+    assert client.post("/send", data={"msg": "second", "cid": cid}, headers=HX).status_code == 200

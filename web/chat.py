@@ -97,10 +97,9 @@ async def send(
     conv = store(req).conversation(cid, uid(req)) if cid else None
     if cid and conv is None:
         return error_fragment("That conversation does not exist.", 404)
-    if conv is not None and runs(req).streaming_in(conv["id"]):
-        return error_fragment("Wait for the reply to finish, or stop it, before sending.", 409)
     replies = len(models) if len(models) >= 2 else 1
-    if (problem := check_message(req, msg, replies)) is not None:
+    busy = conv["id"] if conv is not None else None
+    if (problem := check_message(req, msg, replies, cid=busy)) is not None:
         return problem
     created = conv is None
     if created:
@@ -291,9 +290,7 @@ async def regenerate(req: Request, cid: str, tid: int):
     if owned is None:
         return not_found(req)
     conv, turn = owned
-    if runs(req).streaming_in(cid):
-        return error_fragment("Wait for the reply to finish, or stop it, first.", 409)
-    if (problem := check_message(req, turn["user_text"])) is not None:
+    if (problem := check_message(req, turn["user_text"], cid=cid)) is not None:
         return problem
     _start(req, conv, turn["user_text"], parent_id=turn["parent_id"])
     return messages_view(req, store(req).conversation(cid, uid(req)))
@@ -333,11 +330,9 @@ async def edit(req: Request, cid: str, tid: int, msg: str = ""):
     if owned is None:
         return not_found(req)
     msg = normalize(msg)
-    if (problem := check_message(req, msg)) is not None:
+    if (problem := check_message(req, msg, cid=cid)) is not None:
         return problem
     conv, turn = owned
-    if runs(req).streaming_in(cid):
-        return error_fragment("Wait for the reply to finish, or stop it, first.", 409)
     _start(req, conv, msg, parent_id=turn["parent_id"])
     return messages_view(req, store(req).conversation(cid, uid(req)))
 

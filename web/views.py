@@ -74,10 +74,14 @@ def error_fragment(message: str, status: int, target: str = "#composer-error") -
     )
 
 
-def check_message(req: Request, msg: str, replies: int = 1) -> Response | None:
+def check_message(
+    req: Request, msg: str, replies: int = 1, cid: str | None = None
+) -> Response | None:
     """Why a message cannot be sent (as an error response), or None if it can.
 
-    Called last before committing: a message that passes has been counted against the limits.
+    With `cid`, a reply still being written in that conversation refuses it too: the new turn's
+    history would lack that reply. Called last before committing: a message that passes (and
+    only one that passes) has been counted against the limits.
     """
     limit = settings(req).max_message_chars
     if not msg.strip():
@@ -90,6 +94,8 @@ def check_message(req: Request, msg: str, replies: int = 1) -> Response | None:
         )
     if not runs(req).accepting:
         return error_fragment("The server is restarting. Send again in a moment.", 503)
+    if cid is not None and runs(req).streaming_in(cid):
+        return error_fragment("Wait for the reply to finish, or stop it, before sending.", 409)
     refused = req.app.state.limits.check_send(uid(req), runs(req).running(uid(req)), replies)
     if refused:
         return error_fragment(refused, 429)
