@@ -69,11 +69,10 @@ async def conversation(req: Request, cid: str, at: int | None = None):
             return not_found(req)
         head = store(req).newest_leaf(at)
         conv = {**conv, "head_turn_id": head}
-        chain = [t["id"] for t in store(req).branch(head)]
+        chain = store(req).branch(head)
         # Show enough of the branch that the turn searched for is on the page.
-        depth = len(chain) - chain.index(at)
-        size = max(settings(req).history_page, depth)
-        turns = store(req).branch(head, limit=size)
+        depth = len(chain) - [t["id"] for t in chain].index(at)
+        turns = chain[-max(settings(req).history_page, depth) :]
         return page(req, conv, items=message_items(req, conv, turns))
     return page(req, conv)
 
