@@ -85,11 +85,30 @@ def tool_model(name: str, args: dict, seen: list | None = None) -> FunctionModel
     return FunctionModel(stream_function=fn)
 
 
-def test_tool_call_streams_into_the_reply_and_is_there_after_reload(make_client):
+def test_tool_call_streams_into_the_reply_and_is_there_after_reload(make_client, monkeypatch):
+    import chat.tools
+
+    # Sync tools run in a worker thread: hold this one until the page has seen it running.
+    gate = threading.Event()
+    real = chat.tools.evaluate
+
+    def held(expression: str):
+        assert gate.wait(10), "the test never saw the tool running"
+        return real(expression)
+
+    monkeypatch.setattr(chat.tools, "evaluate", held)
     seen: list = []
     client = make_client(tool_model("calculate", {"expression": "6*7"}, seen))
     r = send(client, "what is 6*7?")
-    events = stream(client, r.text)
+    url = re.search(r'sse-connect="([^"]+)"', r.text).group(1)
+    body = ""
+    with client.stream("GET", url) as s:
+        for line in s.iter_lines():
+            body += line + "\n"
+            if "Running" in line:
+                gate.set()  # the call is on the page with its arguments: let the tool finish
+    gate.set()
+    events = parse_sse(body)
     tool_events = [e.data for e in events if e.name == "blocks" and "tool-call-1" in e.data]
     # First the call with its arguments while it runs, then the same element with its result.
     assert "Running" in tool_events[0] and "6*7" in tool_events[0]
