@@ -23,6 +23,7 @@ from pydantic_ai.models import Model, infer_model
 from pydantic_ai.models.function import AgentInfo, DeltaToolCall, FunctionModel
 
 from chat.config import Settings
+from chat.openai_stream import batched
 from chat.tools import ToolDeps, toolset
 
 INSTRUCTIONS = (
@@ -46,7 +47,7 @@ def resolve_model(name: str | None, settings: Settings) -> Model:
     if not name or name == DEMO_NAME:
         return demo_model(settings)
     try:
-        return infer_model(name)
+        return batched(infer_model(name))
     except Exception as exc:  # unknown provider, missing SDK or key: all are config errors
         raise ModelUnavailable(f"The model {name!r} could not be started: {exc}") from exc
 
