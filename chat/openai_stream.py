@@ -14,6 +14,8 @@ Everything else is the SDK's own: its SSE line decoder, its error handling, its 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -162,15 +164,54 @@ class BatchedChunkStream(AsyncStream[ChatCompletionChunk]):
             await response.aclose()
 
     async def _raw(self) -> AsyncIterator[bytes | None]:
-        """The response's bytes as they are read, then None once it has ended."""
+        """The response body as it arrives, then None once it has ended.
+
+        The HTTP client yields one piece per chunk of the chunked body, even when a single read
+        from the socket brought hundreds. So a task pumps pieces into a list and this side takes
+        everything gathered since it last looked: one batch per wait for the network, never a
+        wait for a batch to fill.
+        """
+        pending: list[bytes] = []
+        ready = asyncio.Event()
+        ended = False
+        failure: BaseException | None = None
+
+        async def pump() -> None:
+            nonlocal ended, failure
+            try:
+                async for raw in self.response.aiter_bytes():
+                    pending.append(raw)
+                    ready.set()
+            except Exception as exc:  # handed to the reading side, which raises it
+                failure = exc
+            finally:
+                ended = True
+                ready.set()
+
+        task = asyncio.create_task(pump(), name="model-stream-reader")
         try:
-            async for raw in self.response.aiter_bytes():
-                yield raw
-        except timeout_exceptions() as err:
-            raise APITimeoutError(request=self.response.request) from err
-        except request_exceptions() as err:
-            raise APIConnectionError(request=self.response.request) from err
-        yield None
+            while True:
+                if not pending and not ended:
+                    await ready.wait()
+                ready.clear()
+                if pending:
+                    raw = b"".join(pending)
+                    pending.clear()
+                    yield raw
+                elif ended:
+                    break
+            if failure is not None:
+                if isinstance(failure, timeout_exceptions()):
+                    raise APITimeoutError(request=self.response.request) from failure
+                if isinstance(failure, request_exceptions()):
+                    raise APIConnectionError(request=self.response.request) from failure
+                raise failure
+            yield None
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
 
 _BATCHED: dict[type, type] = {}

@@ -321,9 +321,18 @@ def Segments(segments: list) -> tuple:
     return tuple(SafeHTML(s) if isinstance(s, str) else ToolCall(s) for s in segments)
 
 
-def Tail(html: str) -> tuple:
-    """The unfinished last block of a streaming reply, with the 'still writing' cursor."""
-    return (SafeHTML(html) if html else "", Span(cls="cursor", aria_hidden="true"))
+def safe_html_markup(html: str) -> str:
+    """`to_xml(SafeHTML(html))`, written out: a live reply sends it for every finished block."""
+    return f'<div hx-disable class="chunk">{html}</div>\n'
+
+
+def tail_markup(html: str) -> str:
+    """The unfinished last block of a streaming reply, with the 'still writing' cursor.
+
+    Written out rather than built as FT: a live reply sends it several times a second.
+    """
+    chunk = safe_html_markup(html) if html else ""
+    return chunk + '<span aria-hidden="true" class="cursor"></span>'
 
 
 def LoadEarlier(url: str) -> FT:

@@ -48,17 +48,15 @@ def sse(*chunks: dict | str) -> bytes:
     )
 
 
-def model_over(reads: list[bytes], seen: list[dict] | None = None) -> OpenAIChatModel:
-    """An OpenAI chat model whose HTTP responses arrive as exactly these reads."""
+def model_over(reads: list[bytes], *, gap: float = 0.0) -> OpenAIChatModel:
+    """An OpenAI chat model whose HTTP response arrives as these reads, `gap` seconds apart."""
 
     async def body():
         for read in reads:
             yield read
-            await asyncio.sleep(0)
+            await asyncio.sleep(gap)
 
     def handler(request: httpx2.Request) -> httpx2.Response:
-        if seen is not None:
-            seen.append(json.loads(request.content))
         return httpx2.Response(200, headers={"content-type": "text/event-stream"}, content=body())
 
     client = AsyncOpenAI(
@@ -101,7 +99,7 @@ async def test_tokens_read_one_by_one_stream_one_by_one():
     reads = [sse(chunk({"role": "assistant", "content": ""}))]
     reads += [sse(chunk({"content": t})) for t in TOKENS]
     reads += [sse(chunk({}, "stop"), "[DONE]")]
-    seen, result = await deltas(model_over(reads))
+    seen, result = await deltas(model_over(reads, gap=0.02))
     assert result.output == "".join(TOKENS)
     assert seen[-len(TOKENS) + 1 :] == TOKENS[1:]  # nothing waits to be merged
 

@@ -107,3 +107,15 @@ async def test_gzip_stream_compresses_repeated_tails():
 async def test_gzip_is_chosen_case_insensitively_and_only_when_accepted():
     assert sse.event_stream(source([]), accept_encoding="GZIP").headers["content-encoding"]
     assert "content-encoding" not in sse.event_stream(source([]), accept_encoding="br").headers
+
+
+def test_live_markup_is_the_component_markup():
+    from fastcore.xml import to_xml
+
+    from components.messages import SafeHTML, safe_html_markup, tail_markup
+
+    html = "<p>a &amp; <code>b</code></p>"
+    assert safe_html_markup(html) == to_xml(SafeHTML(html))
+    assert tail_markup(html).startswith(to_xml(SafeHTML(html)))
+    assert tail_markup(html).endswith('<span aria-hidden="true" class="cursor"></span>')
+    assert tail_markup("") == '<span aria-hidden="true" class="cursor"></span>'

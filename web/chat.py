@@ -21,10 +21,11 @@ from components.messages import (
     EditForm,
     ReplyFooter,
     SafeHTML,
-    Tail,
     TitleRefresh,
     ToolCall,
     UserMessage,
+    safe_html_markup,
+    tail_markup,
 )
 from web.views import (
     check_message,
@@ -212,9 +213,12 @@ async def _live(req: Request, run: Run, turn: dict, links, start: int) -> AsyncI
     async for kind, data in run.follow(start_block=start, heartbeat=heartbeat):
         if kind == "items":
             new, total = data
-            yield sse.event("blocks", to_xml(tuple(_item(i) for i in new)), id=str(total))
+            html = "".join(
+                safe_html_markup(i.html) if isinstance(i, Block) else to_xml(_item(i)) for i in new
+            )
+            yield sse.event("blocks", html, id=str(total))
         elif kind == "tail":
-            yield sse.event("tail", " " if run.done else to_xml(Tail(data)))
+            yield sse.event("tail", " " if run.done else tail_markup(data))
         elif kind == "ping":
             yield sse.comment()
         else:
