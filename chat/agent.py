@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import sys
 from collections.abc import AsyncIterator
 
 from pydantic_ai import Agent
@@ -23,7 +24,6 @@ from pydantic_ai.models import Model, infer_model
 from pydantic_ai.models.function import AgentInfo, DeltaToolCall, FunctionModel
 
 from chat.config import Settings
-from chat.openai_stream import batched
 from chat.tools import ToolDeps, toolset
 
 INSTRUCTIONS = (
@@ -47,9 +47,17 @@ def resolve_model(name: str | None, settings: Settings) -> Model:
     if not name or name == DEMO_NAME:
         return demo_model(settings)
     try:
-        return batched(infer_model(name))
+        model = infer_model(name)
     except Exception as exc:  # unknown provider, missing SDK or key: all are config errors
         raise ModelUnavailable(f"The model {name!r} could not be started: {exc}") from exc
+    # An OpenAI-compatible model reads its stream in batches (chat/openai_stream.py). Checked
+    # through sys.modules: the OpenAI SDK is slow to import, and only loaded if a model needs it.
+    openai_models = sys.modules.get("pydantic_ai.models.openai")
+    if openai_models is not None and isinstance(model, openai_models.OpenAIChatModel):
+        from chat.openai_stream import batched
+
+        model = batched(model)
+    return model
 
 
 def _prompts(messages: list[ModelMessage]) -> list[str]:

@@ -28,6 +28,8 @@ from openai._streaming_cleanup import drain_response_async
 from openai.types.chat import ChatCompletionChunk
 from pydantic_ai.models.openai import OpenAIChatModel
 
+# Pieces gathered before the reader lets the reply side take them (see `_raw`).
+_MAX_BATCH = 32
 # Fields that may differ between chunks of one completion without meaning anything.
 _VOLATILE = frozenset({"obfuscation", "created"})
 # Delta fields whose text continues from chunk to chunk.
@@ -168,11 +170,12 @@ class BatchedChunkStream(AsyncStream[ChatCompletionChunk]):
 
         The HTTP client yields one piece per chunk of the chunked body, even when a single read
         from the socket brought hundreds. So a task pumps pieces into a list and this side takes
-        everything gathered since it last looked: one batch per wait for the network, never a
-        wait for a batch to fill.
+        everything gathered since it last looked: one batch per wait for the network (at most
+        `_MAX_BATCH` pieces: then the pump waits until they are taken), never a wait for a
+        batch to fill.
         """
         pending: list[bytes] = []
-        ready = asyncio.Event()
+        ready, taken = asyncio.Event(), asyncio.Event()
         ended = False
         failure: BaseException | None = None
 
@@ -182,6 +185,12 @@ class BatchedChunkStream(AsyncStream[ChatCompletionChunk]):
                 async for raw in self.response.aiter_bytes():
                     pending.append(raw)
                     ready.set()
+                    if len(pending) >= _MAX_BATCH:
+                        # A whole reply can sit in one socket read: hand over part of it, so
+                        # the first words show without waiting for the last, and read on when
+                        # it has been taken (the rest waits in the socket meanwhile).
+                        taken.clear()
+                        await taken.wait()
             except Exception as exc:  # handed to the reading side, which raises it
                 failure = exc
             finally:
@@ -197,6 +206,7 @@ class BatchedChunkStream(AsyncStream[ChatCompletionChunk]):
                 if pending:
                     raw = b"".join(pending)
                     pending.clear()
+                    taken.set()
                     yield raw
                 elif ended:
                     break

@@ -47,6 +47,10 @@ from chat.tools import ToolDeps
 
 log = logging.getLogger(__name__)
 
+# Up to this many replies at once, each updates every `stream_tick`; beyond, updates (and reads
+# from the model) slow down in proportion, so the CPU they share goes further.
+_SHARED_TICK = 8
+
 
 @dataclass
 class Block:
@@ -243,6 +247,8 @@ class RunManager:
                         async for event in events:
                             deadline.reschedule(loop.time() + cfg.stall_timeout)
                             self._on_event(run, event)
+                            if pause := self._pace(run):
+                                await asyncio.sleep(pause)
                 except TimeoutError:
                     if deadline is not None and deadline.expired():
                         raise StalledError from None
@@ -328,14 +334,29 @@ class RunManager:
             run.renderer.feed(text)
             self._schedule(run)
 
+    def _tick(self) -> float:
+        """How often a reply's page is updated at most. Under load, less often: each update
+        costs CPU every stream shares. A few replies update every `stream_tick`; a hundred
+        update a few times a second."""
+        return self.settings.stream_tick * max(1.0, len(self.runs) / _SHARED_TICK)
+
+    def _pace(self, run: Run) -> float:
+        """Seconds a run waits before reading on from its model; 0 unless under load.
+
+        Reading faster than the page is updated only spends CPU early: under load a reply that
+        is already showing reads once per tick (taking everything that arrived meanwhile in
+        one go), so replies still waiting for their first words get the server first.
+        """
+        if len(self.runs) <= _SHARED_TICK or run.first_token_at is None:
+            return 0.0
+        return max(0.0, run._last_flush + self._tick() - asyncio.get_running_loop().time())
+
     def _schedule(self, run: Run) -> None:
         """Coalesce updates: render at once if the last render was a tick ago, else at the tick."""
         if run._flush_handle is not None:
             return
         loop = asyncio.get_running_loop()
-        # Under load, coalesce more: each render and event costs CPU every stream shares. A few
-        # replies at once update every tick; a hundred update a few times a second.
-        tick = self.settings.stream_tick * max(1.0, len(self.runs) / 8)
+        tick = self._tick()
         wait = run._last_flush + tick - loop.time()
         if wait <= 0:
             self._flush(run)

@@ -236,3 +236,14 @@ def test_other_models_are_left_as_they_are():
 
     model = TestModel()
     assert batched(model) is model and type(model) is TestModel
+
+
+def test_configured_openai_compatible_models_read_in_batches(monkeypatch):
+    from chat.agent import resolve_model
+    from chat.config import Settings
+
+    monkeypatch.setenv("OPENAI_API_KEY", "x")
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
+    model = resolve_model("openai-chat:some-model", Settings.from_env())
+    assert isinstance(model, OpenAIChatModel) and model.reads_in_batches
+    assert model.model_name == "some-model" and model.base_url.startswith("http://127.0.0.1:9")
