@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.staticfiles import StaticFiles
 
-from chat.agent import build_agent
+from chat.agent import ModelUnavailable, build_agent
 from chat.config import Settings
 from chat.limits import Limiter
 from chat.runs import RunManager
@@ -44,6 +44,12 @@ def create_app(settings: Settings | None = None, *, model: Model | None = None) 
         store.purge_deleted((datetime.now(UTC) - timedelta(days=1)).isoformat())
         app.state.store = store
         app.state.runs = RunManager(store, build_agent(), settings, model=model)
+        # Load the configured model now, not on the first message (its SDK can take seconds to
+        # import), and say at once if it cannot be started; replies will then explain it too.
+        try:
+            app.state.runs.model_for(settings.default_model)
+        except ModelUnavailable as exc:
+            log.warning("%s", exc)
         app.state.limits = Limiter(
             per_minute=settings.messages_per_minute,
             concurrent_runs=settings.concurrent_runs,

@@ -30,6 +30,8 @@ from pydantic_ai.models.openai import OpenAIChatModel
 
 # Pieces gathered before the reader lets the reply side take them (see `_raw`).
 _MAX_BATCH = 32
+# The first hand-over is smaller: the first words are what a reader waits for.
+_FIRST_BATCH = 4
 # Fields that may differ between chunks of one completion without meaning anything.
 _VOLATILE = frozenset({"obfuscation", "created"})
 # Delta fields whose text continues from chunk to chunk.
@@ -176,7 +178,7 @@ class BatchedChunkStream(AsyncStream[ChatCompletionChunk]):
         """
         pending: list[bytes] = []
         ready, taken = asyncio.Event(), asyncio.Event()
-        ended = False
+        ended = handed = False
         failure: BaseException | None = None
 
         async def pump() -> None:
@@ -185,7 +187,7 @@ class BatchedChunkStream(AsyncStream[ChatCompletionChunk]):
                 async for raw in self.response.aiter_bytes():
                     pending.append(raw)
                     ready.set()
-                    if len(pending) >= _MAX_BATCH:
+                    if len(pending) >= (_MAX_BATCH if handed else _FIRST_BATCH):
                         # A whole reply can sit in one socket read: hand over part of it, so
                         # the first words show without waiting for the last, and read on when
                         # it has been taken (the rest waits in the socket meanwhile).
@@ -206,6 +208,7 @@ class BatchedChunkStream(AsyncStream[ChatCompletionChunk]):
                 if pending:
                     raw = b"".join(pending)
                     pending.clear()
+                    handed = True
                     taken.set()
                     yield raw
                 elif ended:
