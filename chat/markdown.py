@@ -83,6 +83,11 @@ def sanitize(fragment: str) -> str:
     )
 
 
+# Bump whenever `render` would write different HTML for the same text (markdown options, the
+# highlighter, the sanitizer's allow-list): replies cached by an older version are re-rendered.
+RENDER_VERSION = 1
+
+
 def render(text: str) -> str:
     """Render a whole markdown document from the model to safe HTML."""
     if not text:

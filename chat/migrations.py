@@ -94,3 +94,14 @@ def m003_users(db: Database) -> None:
         not_null={"username", "password_hash", "created_at"},
     )
     db["users"].create_index(["username"], unique=True)
+
+
+@migration
+def m004_rendered_replies(db: Database) -> None:
+    """A cache of each finished reply's sanitized HTML, so long conversations open quickly.
+
+    `reply_html_version` names the renderer that wrote it (chat.markdown.RENDER_VERSION); a
+    reply rendered by another version is rendered again when next shown.
+    """
+    db["turns"].add_column("reply_html", str)
+    db["turns"].add_column("reply_html_version", int)

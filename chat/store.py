@@ -311,7 +311,20 @@ class ChatStore:
                     "error": error,
                     "usage": json.dumps(usage) if usage else None,
                     "finished_at": now(),
+                    "reply_html": None,  # rendered (and cached) when first shown
+                    "reply_html_version": None,
                 },
+            )
+
+    def cache_html(self, rendered: Sequence[tuple[int, str]], version: int) -> None:
+        """Keep finished replies' rendered HTML (turn id, html), made by renderer `version`."""
+        if not rendered:
+            return
+        with self.db.conn:
+            self.db.conn.executemany(
+                "update turns set reply_html = ?, reply_html_version = ? "
+                "where id = ? and status != 'streaming'",
+                [(html, version, tid) for tid, html in rendered],
             )
 
     def mark_interrupted(self) -> int:

@@ -328,6 +328,33 @@ def test_reloaded_page_shows_the_finished_reply(client):
     assert rendered_text(REPLY) in words(reply.text)
 
 
+def test_a_shown_reply_is_rendered_once_and_kept_until_the_renderer_changes(client, settings):
+    from chat.markdown import RENDER_VERSION
+
+    response, _ = chat(client, "Hi")
+    url = conversation_url(response)
+    assert rows(settings, "select reply_html from turns") == [(None,)]  # not shown yet
+
+    first = parse_html(client.get(url).text).find(data_role="assistant")
+    [(cached, version)] = rows(settings, "select reply_html, reply_html_version from turns")
+    assert cached == render(REPLY) and version == RENDER_VERSION
+
+    # The cached HTML is what the page shows from then on...
+    conn = sqlite3.connect(settings.db_path)
+    with conn:
+        conn.execute("update turns set reply_html = '<p>from the cache</p>'")
+    shown = parse_html(client.get(url).text).find(data_role="assistant")
+    assert "from the cache" in shown.text and words(first.text) != words(shown.text)
+
+    # ...unless another renderer version wrote it: then the reply is rendered again.
+    with conn:
+        conn.execute("update turns set reply_html_version = ?", [RENDER_VERSION - 1])
+    conn.close()
+    again = parse_html(client.get(url).text).find(data_role="assistant")
+    assert rendered_text(REPLY) in words(again.text) and "from the cache" not in again.text
+    assert rows(settings, "select reply_html_version from turns") == [(RENDER_VERSION,)]
+
+
 def test_history_sent_to_the_model_holds_the_earlier_turns(client, model):
     response, _ = chat(client, "My name is Ada.")
     chat(client, "What is my name?", conversation_url(response).rsplit("/", 1)[1])

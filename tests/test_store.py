@@ -241,3 +241,20 @@ def test_in_memory_store_works():
         assert s.conversation(conv["id"], "alice") is not None
     finally:
         s.close()
+
+
+def test_rendered_html_is_cached_for_finished_replies_only_and_dropped_when_rewritten(store):
+    cid = store.create_conversation("alice")["id"]
+    done = answered(store, cid, "q", "a")
+    live = store.add_turn(cid, "q2", [request("q2")], model="m")
+
+    store.cache_html([(done["id"], "<p>a</p>"), (live["id"], "<p>partial</p>")], 3)
+
+    def cached(tid):
+        t = store.turn(tid, "alice")
+        return t["reply_html"], t["reply_html_version"]
+
+    assert cached(done["id"]) == ("<p>a</p>", 3)
+    assert cached(live["id"]) == (None, None)  # still streaming: its text will change
+    store.finish_turn(done["id"], status="complete", reply_text="b", messages=exchange("q", "b"))
+    assert cached(done["id"]) == (None, None)

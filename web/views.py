@@ -10,7 +10,7 @@ from fasthtml.common import Head as HtmlHead
 from starlette.requests import Request
 
 from chat.config import Settings
-from chat.markdown import render
+from chat.markdown import RENDER_VERSION, render
 from chat.reply import segments
 from chat.runs import RunManager
 from chat.storage import Store
@@ -148,14 +148,40 @@ def conv_links(cid: str) -> ConvLinks:
 # Views ------------------------------------------------------------------------------------
 
 
+def _uses_tools(turn: dict) -> bool:
+    return '"tool-call"' in turn["messages"]  # cheap check first: most replies are text only
+
+
 def reply_body(turn: dict) -> tuple:
     """A stored reply's content: rebuilt from its messages when it used tools."""
-    raw = turn["messages"]
-    if '"tool-call"' in raw:  # cheap check first: most replies are text only
-        parts = segments(load_messages(raw), turn["reply_text"])
+    if _uses_tools(turn):
+        parts = segments(load_messages(turn["messages"]), turn["reply_text"])
         return Segments([render(s) if isinstance(s, str) else s for s in parts])
-    html = render(turn["reply_text"])
+    html = _cached_html(turn)
+    if html is None:
+        html = render(turn["reply_text"])
     return (SafeHTML(html),) if html else ()
+
+
+def _cached_html(turn: dict) -> str | None:
+    if turn.get("reply_html_version") == RENDER_VERSION and turn.get("reply_html") is not None:
+        return turn["reply_html"]
+    return None
+
+
+def render_cached(req: Request, turns: list[dict]) -> None:
+    """Render the finished text-only replies in `turns` that have no cached HTML, and cache it.
+
+    Rendering (markdown, highlighting, sanitizing) is most of the cost of showing a stored reply,
+    and a finished reply never changes: each is rendered once, when first shown.
+    """
+    fresh = []
+    for turn in turns:
+        if turn["status"] == "streaming" or _uses_tools(turn) or _cached_html(turn) is not None:
+            continue
+        turn["reply_html"], turn["reply_html_version"] = render(turn["reply_text"]), RENDER_VERSION
+        fresh.append((turn["id"], turn["reply_html"]))
+    store(req).cache_html(fresh, RENDER_VERSION)
 
 
 def reply(req: Request, turn: dict, links: TurnLinks, *, last: bool) -> FT:
@@ -178,6 +204,7 @@ def reply(req: Request, turn: dict, links: TurnLinks, *, last: bool) -> FT:
 def message_items(req: Request, conv: dict, turns: list[dict]) -> tuple:
     """User messages and replies for `turns`, in order."""
     siblings = store(req).siblings(conv["id"]) if turns else {}
+    render_cached(req, turns)
     items: list = []
     for turn in turns:
         links = turn_links(turn, siblings)
