@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 # Up to this many replies at once, each updates every `stream_tick`; beyond, updates (and reads
 # from the model) slow down in proportion, so the CPU they share goes further.
 _SHARED_TICK = 8
+# How long a conversation's title waits for the server to be less busy before it is made anyway.
+_TITLE_PATIENCE = 60.0
 
 
 @dataclass
@@ -285,6 +287,12 @@ class RunManager:
             return  # already being named, or named already (by the model or by the user)
 
         async def title() -> None:
+            # A title is a nicety (the first words of the message stand in for it): while the
+            # server is busy with replies, it waits its turn, for up to a minute.
+            loop = asyncio.get_running_loop()
+            until = loop.time() + _TITLE_PATIENCE
+            while len(self.runs) > _SHARED_TICK and loop.time() < until:
+                await asyncio.sleep(0.5)
             try:
                 new = await asyncio.wait_for(
                     make_title(self._model(run.model_name), turn["user_text"], run.renderer.source),

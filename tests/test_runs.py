@@ -417,3 +417,44 @@ def test_describe_error_is_friendly_and_leaks_nothing(exc, expected):
 def test_describe_error_for_a_usage_limit():
     message = describe_error(UsageLimitExceeded("The next request would exceed 10 tokens"))
     assert "usage limit" in message
+
+
+async def test_titles_wait_while_the_server_is_busy_with_replies(store, settings, monkeypatch):
+    from pydantic_ai.models.function import FunctionModel
+
+    import chat.runs
+    from chat.agent import INSTRUCTIONS, short_title
+
+    release, title_calls = asyncio.Event(), []
+
+    async def stream(messages, info):
+        if INSTRUCTIONS not in (info.instructions or ""):  # the agent that writes titles
+            title_calls.append(messages)
+            yield "A model title"
+            return
+        if user_prompts(messages)[-1].startswith("hold"):
+            await release.wait()
+        yield "Hello"
+
+    monkeypatch.setattr(chat.runs, "_SHARED_TICK", 1)  # "busy" = more than one reply at once
+    m = RunManager(store, build_agent(), settings, model=FunctionModel(stream_function=stream))
+    try:
+        m.start(new_turn(store, "hold 1"), "alice")
+        m.start(new_turn(store, "hold 2"), "alice")
+        first = new_turn(store, "Hi there")
+        store.set_title(first["conversation_id"], short_title("Hi there"))  # as /send does
+        m.start(first, "alice")
+        await eventually(lambda: first["id"] not in m.runs, "the short reply to finish")
+        await asyncio.sleep(1.2)  # more than two of the title's checks
+        assert title_calls == []  # two replies still streaming: the title waits
+
+        release.set()
+        await eventually(lambda: len(title_calls) >= 1, "a title request")
+        await m.wait_title(first["conversation_id"])
+        assert store.conversation(first["conversation_id"], "alice")["title"] == "A model title"
+    finally:
+        release.set()
+        await m.shutdown(timeout=5)
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        if others:
+            await asyncio.wait(others, timeout=5)
