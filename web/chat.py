@@ -20,7 +20,6 @@ from components.messages import (
     ConversationUsage,
     EditForm,
     ReplyFooter,
-    SafeHTML,
     TitleRefresh,
     ToolCall,
     UserMessage,
@@ -213,10 +212,7 @@ async def _live(req: Request, run: Run, turn: dict, links, start: int) -> AsyncI
     async for kind, data in run.follow(start_block=start, heartbeat=heartbeat):
         if kind == "items":
             new, total = data
-            html = "".join(
-                safe_html_markup(i.html) if isinstance(i, Block) else to_xml(_item(i)) for i in new
-            )
-            yield sse.event("blocks", html, id=str(total))
+            yield sse.event("blocks", "".join(_item_markup(i) for i in new), id=str(total))
         elif kind == "tail":
             yield sse.event("tail", " " if run.done else tail_markup(data))
         elif kind == "ping":
@@ -239,12 +235,13 @@ async def _live(req: Request, run: Run, turn: dict, links, start: int) -> AsyncI
             yield sse.event("done", run.status)
 
 
-def _item(item) -> object:
+def _item_markup(item) -> str:
+    """A new item of a live reply: a finished block, a tool call, or a tool call's update."""
     if isinstance(item, Block):
-        return SafeHTML(item.html)
+        return safe_html_markup(item.html)
     if isinstance(item, ToolUpdate):
-        return ToolCall(item.tool, oob=True)
-    return ToolCall(item)
+        return to_xml(ToolCall(item.tool, oob=True))
+    return to_xml(ToolCall(item))
 
 
 async def _stored(req: Request, turn: dict, links, start: int) -> AsyncIterator[str]:
