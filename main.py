@@ -25,7 +25,7 @@ from chat.runs import RunManager
 from chat.security import SecurityMiddleware
 from chat.store import ChatStore
 from components.layout import Head
-from web import api, auth, chat, pages
+from web import api, auth, chat, pages, views
 
 log = logging.getLogger("chat")
 # Reachable without signing in when AUTH=password.
@@ -94,7 +94,7 @@ def create_app(settings: Settings | None = None, *, model: Model | None = None) 
         lifespan=lifespan,
         before=[identify],
         middleware=[Middleware(SecurityMiddleware)],
-        exception_handlers={404: pages.not_found},
+        exception_handlers={404: views.not_found},
     )
     app.state.settings = settings
     app.mount("/static", StaticFiles(directory=ROOT / "static"), name="static")

@@ -33,6 +33,7 @@ from web.views import (
     is_htmx,
     load_json,
     messages_view,
+    not_found,
     reply_body,
     runs,
     settings,
@@ -176,8 +177,6 @@ async def stream(req: Request, cid: str, tid: int):
 
     Never starts a model call. A finished reply is served from the database.
     """
-    from web.pages import not_found
-
     owned = _owned_turn(req, cid, tid)
     if owned is None:
         return not_found(req)
@@ -274,8 +273,6 @@ async def _stored(req: Request, turn: dict, links, start: int) -> AsyncIterator[
 @ar("/c/{cid}/turns/{tid}/stop", methods=["post"])
 async def stop(req: Request, cid: str, tid: int):
     """Stop a reply; what it produced so far is kept and saved as stopped."""
-    from web.pages import not_found
-
     if _owned_turn(req, cid, tid) is None:
         return not_found(req)
     runs(req).stop(tid)
@@ -285,8 +282,6 @@ async def stop(req: Request, cid: str, tid: int):
 @ar("/c/{cid}/turns/{tid}/regenerate", methods=["post"])
 async def regenerate(req: Request, cid: str, tid: int):
     """Answer the same message again, as a new version of the exchange (also: Retry)."""
-    from web.pages import not_found
-
     owned = _owned_turn(req, cid, tid)
     if owned is None:
         return not_found(req)
@@ -300,8 +295,6 @@ async def regenerate(req: Request, cid: str, tid: int):
 @ar("/c/{cid}/turns/{tid}/edit", methods=["get"])
 async def edit_form(req: Request, cid: str, tid: int):
     """The in-place form to edit a sent message."""
-    from web.pages import not_found
-
     owned = _owned_turn(req, cid, tid)
     if owned is None:
         return not_found(req)
@@ -313,8 +306,6 @@ async def edit_form(req: Request, cid: str, tid: int):
 @ar("/c/{cid}/turns/{tid}/user", methods=["get"])
 async def user_message(req: Request, cid: str, tid: int):
     """A sent message as shown in the list (used to cancel an edit)."""
-    from web.pages import not_found
-
     owned = _owned_turn(req, cid, tid)
     if owned is None:
         return not_found(req)
@@ -325,8 +316,6 @@ async def user_message(req: Request, cid: str, tid: int):
 @ar("/c/{cid}/turns/{tid}/edit", methods=["post"])
 async def edit(req: Request, cid: str, tid: int, msg: str = ""):
     """Send an edited message as a new version of the exchange; the old one is kept."""
-    from web.pages import not_found
-
     owned = _owned_turn(req, cid, tid)
     if owned is None:
         return not_found(req)
@@ -341,8 +330,6 @@ async def edit(req: Request, cid: str, tid: int, msg: str = ""):
 @ar("/c/{cid}/turns/{tid}/show", methods=["post"])
 async def show(req: Request, cid: str, tid: int):
     """Show another version of an exchange (and the newest conversation that follows it)."""
-    from web.pages import not_found
-
     owned = _owned_turn(req, cid, tid)
     if owned is None:
         return not_found(req)

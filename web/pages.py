@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from fasthtml.common import H1, A, APIRouter, Div, P, Response, Title
+from fasthtml.common import H1, APIRouter, Div, Response, Title
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse
@@ -19,10 +19,9 @@ from components.layout import (
 from web.views import (
     conv_links,
     error_fragment,
-    full_page,
-    html,
     is_htmx,
     message_items,
+    not_found,
     page,
     runs,
     settings,
@@ -32,19 +31,6 @@ from web.views import (
 )
 
 ar = APIRouter()
-
-
-def not_found(req: Request, exc: Exception | None = None) -> Response:
-    """404 for anything missing or not yours: the two are deliberately indistinguishable."""
-    if is_htmx(req):
-        return html(P("Not found.", cls="error"), 404)
-    body = Div(
-        H1("Not found"),
-        P("There is nothing here, or it belongs to someone else."),
-        A("Start a new chat", href="/"),
-        cls="not-found",
-    )
-    return full_page((Title("Not found · Agent chat"), body), 404)
 
 
 def _conv(req: Request, cid: str) -> dict | None:

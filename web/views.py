@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from fastcore.xml import FT
-from fasthtml.common import Body, Html, P, Response, Title, to_xml
+from fasthtml.common import H1, A, Body, Div, Html, P, Response, Title, to_xml
 from fasthtml.common import Head as HtmlHead
 from starlette.requests import Request
 
@@ -63,6 +63,19 @@ def full_page(parts: tuple, status: int) -> Response:
     title, *body = parts
     doc = Html(HtmlHead(title, *Head()), Body(*body), lang="en")
     return Response(to_xml(doc), status_code=status, media_type="text/html")
+
+
+def not_found(req: Request, exc: Exception | None = None) -> Response:
+    """404 for anything missing or not yours: the two are deliberately indistinguishable."""
+    if is_htmx(req):
+        return html(P("Not found.", cls="error"), 404)
+    body = Div(
+        H1("Not found"),
+        P("There is nothing here, or it belongs to someone else."),
+        A("Start a new chat", href="/"),
+        cls="not-found",
+    )
+    return full_page((Title("Not found · Agent chat"), body), 404)
 
 
 def error_fragment(message: str, status: int, target: str = "#composer-error") -> Response:
