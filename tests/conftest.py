@@ -4,7 +4,7 @@ clients, and small parsers for what a browser receives (server-sent events, HTML
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
@@ -103,14 +103,13 @@ class Event:
     id: str | None = None
 
 
-def parse_sse(body: str) -> list[Event]:
-    """Parse a text/event-stream body the way EventSource does (comments are dropped)."""
-    events: list[Event] = []
+def iter_sse(lines: Iterable[str]) -> Iterator[Event]:
+    """Events from the lines of a text/event-stream, as EventSource reads them (no comments)."""
     name, data, eid = "message", [], None
-    for line in body.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
+    for line in lines:
         if line == "":
             if data:
-                events.append(Event(name, "\n".join(data), eid))
+                yield Event(name, "\n".join(data), eid)
             name, data, eid = "message", [], None
             continue
         if line.startswith(":"):
@@ -123,7 +122,11 @@ def parse_sse(body: str) -> list[Event]:
             data.append(value)
         elif key == "id":
             eid = value
-    return events
+
+
+def parse_sse(body: str) -> list[Event]:
+    """Every event in a whole text/event-stream body."""
+    return list(iter_sse(body.replace("\r\n", "\n").replace("\r", "\n").split("\n")))
 
 
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "wbr"}

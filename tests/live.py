@@ -30,6 +30,7 @@ import httpx
 import pytest
 from bs4 import BeautifulSoup
 
+from tests.conftest import Event, iter_sse
 from tests.fake_openai import FakeOpenAI, Recorded
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -240,36 +241,6 @@ def demo_app_fixture(tmp_path_factory) -> Iterator[LiveApp]:
 
 
 @dataclass
-class Event:
-    """One server-sent event."""
-
-    event: str
-    data: str
-    id: str | None = None
-
-
-def parse_sse(lines: Iterator[str]) -> Iterator[Event]:
-    """Server-sent events from a stream of lines (the text/event-stream format)."""
-    name, data, eid = "message", [], None
-    for line in lines:
-        if line == "":
-            if data:
-                yield Event(name, "\n".join(data), eid)
-            name, data, eid = "message", [], None
-            continue
-        if line.startswith(":"):
-            continue
-        key, _, value = line.partition(":")
-        value = value[1:] if value.startswith(" ") else value
-        if key == "event":
-            name = value
-        elif key == "data":
-            data.append(value)
-        elif key == "id":
-            eid = value
-
-
-@dataclass
 class Sent:
     """What POSTing the composer answered: the two messages and where the reply streams."""
 
@@ -353,7 +324,7 @@ class HtmxClient:
         with self.http.stream("GET", urljoin(self.base_url, url), headers=h) as r:
             assert r.status_code == 200, r.status_code
             assert r.headers["content-type"].startswith("text/event-stream")
-            yield parse_sse(r.iter_lines())
+            yield iter_sse(r.iter_lines())
 
     def wait_for_text(self, url: str, text: str) -> list[Event]:
         """Read a stream until the reply so far (blocks and tail) shows `text`; then let go."""
@@ -362,10 +333,10 @@ class HtmxClient:
         with self.events(url) as events:
             for ev in events:
                 out.append(ev)
-                tail = next((e.data for e in reversed(out) if e.event == "tail"), "")
+                tail = next((e.data for e in reversed(out) if e.name == "tail"), "")
                 if text in text_of(reply_html(out) + tail):
                     return out
-                if ev.event == "done" or time.monotonic() > deadline:
+                if ev.name == "done" or time.monotonic() > deadline:
                     break
         raise AssertionError(f"the stream never showed {text!r}: {out}")
 
@@ -376,16 +347,16 @@ class HtmxClient:
         with self.events(url, headers) as events:
             for ev in events:
                 out.append(ev)
-                if ev.event == close:
+                if ev.name == close:
                     return out
                 if time.monotonic() > deadline:
                     break
-        raise AssertionError(f"the stream ended without {close!r}: {[e.event for e in out]}")
+        raise AssertionError(f"the stream ended without {close!r}: {[e.name for e in out]}")
 
 
 def reply_html(events: list[Event]) -> str:
     """The reply as the page would hold it at the end: every `blocks` event in order."""
-    return "".join(e.data for e in events if e.event == "blocks")
+    return "".join(e.data for e in events if e.name == "blocks")
 
 
 # Chromium -----------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import iter_sse
 from tests.fake_openai import FakeOpenAI
 from tests.live import (
     ROOT,
@@ -41,7 +42,6 @@ from tests.live import (
     Event,
     HtmxClient,
     free_port,
-    parse_sse,
     reply_html,
     running_app,
     text_of,
@@ -525,10 +525,10 @@ def test_image_command_and_environment_run_the_app_as_the_container_would(tmp_pa
             second = visitor.send("And a second question")
             with visitor.events(second.stream_url) as stream:
                 first = next(stream)
-                assert first.event in ("blocks", "tail"), first
+                assert first.name in ("blocks", "tail"), first
                 stopped_at = time.monotonic()
                 proc.send_signal(signal.SIGTERM)
-                rest = [e.event for e in stream]  # ends when the server closes it
+                rest = [e.name for e in stream]  # ends when the server closes it
             grace = min(compose_grace(), kubernetes_grace())
             try:
                 proc.wait(grace)
@@ -1011,9 +1011,9 @@ def timed_events(
     out: list[tuple[float, Event]] = []
     with client.http.stream("GET", url, headers=headers) as r:
         assert r.status_code == 200, r.status_code
-        for ev in parse_sse(r.iter_lines()):
+        for ev in iter_sse(r.iter_lines()):
             out.append((time.monotonic(), ev))
-            if ev.event == close or time.monotonic() > deadline:
+            if ev.name == close or time.monotonic() > deadline:
                 break
     return r.headers, out
 
@@ -1051,13 +1051,13 @@ def test_nginx_config_streams_replies_through_https(tmp_path: Path):
                 assert headers["cache-control"] == "no-cache"
                 assert headers["content-type"].startswith("text/event-stream")
                 assert headers.get("content-encoding", "identity") == encoding
-                names = [e.event for _, e in events]
+                names = [e.name for _, e in events]
                 assert names[-1] == sent.close_event and events[-1][1].data, names
                 assert f"word{WORDS}" in text_of(reply_html([e for _, e in events]))
                 # Incremental: the reply's first words reached the client while the model was
                 # still writing, long before the close event (nginx holding the stream would
                 # deliver them all at once at the end).
-                content = [t for t, e in events if e.event in ("blocks", "tail")]
+                content = [t for t, e in events if e.name in ("blocks", "tail")]
                 closed_at = events[-1][0]
                 assert content, names
                 assert closed_at - content[0] > 0.5, (encoding, closed_at - content[0])

@@ -59,7 +59,7 @@ def test_message_streams_reply_from_the_real_provider(visitor: HtmxClient, fake:
     assert sent.close_event == "done"
     assert sent.response.headers["HX-Push-Url"] == f"/c/{sent.cid}"
     events = visitor.follow(sent.stream_url, sent.close_event)
-    names = [e.event for e in events]
+    names = [e.name for e in events]
     assert names[-2:] == ["end", "done"]
     assert events[-1].data == "complete"
     assert text_of(reply_html(events)) == REPLY_TEXT
@@ -119,14 +119,14 @@ def test_reopening_a_running_stream_replays_then_follows(visitor: HtmxClient, fa
     # That stream is gone; a new one replays what exists so far, then follows to the end.
     with visitor.events(sent.stream_url) as events:
         first = next(events)
-        assert first.event in ("blocks", "tail")
+        assert first.name in ("blocks", "tail")
         assert "one two three" in text_of(first.data)
         assert "four" not in text_of(first.data)
         fake.release()
         rest = [first]
         for ev in events:
             rest.append(ev)
-            if ev.event == "done":
+            if ev.name == "done":
                 break
     assert rest[-1].data == "complete"
     assert text_of(reply_html(rest)) == "one two three four five six"
@@ -176,7 +176,7 @@ def test_upstream_error_ends_the_reply_with_an_alert_and_keeps_the_message(
     events = visitor.follow(sent.stream_url)
 
     assert events[-1].data == "failed"
-    end = next(e for e in events if e.event == "end")
+    end = next(e for e in events if e.name == "end")
     assert 'role="alert"' in end.data
     assert "HTTP 500" in text_of(end.data)
     assert all(r.fault == Fault.http(500) for r in replies(fake))
@@ -210,7 +210,7 @@ def test_connection_cut_mid_reply_keeps_the_partial_reply_with_an_alert(
 
     assert events[-1].data == "failed"
     assert text_of(reply_html(events)) == "alpha beta gamma"
-    assert 'role="alert"' in next(e for e in events if e.event == "end").data
+    assert 'role="alert"' in next(e for e in events if e.name == "end").data
     [row] = [t for t in app.turns() if t["conversation_id"] == sent.cid]
     assert row["status"] == "failed"
     assert row["reply_text"].strip() == "alpha beta gamma"
@@ -222,7 +222,7 @@ def test_malformed_chunk_fails_the_reply_with_an_alert(visitor: HtmxClient, fake
     events = visitor.follow(visitor.send("Say something odd").stream_url)
 
     assert events[-1].data == "failed"
-    end = next(e for e in events if e.event == "end")
+    end = next(e for e in events if e.name == "end")
     assert 'role="alert"' in end.data
     assert "Try again" in text_of(end.data)
     assert "Traceback" not in end.data and "JSON" not in end.data
@@ -343,7 +343,7 @@ def test_reconnect_with_last_event_id_resumes_without_repeating(
     sent = visitor.send("Four paragraphs")
     fake.wait_until_held()
     before = visitor.wait_for_text(sent.stream_url, "Second paragraph.")
-    blocks = [e for e in before if e.event == "blocks"]
+    blocks = [e for e in before if e.name == "blocks"]
     assert blocks and blocks[-1].id, before
     # What EventSource does after a dropped connection: reconnect with the last id it saw.
     with visitor.events(sent.stream_url, {"Last-Event-ID": blocks[-1].id}) as events:
@@ -351,7 +351,7 @@ def test_reconnect_with_last_event_id_resumes_without_repeating(
         after = []
         for ev in events:
             after.append(ev)
-            if ev.event == "done":
+            if ev.name == "done":
                 break
     assert after[-1].data == "complete"
     assert text_of(reply_html(blocks) + reply_html(after)) == text_of(text.replace("\n", " "))
