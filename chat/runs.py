@@ -357,19 +357,21 @@ class RunManager:
         """
         if len(self.runs) <= _SHARED_TICK or run.first_token_at is None:
             return 0.0
-        return max(0.0, run._last_flush + self._tick() - asyncio.get_running_loop().time())
+        return max(0.0, self._until_next_flush(run))
+
+    def _until_next_flush(self, run: Run) -> float:
+        """Seconds until a tick has passed since the run's last render (<= 0: it has)."""
+        return run._last_flush + self._tick() - asyncio.get_running_loop().time()
 
     def _schedule(self, run: Run) -> None:
         """Coalesce updates: render at once if the last render was a tick ago, else at the tick."""
         if run._flush_handle is not None:
             return
-        loop = asyncio.get_running_loop()
-        tick = self._tick()
-        wait = run._last_flush + tick - loop.time()
+        wait = self._until_next_flush(run)
         if wait <= 0:
             self._flush(run)
         else:
-            run._flush_handle = loop.call_later(wait, self._flush, run)
+            run._flush_handle = asyncio.get_running_loop().call_later(wait, self._flush, run)
 
     def _text_done(self, run: Run) -> None:
         """End the current run of text (a tool call follows): all of it becomes blocks."""
