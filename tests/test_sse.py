@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import zlib
 from collections.abc import AsyncIterator
 
@@ -102,6 +103,18 @@ async def test_gzip_stream_flushes_every_event_at_once():
 async def test_gzip_stream_compresses_repeated_tails():
     chunks = await body_of(sse.event_stream(source(EVENTS), accept_encoding="gzip"))
     assert sum(map(len, chunks)) < len("".join(EVENTS).encode()) / 3
+
+
+async def test_gzip_stream_is_one_valid_member_whatever_its_length():
+    # Events far longer than the history each event may refer to, and an empty stream: both are
+    # single gzip members whose trailer (CRC and length) the reader checks.
+    big = [sse.event("tail", "<p>" + f"word{i} " * 900 + "</p>") for i in range(3)]
+    for events in (big, []):
+        body = b"".join(await body_of(sse.event_stream(source(events), accept_encoding="gzip")))
+        reader = zlib.decompressobj(31)
+        assert reader.decompress(body).decode() == "".join(events)
+        assert reader.eof and reader.unused_data == b""
+        assert gzip.decompress(body).decode() == "".join(events)
 
 
 async def test_gzip_is_chosen_case_insensitively_and_only_when_accepted():
