@@ -33,6 +33,18 @@ PUBLIC_PATHS = {"/login", "/signup", "/health"}
 ROOT = Path(__file__).parent
 
 
+class _SharedHead(tuple):
+    """The page head, shared by all requests rather than copied into each.
+
+    FastHTML deep-copies `hdrs` into every request (so a handler may add to its own copy); ours
+    is never changed, and the copy cost ~0.2 ms per request and stayed alive with every open
+    stream (the request outlives the response's first byte).
+    """
+
+    def __deepcopy__(self, memo: dict) -> _SharedHead:
+        return self
+
+
 def create_app(settings: Settings | None = None, *, model: Model | None = None) -> FastHTML:
     """Build the app. `model` replaces every configured model (tests pass a FunctionModel)."""
     settings = settings or Settings.from_env()
@@ -82,7 +94,7 @@ def create_app(settings: Settings | None = None, *, model: Model | None = None) 
 
     app = FastHTML(
         title="Agent chat",
-        hdrs=Head(),
+        hdrs=_SharedHead(Head()),
         default_hdrs=False,
         surreal=False,
         canonical=False,
