@@ -293,6 +293,8 @@ def one_run(target: str, scenario: str, fake: FakeModel, tmp: Path, **kw) -> dic
         fake.stats(reset=True)
         reply = Reply.for_model(cfg["tokens"], cfg["rate"])
         idle = memory_mb(proc.pid)["VmRSS"]
+        if TRACEMALLOC:
+            os.kill(proc.pid, signal.SIGUSR2)  # trace from here on: what the load allocates
         cpu0, fcpu0 = cpu_seconds(proc.pid), cpu_seconds(fake.proc.pid)
 
         async def go() -> dict:
@@ -590,12 +592,18 @@ def verdicts(report: dict) -> list[str]:
 # Profile -----------------------------------------------------------------------------------
 
 
-def profile(fake: FakeModel, tmp: Path, scenario: str, users: int | None) -> None:
-    """Run one scenario with the app under pyinstrument; print the hotspots."""
+def profile(
+    fake: FakeModel, tmp: Path, scenario: str, users: int | None, tokens: int | None
+) -> None:
+    """Run one scenario with the app under pyinstrument; print the hotspots.
+
+    With few `tokens` (say 5) nearly all the time is what a message costs before its reply
+    streams: the page, the POST, opening the stream and starting the run.
+    """
     import pstats
 
     session = RESULTS / f"app-{scenario}.pyisession"
-    summary = one_run("app", scenario, fake, tmp, users=users, profile=session)
+    summary = one_run("app", scenario, fake, tmp, users=users, tokens=tokens, profile=session)
     print(table(f"{scenario} under pyinstrument (app)", {"app": pooled([summary])}))
     text = RESULTS / f"app-{scenario}-profile.txt"
     stats = RESULTS / f"app-{scenario}.pstats"
@@ -685,7 +693,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.profile:
             scenario = args.scenario if args.scenario in SCENARIOS else "throughput"
-            profile(fake, tmp, scenario, args.users)
+            profile(fake, tmp, scenario, args.users, args.tokens)
             return
         names = list(SCENARIOS) + ["open2000"] if args.scenario == "all" else [args.scenario]
         for name in names:
