@@ -94,7 +94,7 @@ def create_app(settings: Settings | None = None, *, model: Model | None = None) 
 
     app = FastHTML(
         title="Agent chat",
-        hdrs=_SharedHead(Head()),
+        hdrs=Head(),
         default_hdrs=False,
         surreal=False,
         canonical=False,
@@ -108,6 +108,7 @@ def create_app(settings: Settings | None = None, *, model: Model | None = None) 
         middleware=[Middleware(SecurityMiddleware)],
         exception_handlers={404: views.not_found},
     )
+    app.hdrs = _SharedHead(app.hdrs)  # after __init__, which turns it into a list
     app.state.settings = settings
     app.mount("/static", StaticFiles(directory=ROOT / "static"), name="static")
     pages.ar.to_app(app)
