@@ -57,18 +57,16 @@ async def _gzip(chunks: AsyncIterator[str]) -> AsyncIterator[bytes]:
     follow. What a stream keeps between events is those few KB, a CRC and a length.
     """
     crc, size, history = 0, 0, b""
-    first = True
+    head = _GZIP_HEADER  # goes out with the first chunk, whichever that is
     async for chunk in chunks:
         data = chunk.encode()
-        out = _deflate(data, history)
-        if first:
-            out, first = _GZIP_HEADER + out, False
+        yield head + _deflate(data, history)
+        head = b""
         crc, size = zlib.crc32(data, crc), size + len(data)
         history = (history + data)[-_HISTORY:]
-        yield out
     # The last block (empty, final), then the trailer: CRC-32 and length of everything sent.
     end = zlib.compressobj(5, zlib.DEFLATED, _WBITS, _MEM_LEVEL).flush()
-    yield (_GZIP_HEADER if first else b"") + end + struct.pack("<II", crc, size & 0xFFFFFFFF)
+    yield head + end + struct.pack("<II", crc, size & 0xFFFFFFFF)
 
 
 async def _plain(chunks: AsyncIterator[str]) -> AsyncIterator[bytes]:
