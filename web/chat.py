@@ -13,7 +13,6 @@ from starlette.responses import RedirectResponse
 from chat import sse
 from chat.agent import short_title
 from chat.runs import Block, Run, ToolUpdate
-from components.layout import ExportLinks
 from components.messages import (
     AssistantMessage,
     CompareColumns,
@@ -29,6 +28,7 @@ from components.messages import (
 from web.views import (
     check_message,
     error_fragment,
+    export_links,
     html,
     is_htmx,
     load_json,
@@ -160,9 +160,7 @@ async def send(
 
 
 def _export_links(cid: str):
-    from web.pages import export_json, export_md
-
-    links = ExportLinks(export_md.to(cid=cid), export_json.to(cid=cid))
+    links = export_links(cid)
     links.attrs["hx-swap-oob"] = "true"
     return links
 

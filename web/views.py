@@ -158,6 +158,13 @@ def conv_links(cid: str) -> ConvLinks:
     )
 
 
+def export_links(cid: str) -> FT:
+    """The conversation's Markdown and JSON download links."""
+    from web import pages
+
+    return ExportLinks(pages.export_md.to(cid=cid), pages.export_json.to(cid=cid))
+
+
 # Views ------------------------------------------------------------------------------------
 
 
@@ -270,9 +277,6 @@ def page(req: Request, conv: dict | None, *, items: tuple | None = None) -> tupl
         items = messages_view(req, conv) if conv else (Welcome(cfg.demo),)
     title = conv["title"] if conv and conv["title"] else "New chat"
     model = (conv or {}).get("model") or cfg.default_model
-    export = (
-        ExportLinks(pages.export_md.to(cid=cid), pages.export_json.to(cid=cid)) if conv else None
-    )
     return (
         Title(f"{title} · Agent chat"),
         *Page(
@@ -294,6 +298,6 @@ def page(req: Request, conv: dict | None, *, items: tuple | None = None) -> tupl
             new_url=pages.index.to(),
             search_url=pages.search.to(),
             import_url=pages.import_json.to(),
-            export=export,
+            export=export_links(cid) if cid else None,
         ),
     )
