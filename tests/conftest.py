@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pydantic_ai.models
 import pytest
-from pydantic_ai.messages import ModelMessage, ModelRequest, UserPromptPart
+from pydantic_ai.messages import ModelMessage, ModelRequest, ModelResponse, TextPart, UserPromptPart
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 from starlette.testclient import TestClient
 
@@ -88,6 +88,17 @@ def user_prompts(messages: Sequence[ModelMessage]) -> list[str]:
         if isinstance(m, ModelRequest)
         for part in m.parts
         if isinstance(part, UserPromptPart) and isinstance(part.content, str)
+    ]
+
+
+def reply_texts(messages: Sequence[ModelMessage]) -> list[str]:
+    """The text of every text part of the model's responses in `messages`, in order."""
+    return [
+        part.content
+        for m in messages
+        if isinstance(m, ModelResponse)
+        for part in m.parts
+        if isinstance(part, TextPart)
     ]
 
 

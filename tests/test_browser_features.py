@@ -20,12 +20,9 @@ import pytest
 from playwright.sync_api import Locator, Page, expect
 from pydantic_ai.messages import (
     ModelMessagesTypeAdapter,
-    ModelRequest,
-    ModelResponse,
-    TextPart,
-    UserPromptPart,
 )
 
+from tests.conftest import reply_texts, user_prompts
 from tests.fake_openai import FakeOpenAI, Fault
 from tests.live import (  # noqa: F401  (fixtures are used by name)
     TITLE,
@@ -593,22 +590,8 @@ def test_export_downloads_markdown_and_pydantic_ai_json(web: Watched, fake: Fake
     js = json_download.value
     assert js.suggested_filename.endswith(".json")
     messages = ModelMessagesTypeAdapter.validate_json(Path(js.path()).read_bytes())
-    prompts = [
-        p.content
-        for m in messages
-        if isinstance(m, ModelRequest)
-        for p in m.parts
-        if isinstance(p, UserPromptPart)
-    ]
-    texts = [
-        p.content
-        for m in messages
-        if isinstance(m, ModelResponse)
-        for p in m.parts
-        if isinstance(p, TextPart)
-    ]
-    assert prompts == ["Export this please"]
-    assert texts == ["Exported **reply** text."]
+    assert user_prompts(messages) == ["Export this please"]
+    assert reply_texts(messages) == ["Exported **reply** text."]
     assert_same_page(page)
     web.assert_clean()
 

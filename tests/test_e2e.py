@@ -16,12 +16,11 @@ from pydantic_ai.messages import (
     ModelMessagesTypeAdapter,
     ModelRequest,
     ModelResponse,
-    TextPart,
-    UserPromptPart,
 )
 
 from chat.agent import INSTRUCTIONS
 from chat.personas import load_personas
+from tests.conftest import reply_texts, user_prompts
 from tests.fake_openai import FakeOpenAI, Fault
 from tests.live import (  # noqa: F401  (fixtures are used by name)
     TITLE,
@@ -149,10 +148,8 @@ def test_history_is_stored_as_pydantic_ai_messages(
         history += ModelMessagesTypeAdapter.validate_json(row["messages"])
         assert json.loads(row["usage"])["output_tokens"] > 0
     assert [type(m) for m in history] == [ModelRequest, ModelResponse] * 2
-    prompts = [p.content for m in history for p in m.parts if isinstance(p, UserPromptPart)]
-    texts = [p.content for m in history for p in m.parts if isinstance(p, TextPart)]
-    assert prompts == ["alpha", "beta"]
-    assert texts == ["Answer to alpha", "Answer to beta"]
+    assert user_prompts(history) == ["alpha", "beta"]
+    assert reply_texts(history) == ["Answer to alpha", "Answer to beta"]
     assert rows[1]["parent_id"] == rows[0]["id"]
 
 

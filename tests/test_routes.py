@@ -24,6 +24,7 @@ from tests.conftest import (
     ScriptedModel,
     parse_html,
     parse_sse,
+    reply_texts,
     user_prompts,
 )
 
@@ -379,14 +380,7 @@ def test_history_sent_to_the_model_holds_the_earlier_turns(client, model):
 
     assert len(model.calls) == 2
     assert model.prompts[1] == ["My name is Ada.", "What is my name?"]
-    earlier = [
-        p.content
-        for m in model.calls[1]
-        if isinstance(m, ModelResponse)
-        for p in m.parts
-        if isinstance(p, TextPart)
-    ]
-    assert "".join(earlier) == REPLY
+    assert "".join(reply_texts(model.calls[1])) == REPLY
 
 
 def test_the_database_holds_pydantic_ai_messages(client, settings):

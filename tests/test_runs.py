@@ -20,7 +20,7 @@ from chat.config import Settings
 from chat.markdown import render
 from chat.runs import Run, RunManager, describe_error
 from chat.store import ChatStore
-from tests.conftest import ModelBroke, ScriptedModel, user_prompts
+from tests.conftest import ModelBroke, ScriptedModel, reply_texts, user_prompts
 
 
 @pytest.fixture
@@ -124,14 +124,7 @@ async def test_the_model_receives_the_earlier_turns_as_history(manager, store, s
     await runs.start(second, "alice").task
 
     assert model.prompts[1] == ["First question", "Second question"]
-    replies = [
-        p.content
-        for m in model.calls[1]
-        if isinstance(m, ModelResponse)
-        for p in m.parts
-        if isinstance(p, TextPart)
-    ]
-    assert replies == ["First answer."]
+    assert reply_texts(model.calls[1]) == ["First answer."]
 
 
 async def test_follow_replays_what_exists_then_follows_live(manager, store, scripted):
@@ -252,14 +245,7 @@ async def test_stop_keeps_the_partial_reply_and_saves_it_as_stopped(manager, sto
     messages = ModelMessagesTypeAdapter.validate_json(row["messages"])
     assert user_prompts(messages) == ["Tell me"]
     # The next turn's history holds what the user saw.
-    said = [
-        p.content
-        for m in messages
-        if isinstance(m, ModelResponse)
-        for p in m.parts
-        if isinstance(p, TextPart)
-    ]
-    assert "".join(said) == "Partial answer"
+    assert "".join(reply_texts(messages)) == "Partial answer"
     assert runs.stop(turn["id"]) is False
 
 
