@@ -225,6 +225,25 @@ def _parse_event(raw: str) -> tuple[str, str] | None:
     return (name, "\n".join(data)) if data or name != "message" else None
 
 
+async def _follow(resp: httpx.Response, on_event, result: UserResult, gauge: Gauge) -> None:
+    """Read a reply's stream to EOF, counted as an open stream meanwhile."""
+    resp.raise_for_status()
+    result.t_open = time.perf_counter()
+    gauge.opened()
+    try:
+        await _read_sse(resp, on_event, result)
+    finally:
+        gauge.closed()
+
+
+def _settle(result: UserResult, reply: Reply) -> UserResult:
+    """A user's outcome: complete, with every token of the known reply, or why not."""
+    result.ok = result.status == "complete" and len(result.arrivals) == len(reply.timed)
+    if not result.ok and result.error is None:
+        result.error = f"status={result.status} tokens={len(result.arrivals)}/{len(reply.timed)}"
+    return result
+
+
 async def _read_sse(resp: httpx.Response, on_event, result: UserResult) -> None:
     """Read an SSE response to EOF, inflating gzip by hand; call on_event(name, data, t)."""
     gzip = resp.headers.get("content-encoding") == "gzip"
@@ -295,18 +314,9 @@ async def app_user(base: str, reply: Reply, gauge: Gauge, timeout: float, tag: s
             "Accept-Encoding": BROWSER_ACCEPT_ENCODING,
         }
         async with client.stream("GET", url, headers=headers) as resp:
-            resp.raise_for_status()
-            result.t_open = time.perf_counter()
-            gauge.opened()
-            try:
-                await _read_sse(resp, on_event, result)
-            finally:
-                gauge.closed()
+            await _follow(resp, on_event, result, gauge)
         result.stream_wire_bytes = counter.read - mark
-    result.ok = result.status == "complete" and len(result.arrivals) == len(reply.timed)
-    if not result.ok and result.error is None:
-        result.error = f"status={result.status} tokens={len(result.arrivals)}/{len(reply.timed)}"
-    return result
+    return _settle(result, reply)
 
 
 async def baseline_user(base: str, reply: Reply, gauge: Gauge, timeout: float, tag: str):
@@ -329,18 +339,9 @@ async def baseline_user(base: str, reply: Reply, gauge: Gauge, timeout: float, t
         body = {"session_id": f"bench-{tag}", "message": f"{PROMPT} [bench:{tag}]"}
         mark = counter.read
         async with client.stream("POST", "/chat", json=body) as resp:
-            resp.raise_for_status()
-            result.t_open = time.perf_counter()
-            gauge.opened()
-            try:
-                await _read_sse(resp, on_event, result)
-            finally:
-                gauge.closed()
+            await _follow(resp, on_event, result, gauge)
         result.stream_wire_bytes = counter.read - mark
-    result.ok = result.status == "complete" and len(result.arrivals) == len(reply.timed)
-    if not result.ok:
-        result.error = f"status={result.status} tokens={len(result.arrivals)}/{len(reply.timed)}"
-    return result
+    return _settle(result, reply)
 
 
 async def _guarded(coro, gauge: Gauge, timeout: float, tag: str) -> UserResult:
