@@ -45,7 +45,7 @@ with recursive chain(id, depth) as (
     select t.parent_id, c.depth + 1 from turns t join chain c on t.id = c.id
     where t.parent_id is not null
 )
-select turns.* from chain join turns on turns.id = chain.id
+select {cols} from chain join turns on turns.id = chain.id
 order by chain.depth {order} {limit}
 """
 
@@ -341,7 +341,9 @@ class ChatStore:
         """Turns from the root to `head`, oldest first; with `limit`, only the newest `limit`."""
         if head is None:
             return []
-        sql = _CHAIN.format(order="asc", limit=f"limit {int(limit)}" if limit else "")
+        sql = _CHAIN.format(
+            cols="turns.*", order="asc", limit=f"limit {int(limit)}" if limit else ""
+        )
         rows = self.db.execute(sql, {"head": head}).fetchall()
         return self._dicts("turns", rows)[::-1]
 
@@ -427,9 +429,13 @@ class ChatStore:
 
     def history(self, turn: dict) -> list[ModelMessage]:
         """The pydantic-ai messages of every turn before `turn` on its branch: its model history."""
+        if turn["parent_id"] is None:
+            return []
+        # Only the column needed: a turn's row also holds its text and cached HTML.
+        sql = _CHAIN.format(cols="turns.messages", order="desc", limit="")
         messages: list[ModelMessage] = []
-        for earlier in self.branch(turn["parent_id"]):
-            messages.extend(load_messages(earlier["messages"]))
+        for (raw,) in self.db.execute(sql, {"head": turn["parent_id"]}):
+            messages.extend(load_messages(raw))
         return messages
 
     def _dicts(self, table: str, rows: list[tuple]) -> list[dict]:
