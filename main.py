@@ -23,7 +23,7 @@ from chat.config import Settings
 from chat.limits import Limiter
 from chat.runs import RunManager
 from chat.security import SecurityMiddleware
-from chat.store import ChatStore
+from chat.store import ChatStore, load_messages
 from components.layout import Head
 from web import api, auth, chat, pages, views
 
@@ -55,6 +55,7 @@ def create_app(settings: Settings | None = None, *, model: Model | None = None) 
             log.warning("marked %d replies left streaming by a crash as interrupted", interrupted)
         store.purge_deleted((datetime.now(UTC) - timedelta(days=1)).isoformat())
         app.state.store = store
+        load_messages("[]")  # builds pydantic's message validator now, not on the first message
         app.state.runs = RunManager(store, build_agent(), settings, model=model)
         # Load the configured model now, not on the first message (its SDK can take seconds to
         # import), and say at once if it cannot be started; replies will then explain it too.
