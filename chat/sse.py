@@ -38,6 +38,8 @@ _GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
 # and the matching raw-deflate window (2**12 = 4 KB): small windows also start fastest (~10 us).
 _HISTORY = 4096
 _WBITS, _MEM_LEVEL = -12, 5
+# The deflate stream's last block (empty, marked final): the same bytes for every stream.
+_LAST_BLOCK = zlib.compressobj(5, zlib.DEFLATED, _WBITS, _MEM_LEVEL).flush()
 
 
 def _deflate(data: bytes, history: bytes) -> bytes:
@@ -64,9 +66,8 @@ async def _gzip(chunks: AsyncIterator[str]) -> AsyncIterator[bytes]:
         head = b""
         crc, size = zlib.crc32(data, crc), size + len(data)
         history = (history + data)[-_HISTORY:]
-    # The last block (empty, final), then the trailer: CRC-32 and length of everything sent.
-    end = zlib.compressobj(5, zlib.DEFLATED, _WBITS, _MEM_LEVEL).flush()
-    yield head + end + struct.pack("<II", crc, size & 0xFFFFFFFF)
+    # The last block, then the trailer: CRC-32 and length of everything sent.
+    yield head + _LAST_BLOCK + struct.pack("<II", crc, size & 0xFFFFFFFF)
 
 
 async def _plain(chunks: AsyncIterator[str]) -> AsyncIterator[bytes]:
