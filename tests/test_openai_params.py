@@ -17,7 +17,6 @@ from openai import NOT_GIVEN, AsyncOpenAI, omit
 from openai._utils import _transform as sdk_transform
 from openai.resources.chat.completions import completions as sdk_completions
 from openai.types.chat import completion_create_params
-from pydantic_ai import Agent
 from pydantic_ai.messages import (
     ImageUrl,
     ModelRequest,
@@ -32,7 +31,8 @@ from pydantic_ai.models.openai import OpenAIChatModel
 from pydantic_ai.providers.openai import OpenAIProvider
 
 from chat import openai_params
-from chat.tools import ToolDeps, toolset
+from chat.agent import build_agent
+from chat.tools import ToolDeps
 
 STREAMING = completion_create_params.CompletionCreateParamsStreaming
 
@@ -81,7 +81,7 @@ async def sent_body(store) -> dict:
         max_retries=0,
     )
     model = OpenAIChatModel("fake", provider=OpenAIProvider(openai_client=client))
-    agent = Agent(instructions="Be brief.", deps_type=ToolDeps, toolsets=[toolset])
+    agent = build_agent()
     async with agent.run_stream_events(  # streamed, as the app's runs are
         "And now?", model=model, message_history=HISTORY, deps=ToolDeps(store, "u1")
     ) as events:
