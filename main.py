@@ -24,7 +24,7 @@ from chat.limits import Limiter
 from chat.runs import RunManager
 from chat.security import SecurityMiddleware
 from chat.store import ChatStore, load_messages
-from components.layout import Head
+from components.head import Head
 from web import api, auth, chat, pages, views
 
 log = logging.getLogger("chat")

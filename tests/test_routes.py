@@ -157,7 +157,7 @@ def test_home_page_has_the_composer(client):
 def test_every_page_carries_the_same_head_without_copying_it(client):
     import copy
 
-    from components.layout import Head
+    from components.head import Head
 
     pages = [parse_html(client.get("/").text), parse_html(client.get("/").text)]
     wanted = [el.attrs.get("src") or el.attrs.get("href") for el in Head()]

@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse
 
 from chat.transcript import MAX_IMPORT_BYTES, ImportError_, split_turns, to_json, to_markdown
-from components.layout import (
+from components.sidebar import (
     ConversationLink,
     DeletedItem,
     RenameForm,

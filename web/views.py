@@ -16,7 +16,9 @@ from chat.runs import RunManager
 from chat.storage import Store
 from chat.store import load_messages
 from components.auth import SignOut
-from components.layout import Composer, ConvLinks, ExportLinks, Head, Page, Sidebar, Welcome
+from components.composer import Composer
+from components.head import Head
+from components.layout import ExportLinks, Page, Welcome
 from components.messages import (
     AssistantMessage,
     ConversationUsage,
@@ -26,6 +28,7 @@ from components.messages import (
     TurnLinks,
     UserMessage,
 )
+from components.sidebar import ConvLinks, Sidebar
 
 
 def store(req: Request) -> Store:
