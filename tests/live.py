@@ -448,6 +448,20 @@ def open_context(browser, base_url: str, **kw) -> Watched:
     return watched
 
 
+# True once an element's own CSS transitions and animations have all finished. Reading
+# getAnimations() flushes style, so a transition just triggered by a class change is counted.
+_SETTLED = """sel => {
+  const e = document.querySelector(sel);
+  return !!e && e.getAnimations().every(a => a.playState === "finished" || a.playState === "idle");
+}"""
+
+
+def wait_settled(page, selector: str, timeout: float = 5_000) -> None:
+    """Wait until `selector` has stopped moving (its transitions have ended): a condition, not
+    a fixed time, so a test asserts on where a slide-in ends, never on where it happens to be."""
+    page.wait_for_function(_SETTLED, arg=selector, timeout=timeout)
+
+
 @pytest.fixture(name="web")
 def web_fixture(browser, app: LiveApp, fake: FakeOpenAI) -> Iterator[Watched]:
     """A watched page in a fresh browser profile on the fake-model app."""

@@ -35,6 +35,7 @@ from tests.live import (  # noqa: F401  (fixtures are used by name)
     is_title_request,
     open_context,
     replies,
+    wait_settled,
     web_fixture,
 )
 
@@ -868,15 +869,17 @@ def test_on_a_phone_the_keyboard_never_focuses_the_closed_sidebar(
         page.keyboard.press("Enter")
         expect(menu).to_have_attribute("aria-expanded", "true")
         expect(page.get_by_role("link", name="New chat")).to_be_focused()
+        # Focus moves at once; the list slides in over 0.2 s. Judge where it comes to rest.
+        wait_settled(page, "#sidebar")
         assert page.evaluate(ON_SCREEN)["onScreen"]
         page.keyboard.press("Escape")
         expect(menu).to_have_attribute("aria-expanded", "false")
         expect(menu).to_be_focused()
 
         # Closed (once it has slid away), it holds nothing Tab or Shift+Tab may reach.
-        page.wait_for_function(
-            "document.querySelector('#sidebar').getBoundingClientRect().right <= 0",
-            timeout=5_000,
+        wait_settled(page, "#sidebar")
+        assert page.evaluate(
+            "document.querySelector('#sidebar').getBoundingClientRect().right <= 0"
         )
         message_box(page).focus()
         reached = []
