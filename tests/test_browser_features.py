@@ -556,14 +556,12 @@ def test_search_highlights_hits_and_opens_the_message(web: Watched, fake: FakeOp
     target = page.locator(f"#{anchor}")
     expect(target).to_contain_text("Tell me about the zebra")
     expect(page.locator("[data-role=user]")).to_have_count(3)
-    page.wait_for_timeout(300)  # let the page settle its scroll
-    # Scrolled to it: the message is inside the visible part of the message list.
-    assert page.evaluate(IN_VIEW, anchor), "the searched message is not scrolled into view"
+    # Scrolled to it: the message comes to rest inside the visible part of the message list.
+    page.wait_for_function(IN_VIEW, arg=anchor, timeout=5_000)
     # Opened plainly, the list shows the newest messages instead (so the check can tell).
     page.goto(page.url.split("?")[0])
     expect(page.locator("[data-role=user]")).to_have_count(3)
-    page.wait_for_timeout(300)
-    assert not page.evaluate(IN_VIEW, anchor)
+    page.wait_for_function(f"() => !({IN_VIEW})({anchor!r})", timeout=5_000)
     web.assert_clean()
 
 

@@ -93,7 +93,7 @@ def test_second_message_sends_the_first_turn_as_history(visitor: HtmxClient, fak
 
 
 def test_reopening_a_finished_stream_never_calls_the_model_again(
-    visitor: HtmxClient, fake: FakeOpenAI
+    visitor: HtmxClient, fake: FakeOpenAI, app: LiveApp
 ):
     fake.configure(REPLY)
     sent = visitor.send("Only once, please")
@@ -105,7 +105,9 @@ def test_reopening_a_finished_stream_never_calls_the_model_again(
     assert text_of(reply_html(again)) == REPLY_TEXT
     assert text_of(reply_html(resumed)) == REPLY_TEXT
     assert again[-1].data == resumed[-1].data == first[-1].data == "complete"
-    time.sleep(1.0)
+    # A reopened stream that started a run would be running now: wait for the app to be idle.
+    app.wait_idle()
+    fake.wait_until_finished()
     assert len(replies(fake)) == 1
     assert all(r.completed for r in replies(fake))
 
