@@ -172,12 +172,18 @@ def test_an_alias_or_a_format_anywhere_keeps_the_sdk_transform(monkeypatch):
     assert sdk_completions.async_maybe_transform is original  # left alone
 
 
-def test_configured_openai_models_use_plain(monkeypatch):
+def test_configured_openai_models_use_both_fast_paths(monkeypatch):
+    from chat import openai_fast
     from chat.agent import resolve_model
     from chat.config import Settings
 
-    sdk = sdk_transform.async_maybe_transform
-    monkeypatch.setattr(sdk_completions, "async_maybe_transform", sdk)
+    # As a fresh process: nothing installed yet.
+    monkeypatch.setattr(
+        sdk_completions, "async_maybe_transform", sdk_transform.async_maybe_transform
+    )
+    monkeypatch.setattr(openai_fast, "_state", None)
     monkeypatch.setenv("OPENAI_API_KEY", "x")
-    resolve_model("openai-chat:gpt-4o-mini", Settings.from_env())
-    assert sdk_completions.async_maybe_transform is openai_params._maybe_transform
+    model = resolve_model("openai-chat:gpt-4o-mini", Settings.from_env())
+    state = openai_fast.status()
+    assert state is not None and state.missing == {}
+    assert state.params and model.reads_in_batches
