@@ -79,3 +79,16 @@ def fast(model: Any, *, enabled: bool = True) -> Any:
     if state.stream is not None:
         model = state.stream.batched(model)
     return model
+
+
+def describe() -> str:
+    """One line for operators and CI: which fast paths this SDK release allows, or why not."""
+    import openai
+
+    state = _installed()
+    used = [label for label in _PATHS if label not in state.missing]
+    version = getattr(openai, "__version__", "?")
+    if not state.missing:
+        return f"openai {version}: fast paths in use ({', '.join(used)})"
+    why = "; ".join(f"{label}: {reason}" for label, reason in state.missing.items())
+    return f"openai {version}: FELL BACK to the SDK's own path for {why}"

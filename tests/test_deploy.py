@@ -315,6 +315,51 @@ def test_dockerfile_says_what_the_container_needs():
 # The build context: .dockerignore -----------------------------------------------------------
 
 
+# The image installs pyproject.toml's [project] dependencies and nothing else ----------------
+
+APP_SOURCES = ("chat", "web", "components", "main.py", "manage.py")
+
+
+def _dist(requirement: str) -> str:
+    """The normalized distribution name of a requirement string ("Foo_Bar[x]>=1" -> foo-bar)."""
+    name = re.match(r"[A-Za-z0-9._-]+", requirement).group(0)
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_runtime_dependencies_are_exactly_what_the_app_imports():
+    import ast
+    import tomllib
+    from importlib.metadata import packages_distributions
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    declared = {_dist(r) for r in project["project"]["dependencies"]}
+    files = [p for src in APP_SOURCES for p in sorted((ROOT / src).rglob("*.py"))] + [
+        ROOT / src for src in APP_SOURCES if src.endswith(".py")
+    ]
+    imported: dict[str, str] = {}
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                if top not in sys.stdlib_module_names and top not in ("chat", "web", "components"):
+                    imported.setdefault(top, str(path.relative_to(ROOT)))
+    dists = packages_distributions()
+    undeclared = {
+        top: where
+        for top, where in imported.items()
+        if not {_dist(d) for d in dists.get(top, [top])} & declared
+    }
+    assert undeclared == {}, "imported by the app but not a [project] dependency"
+    used = {_dist(d) for top in imported for d in dists.get(top, [])}
+    assert declared - used == set(), "declared for the app but never imported by it"
+
+
 def _pattern_regex(pattern: str) -> re.Pattern:
     """Docker's .dockerignore pattern syntax (Go filepath.Match plus `**`) as a regex."""
     out, i = "", 0
