@@ -523,6 +523,7 @@ def with_python(argv: list[str]) -> list[str]:
     return [sys.executable, *argv[1:]]
 
 
+@pytest.mark.slow
 def test_image_command_and_environment_run_the_app_as_the_container_would(tmp_path: Path):
     image = build_image(tmp_path / "image")
     assert image.cmd == ["python", "main.py"]
@@ -1068,6 +1069,7 @@ TOKEN_DELAY = 0.04  # the model writes for WORDS * TOKEN_DELAY = 1.6 s
 REPLY = " ".join(f"word{n}" for n in range(1, WORDS + 1))
 
 
+@pytest.mark.slow
 def test_nginx_config_streams_replies_through_https(tmp_path: Path):
     with (
         FakeOpenAI(REPLY, delay=TOKEN_DELAY, side_reply=title_reply) as fake,

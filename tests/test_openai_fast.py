@@ -36,19 +36,19 @@ FAST_MODULES = ("chat.openai_stream", "chat.openai_params")
 
 
 @pytest.fixture(scope="module")
-def fake_server():
+def upstream():
     with FakeOpenAI(side_reply=title_reply) as fake:
         yield fake
 
 
 @pytest.fixture
-def fake(fake_server: FakeOpenAI, monkeypatch):
-    fake_server.reset()
-    fake_server.configure(REPLY)
-    monkeypatch.setenv("OPENAI_BASE_URL", fake_server.base_url)
+def fake(upstream: FakeOpenAI, monkeypatch):
+    upstream.reset()
+    upstream.configure(REPLY)
+    monkeypatch.setenv("OPENAI_BASE_URL", upstream.base_url)
     monkeypatch.setenv("OPENAI_API_KEY", "test")
     with override_allow_model_requests(True):  # to the loopback fake only
-        yield fake_server
+        yield upstream
 
 
 @pytest.fixture
