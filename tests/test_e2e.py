@@ -63,6 +63,7 @@ def test_message_streams_reply_from_the_real_provider(visitor: HtmxClient, fake:
     assert events[-1].data == "complete"
     assert text_of(reply_html(events)) == REPLY_TEXT
     assert "<strong>bold</strong>" in reply_html(events)
+    fake.wait_until_finished()  # the fake marks a reply complete after its last write
     [request] = replies(fake)
     assert request.body["model"] == "fake-model"
     assert request.body["stream"] is True
@@ -196,6 +197,7 @@ def test_rate_limit_with_retry_after_is_retried_and_the_reply_arrives(
 
     assert events[-1].data == "complete"
     assert text_of(reply_html(events)) == "Worth the wait."
+    fake.wait_until_finished()
     limited, ok = replies(fake)
     assert limited.fault.status == 429 and ok.fault is None and ok.completed
 
