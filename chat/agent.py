@@ -50,16 +50,14 @@ def resolve_model(name: str | None, settings: Settings) -> Model:
         model = infer_model(name)
     except Exception as exc:  # unknown provider, missing SDK or key: all are config errors
         raise ModelUnavailable(f"The model {name!r} could not be started: {exc}") from exc
-    # An OpenAI-compatible model reads its stream in batches (chat/openai_stream.py) and its
-    # requests skip the SDK's per-message type walk (chat/openai_params.py). Checked
+    # An OpenAI-compatible model reads its stream in batches and its requests skip the SDK's
+    # per-message type walk, where this SDK release allows (chat/openai_fast.py). Checked
     # through sys.modules: the OpenAI SDK is slow to import, and only loaded if a model needs it.
     openai_models = sys.modules.get("pydantic_ai.models.openai")
     if openai_models is not None and isinstance(model, openai_models.OpenAIChatModel):
-        from chat import openai_params
-        from chat.openai_stream import batched
+        from chat.openai_fast import fast
 
-        openai_params.install()
-        model = batched(model)
+        model = fast(model, enabled=settings.openai_fast_paths)
     return model
 
 

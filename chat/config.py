@@ -45,6 +45,8 @@ class Settings:
     concurrent_runs: int = 3
     open_streams: int = 12
     provider_keys: tuple[str, ...] = field(default_factory=tuple)
+    # OPENAI_FAST_PATHS=0 keeps the OpenAI SDK's own stream reading and request building.
+    openai_fast_paths: bool = True
 
     @property
     def demo(self) -> bool:
@@ -88,6 +90,8 @@ class Settings:
             open_streams=int(env.get("OPEN_STREAMS") or 12),
             stall_timeout=float(env.get("STALL_TIMEOUT") or 120),
             provider_keys=tuple(k for k in PROVIDER_KEYS if env.get(k)),
+            openai_fast_paths=(env.get("OPENAI_FAST_PATHS") or "1").lower()
+            not in ("0", "false", "no", "off"),
         )
         values.update(overrides)
         # MODEL (from the environment or --model) is always among the models offered.

@@ -10,6 +10,8 @@ The chat-completion parameters have no aliases and no formats (checked at instal
 whole type tree), so for them that walk can only drop omitted values, turn iterables into lists
 and dump pydantic models. `plain` does exactly that, in one pass over the data. If an SDK
 release adds an alias or a format anywhere in those types, `install` leaves the SDK alone.
+The names used here are the SDK's private ones: import this module only through
+chat/openai_fast.py, which keeps the SDK's own transform when any of them is gone.
 """
 
 from __future__ import annotations

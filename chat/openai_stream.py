@@ -10,6 +10,8 @@ that sends one token per read is streamed exactly as before. Nothing waits to ba
 handed on as soon as the read that carried it has been parsed.
 
 Everything else is the SDK's own: its SSE line decoder, its error handling, its typed chunk.
+Those are private names of the SDK and of pydantic-ai: import this module only through
+chat/openai_fast.py, which falls back to the SDK's own stream when any of them is gone.
 """
 
 from __future__ import annotations
@@ -17,16 +19,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from openai import AsyncStream
+from openai import AsyncOpenAI, AsyncStream
 from openai._exceptions import APIConnectionError, APIError, APITimeoutError
 from openai._httpx2 import request_exceptions, timeout_exceptions
 from openai._streaming import SSEDecoder, _SSELineDecoder
 from openai._streaming_cleanup import drain_response_async
 from openai.types.chat import ChatCompletionChunk
 from pydantic_ai.models.openai import OpenAIChatModel
+
+log = logging.getLogger(__name__)
+
+# Private methods used at request time, checked now: a release without them turns this fast path
+# off at start-up (see chat/openai_fast.py) instead of failing a reply.
+for _owner, _name in (
+    (AsyncOpenAI, "_process_response_data"),
+    (OpenAIChatModel, "_process_streamed_response"),
+):
+    if not callable(getattr(_owner, _name, None)):
+        raise AttributeError(f"{_owner.__module__}.{_owner.__qualname__}.{_name} is missing")
 
 # Pieces gathered before the reader lets the reply side take them (see `_raw`).
 _MAX_BATCH = 32
@@ -228,6 +242,20 @@ class BatchedChunkStream(AsyncStream[ChatCompletionChunk]):
 
 
 _BATCHED: dict[type, type] = {}
+_wrap_failed = False
+
+
+def _wrap_or_keep(stream: AsyncStream[ChatCompletionChunk]) -> AsyncStream[ChatCompletionChunk]:
+    """The batched stream, or the SDK's own if this release's stream cannot be taken over."""
+    global _wrap_failed
+    if _wrap_failed:
+        return stream
+    try:
+        return BatchedChunkStream.wrap(stream)
+    except (AttributeError, TypeError) as exc:
+        _wrap_failed = True
+        log.warning("OpenAI stream reads: the SDK's own stream is used instead (%s)", exc)
+        return stream
 
 
 def _batched_class(cls: type) -> type:
@@ -235,7 +263,7 @@ def _batched_class(cls: type) -> type:
 
     async def _process_streamed_response(self, response: Any, *args: Any, **kwargs: Any):
         if type(response) is AsyncStream:  # anything else (a test double, a subclass) as it is
-            response = BatchedChunkStream.wrap(response)
+            response = _wrap_or_keep(response)
         return await super(sub, self)._process_streamed_response(response, *args, **kwargs)
 
     # A plain subclass with no state of its own, so an existing model's class can be swapped.

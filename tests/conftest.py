@@ -4,6 +4,8 @@ clients, and small parsers for what a browser receives (server-sent events, HTML
 from __future__ import annotations
 
 import asyncio
+import inspect
+import re
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
@@ -211,6 +213,35 @@ def parse_html(html: str) -> Node:
     builder.feed(html)
     builder.close()
     return builder.root
+
+
+# Layers -----------------------------------------------------------------------------------
+# `uv run pytest -m "not slow"` is the quick layer (unit and route tests, in-process); `slow`
+# marks what starts a real browser, the app as a subprocess, nginx, or waits on the network.
+SLOW_MODULES = {"test_browser", "test_browser_features", "test_e2e", "test_cli", "test_forking"}
+# Fixtures that start a live server (tests/live.py): any test using one is slow.
+SLOW_FIXTURES = {"browser", "app", "demo_app", "fake_server"}
+# A test whose own code starts the app or another process (tests/live.py's running_app).
+_STARTS_A_PROCESS = re.compile(r"\brunning_app\(|\bsubprocess\.(run|Popen|check_output|call)\(")
+
+
+def _starts_a_process(item: pytest.Item) -> bool:
+    try:
+        return bool(_STARTS_A_PROCESS.search(inspect.getsource(item.function)))
+    except (AttributeError, OSError, TypeError):
+        return False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark the slow layer: modules that drive live servers, and tests that start one."""
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        if (
+            module in SLOW_MODULES
+            or SLOW_FIXTURES & set(getattr(item, "fixturenames", ()))
+            or _starts_a_process(item)
+        ):
+            item.add_marker(pytest.mark.slow)
 
 
 # Fixtures ---------------------------------------------------------------------------------

@@ -372,10 +372,13 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 # Reports every CSP violation to Python (exposed binding), surviving reloads and navigations.
+# Counts reports once the test side holds them, so a test can wait for one instead of sleeping.
 _CSP_WATCH = """
-document.addEventListener("securitypolicyviolation", (e) => {
-  window.__reportCsp({directive: e.violatedDirective, blocked: e.blockedURI,
-                      sample: e.sample, source: e.sourceFile, line: e.lineNumber});
+window.__cspReported = 0;
+document.addEventListener("securitypolicyviolation", async (e) => {
+  await window.__reportCsp({directive: e.violatedDirective, blocked: e.blockedURI,
+                            sample: e.sample, source: e.sourceFile, line: e.lineNumber});
+  window.__cspReported++;
 });
 """
 
@@ -443,9 +446,41 @@ def open_context(browser, base_url: str, **kw) -> Watched:
     violations: list[dict] = []
     context.expose_binding("__reportCsp", lambda _source, v: violations.append(v))
     context.add_init_script(_CSP_WATCH)
+    context.add_init_script(_SSE_WATCH)
     watched = watch(context, context.new_page())
     watched.csp_violations = violations
     return watched
+
+
+# Counts the htmx SSE extension's streams opened and closed, so a test can wait until every
+# stream has been closed (after which nothing reconnects) instead of watching for a while.
+_SSE_WATCH = """
+window.__sseOpened = 0; window.__sseClosed = 0;
+document.addEventListener("htmx:sseOpen", () => window.__sseOpened++);
+document.addEventListener("htmx:sseClose", () => window.__sseClosed++);
+"""
+
+
+def wait_streams_closed(page, timeout: float = 10_000) -> None:
+    """Wait until the page opened a reply stream and has closed every stream it opened."""
+    page.wait_for_function(
+        "() => window.__sseOpened > 0 && window.__sseClosed >= window.__sseOpened",
+        timeout=timeout,
+    )
+
+
+# True once an element's own CSS transitions and animations have all finished. Reading
+# getAnimations() flushes style, so a transition just triggered by a class change is counted.
+_SETTLED = """sel => {
+  const e = document.querySelector(sel);
+  return !!e && e.getAnimations().every(a => a.playState === "finished" || a.playState === "idle");
+}"""
+
+
+def wait_settled(page, selector: str, timeout: float = 5_000) -> None:
+    """Wait until `selector` has stopped moving (its transitions have ended): a condition, not
+    a fixed time, so a test asserts on where a slide-in ends, never on where it happens to be."""
+    page.wait_for_function(_SETTLED, arg=selector, timeout=timeout)
 
 
 @pytest.fixture(name="web")

@@ -27,6 +27,7 @@ from tests.live import (  # noqa: F401  (fixtures are used by name)
     replies,
     running_app,
     title_reply,
+    wait_streams_closed,
     web_fixture,
 )
 
@@ -127,10 +128,15 @@ def test_shift_enter_adds_a_line_and_enter_sends_then_clears_and_focuses(
     box = message_box(page)
     expect(box).to_be_focused()
 
+    # Enter submits from its keydown handler, synchronously: once the keys are typed, a submit
+    # would already have been counted (no wait for time needed to see that none happened).
+    page.evaluate(
+        "window.__submits = 0;document.addEventListener('submit', () => window.__submits++, true)"
+    )
     box.type("line one")
     box.press("Shift+Enter")
     box.type("line two")
-    page.wait_for_timeout(300)
+    assert page.evaluate("window.__submits") == 0
     expect(box).to_have_value("line one\nline two")
     expect(page.locator("[data-role=user]")).to_have_count(0)
     assert fake.requests == []
@@ -168,8 +174,8 @@ def test_reload_keeps_both_messages_and_the_next_message_sends_history(
     first, second = replies(fake)
     assert second.texts("user") == ["Remember the number 7", "What number?"]
     assert second.texts("assistant") == ["Answer 1: noted."]
-    # Quiet afterwards: no reconnecting stream, no further model call.
-    page.wait_for_timeout(2000)
+    # Quiet afterwards: every stream closed (nothing left to reconnect), no further model call.
+    wait_streams_closed(page)
     assert len(replies(fake)) == 2
     assert len(stream_requests(web)) == 2
     web.assert_clean()
@@ -182,7 +188,8 @@ def test_nothing_more_happens_after_a_reply_has_finished(web: Watched, fake: Fak
     send(page, "Just one reply")
     expect(wait_done(page, 1)).to_contain_text("Finished.")
 
-    page.wait_for_timeout(2000)
+    # The stream was closed by its "done" event: a closed source never reconnects.
+    wait_streams_closed(page)
 
     assert len(replies(fake)) == 1
     assert len(stream_requests(web)) == 1
@@ -317,6 +324,24 @@ HOSTILE = """Look: <script>window.__pwned = "script"</script>
 [fine](https://example.com/ok "t")"""
 
 
+# What in the message list could run: elements, handlers, javascript: URLs, htmx attributes.
+RUNNABLE = """() => {
+  const box = document.querySelector("#messages");
+  const all = [...box.querySelectorAll("*")];
+  return {
+    tags: all.map(e => e.tagName.toLowerCase()).filter(
+            t => ["script", "img", "svg", "iframe", "object", "embed"].includes(t)),
+    handlers: all.flatMap(e => [...e.attributes].map(a => a.name))
+                 .filter(n => n.startsWith("on")),
+    js: [...box.querySelectorAll("[href], [src]")]
+          .map(e => e.getAttribute("href") || e.getAttribute("src"))
+          .filter(u => /^\\s*javascript:/i.test(u)),
+    htmx: [...box.querySelectorAll(".chunk *")].flatMap(e => [...e.attributes])
+             .map(a => a.name).filter(n => /^(hx-|data-hx-|sse-)/.test(n)),
+  };
+}"""
+
+
 def test_hostile_model_output_and_message_run_nothing(web: Watched, fake: FakeOpenAI):
     page = web.page
     fake.configure(HOSTILE, delay=0.01)
@@ -328,29 +353,16 @@ def test_hostile_model_output_and_message_run_nothing(web: Watched, fake: FakeOp
     expect(reply.get_by_role("link", name="fine")).to_have_attribute(
         "href", "https://example.com/ok"
     )
-    page.wait_for_timeout(500)
+    # Checked as streamed and as stored: nothing that could run reached the page, so nothing
+    # asynchronous (an image's error handler) is left to wait for before looking at __pwned.
+    found_live = page.evaluate(RUNNABLE)
+    assert page.evaluate("window.__pwned") is None
     page.reload()
     wait_done(page, 1)
-    page.wait_for_timeout(500)
 
     assert page.evaluate("window.__pwned") is None
-    found = page.evaluate(
-        """() => {
-          const box = document.querySelector("#messages");
-          const all = [...box.querySelectorAll("*")];
-          return {
-            tags: all.map(e => e.tagName.toLowerCase()).filter(
-                    t => ["script", "img", "svg", "iframe", "object", "embed"].includes(t)),
-            handlers: all.flatMap(e => [...e.attributes].map(a => a.name))
-                         .filter(n => n.startsWith("on")),
-            js: [...box.querySelectorAll("[href], [src]")]
-                  .map(e => e.getAttribute("href") || e.getAttribute("src"))
-                  .filter(u => /^\\s*javascript:/i.test(u)),
-            htmx: [...box.querySelectorAll(".chunk *")].flatMap(e => [...e.attributes])
-                     .map(a => a.name).filter(n => /^(hx-|data-hx-|sse-)/.test(n)),
-          };
-        }"""
-    )
+    found = page.evaluate(RUNNABLE)
+    assert found_live == found
     assert found == {"tags": [], "handlers": [], "js": [], "htmx": []}
     # The markup is shown as text, not interpreted.
     expect(page.locator("[data-role=user]")).to_contain_text("<script>window.__pwned=1</script>")
@@ -480,14 +492,15 @@ def test_the_watch_would_catch_a_csp_violation(web: Watched):
     """The harness itself: CSP is enforced in these pages, and a violation is recorded."""
     page = web.page
     page.goto("/")
-    page.evaluate(
-        """() => {
-          const s = document.createElement("script");
-          s.textContent = "window.__inline = 1";
-          document.body.append(s);
-        }"""
-    )
-    page.wait_for_timeout(300)
+    with page.expect_console_message(lambda m: "Content Security Policy" in m.text):
+        page.evaluate(
+            """() => {
+              const s = document.createElement("script");
+              s.textContent = "window.__inline = 1";
+              document.body.append(s);
+            }"""
+        )
+    page.wait_for_function("() => window.__cspReported >= 1")  # the report reached the test
     assert page.evaluate("window.__inline") is None
     assert [v["directive"] for v in web.csp_violations] == ["script-src-elem"]
     assert any("Content Security Policy" in e for e in web.console_errors)

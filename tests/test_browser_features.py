@@ -35,6 +35,7 @@ from tests.live import (  # noqa: F401  (fixtures are used by name)
     is_title_request,
     open_context,
     replies,
+    wait_settled,
     web_fixture,
 )
 
@@ -555,14 +556,12 @@ def test_search_highlights_hits_and_opens_the_message(web: Watched, fake: FakeOp
     target = page.locator(f"#{anchor}")
     expect(target).to_contain_text("Tell me about the zebra")
     expect(page.locator("[data-role=user]")).to_have_count(3)
-    page.wait_for_timeout(300)  # let the page settle its scroll
-    # Scrolled to it: the message is inside the visible part of the message list.
-    assert page.evaluate(IN_VIEW, anchor), "the searched message is not scrolled into view"
+    # Scrolled to it: the message comes to rest inside the visible part of the message list.
+    page.wait_for_function(IN_VIEW, arg=anchor, timeout=5_000)
     # Opened plainly, the list shows the newest messages instead (so the check can tell).
     page.goto(page.url.split("?")[0])
     expect(page.locator("[data-role=user]")).to_have_count(3)
-    page.wait_for_timeout(300)
-    assert not page.evaluate(IN_VIEW, anchor)
+    page.wait_for_function(f"() => !({IN_VIEW})({anchor!r})", timeout=5_000)
     web.assert_clean()
 
 
@@ -868,15 +867,17 @@ def test_on_a_phone_the_keyboard_never_focuses_the_closed_sidebar(
         page.keyboard.press("Enter")
         expect(menu).to_have_attribute("aria-expanded", "true")
         expect(page.get_by_role("link", name="New chat")).to_be_focused()
+        # Focus moves at once; the list slides in over 0.2 s. Judge where it comes to rest.
+        wait_settled(page, "#sidebar")
         assert page.evaluate(ON_SCREEN)["onScreen"]
         page.keyboard.press("Escape")
         expect(menu).to_have_attribute("aria-expanded", "false")
         expect(menu).to_be_focused()
 
         # Closed (once it has slid away), it holds nothing Tab or Shift+Tab may reach.
-        page.wait_for_function(
-            "document.querySelector('#sidebar').getBoundingClientRect().right <= 0",
-            timeout=5_000,
+        wait_settled(page, "#sidebar")
+        assert page.evaluate(
+            "document.querySelector('#sidebar').getBoundingClientRect().right <= 0"
         )
         message_box(page).focus()
         reached = []

@@ -63,6 +63,7 @@ def test_message_streams_reply_from_the_real_provider(visitor: HtmxClient, fake:
     assert events[-1].data == "complete"
     assert text_of(reply_html(events)) == REPLY_TEXT
     assert "<strong>bold</strong>" in reply_html(events)
+    fake.wait_until_finished()  # the fake marks a reply complete after its last write
     [request] = replies(fake)
     assert request.body["model"] == "fake-model"
     assert request.body["stream"] is True
@@ -93,7 +94,7 @@ def test_second_message_sends_the_first_turn_as_history(visitor: HtmxClient, fak
 
 
 def test_reopening_a_finished_stream_never_calls_the_model_again(
-    visitor: HtmxClient, fake: FakeOpenAI
+    visitor: HtmxClient, fake: FakeOpenAI, app: LiveApp
 ):
     fake.configure(REPLY)
     sent = visitor.send("Only once, please")
@@ -105,7 +106,9 @@ def test_reopening_a_finished_stream_never_calls_the_model_again(
     assert text_of(reply_html(again)) == REPLY_TEXT
     assert text_of(reply_html(resumed)) == REPLY_TEXT
     assert again[-1].data == resumed[-1].data == first[-1].data == "complete"
-    time.sleep(1.0)
+    # A reopened stream that started a run would be running now: wait for the app to be idle.
+    app.wait_idle()
+    fake.wait_until_finished()
     assert len(replies(fake)) == 1
     assert all(r.completed for r in replies(fake))
 
@@ -194,6 +197,7 @@ def test_rate_limit_with_retry_after_is_retried_and_the_reply_arrives(
 
     assert events[-1].data == "complete"
     assert text_of(reply_html(events)) == "Worth the wait."
+    fake.wait_until_finished()
     limited, ok = replies(fake)
     assert limited.fault.status == 429 and ok.fault is None and ok.completed
 

@@ -20,7 +20,12 @@ from pydantic_ai.models import override_allow_model_requests
 from pydantic_ai.models.openai import OpenAIChatModel
 from pydantic_ai.providers.openai import OpenAIProvider
 
-from chat.openai_stream import batched, merge_chunks
+# The stream fast path uses the SDK's private names; on a release without them the app falls
+# back (tests/test_openai_fast.py) and there is no batched stream to test.
+try:
+    from chat.openai_stream import batched, merge_chunks
+except (ImportError, AttributeError) as exc:
+    pytest.skip(f"stream fast path off on this SDK: {exc}", allow_module_level=True)
 
 
 @pytest.fixture(autouse=True)
