@@ -250,3 +250,33 @@ def test_password_hashing_runs_off_the_event_loop(site, monkeypatch):
     login(browser(site), "alice", "wrong password")
     login(browser(site), "nobody", "wrong password")
     assert on_loop == [False, False, False, False]
+
+
+def test_m005_renames_accounts_that_differ_only_in_case(caplog):
+    from sqlite_utils import Database
+
+    from chat import migrations
+
+    db = Database(memory=True)
+    for step in migrations.MIGRATIONS[:4]:
+        step(db)
+    for i, name in enumerate(["alice", "Alice", "ALICE", "bob", "alice-2x"]):
+        db["users"].insert(
+            {
+                "id": f"u{i}",
+                "username": name,
+                "password_hash": "h",
+                "created_at": f"2025-01-0{i + 1}",
+            }
+        )
+    with caplog.at_level("WARNING", logger="chat"):
+        migrations.m005_account_hardening(db)
+    names = {row["id"]: row["username"] for row in db["users"].rows}
+    # The oldest keeps its name; the others get free, valid, distinct names; others untouched.
+    assert names == {"u0": "alice", "u1": "Alice-2", "u2": "ALICE-3", "u3": "bob", "u4": "alice-2x"}
+    assert all(accounts.USERNAME.match(n) for n in names.values())
+    assert "'Alice'" in caplog.text and "'Alice-2'" in caplog.text and "'ALICE-3'" in caplog.text
+    versions = {row["id"]: row["session_version"] for row in db["users"].rows}
+    assert versions == {"u0": 0, "u1": 1, "u2": 1, "u3": 0, "u4": 0}
+    with pytest.raises(Exception, match="UNIQUE"):
+        db["users"].insert({"id": "u9", "username": "BOB", "password_hash": "h", "created_at": "x"})
