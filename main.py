@@ -134,7 +134,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="A streaming chat site for pydantic-ai agents.",
         epilog="Settings also come from the environment or a .env file: MODEL, MODELS, HOST, "
-        "PORT, DB_PATH, SECRET_KEY, HTTPS, and the provider keys (OPENAI_API_KEY, ...).",
+        "PORT, DB_PATH, SECRET_KEY, HTTPS, ALLOWED_HOSTS, AUTH, and the provider keys "
+        "(OPENAI_API_KEY, ...).",
     )
     parser.add_argument("--host", help="address to listen on (HOST, default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to listen on (PORT, default 5001)")
