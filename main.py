@@ -18,11 +18,13 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.staticfiles import StaticFiles
 
+from chat.accounts import ACCOUNT_PREFIX
 from chat.agent import ModelUnavailable, build_agent
 from chat.config import Settings
 from chat.limits import Limiter
 from chat.runs import RunManager
-from chat.security import SecurityMiddleware
+from chat.security import SecurityMiddleware, server_error
+from chat.slow_clients import protocol_class
 from chat.store import ChatStore, load_messages
 from components.head import Head
 from web import api, auth, chat, pages, views
@@ -77,9 +79,13 @@ def create_app(settings: Settings | None = None, *, model: Model | None = None) 
     async def identify(req: Request, session):
         if settings.auth == "password":
             # Accounts: the identity is the signed-in user; everything else asks to sign in.
-            if user := session.get("user"):
-                req.scope["uid"] = "user:" + user
-                return None
+            if user_id := session.get("user"):
+                user = req.app.state.store.user(user_id)
+                # A deleted account, or a session ended by signing out or a new password.
+                if user is not None and user["session_version"] == session.get("sv", 0):
+                    req.scope["uid"] = ACCOUNT_PREFIX + user_id
+                    return None
+                session.clear()
             req.scope["uid"] = None
             if req.url.path in PUBLIC_PATHS:
                 return None
@@ -106,8 +112,12 @@ def create_app(settings: Settings | None = None, *, model: Model | None = None) 
         htmlkw={"lang": "en"},
         lifespan=lifespan,
         before=[identify],
-        middleware=[Middleware(SecurityMiddleware)],
-        exception_handlers={404: views.not_found},
+        middleware=[
+            Middleware(
+                SecurityMiddleware, host_allowed=settings.host_allowed, hsts=settings.https_only
+            )
+        ],
+        exception_handlers={404: views.not_found, 500: server_error},
     )
     app.hdrs = _SharedHead(app.hdrs)  # after __init__, which turns it into a list
     app.state.settings = settings
@@ -124,7 +134,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="A streaming chat site for pydantic-ai agents.",
         epilog="Settings also come from the environment or a .env file: MODEL, MODELS, HOST, "
-        "PORT, DB_PATH, SECRET_KEY, HTTPS, and the provider keys (OPENAI_API_KEY, ...).",
+        "PORT, DB_PATH, SECRET_KEY, HTTPS, ALLOWED_HOSTS, AUTH, and the provider keys "
+        "(OPENAI_API_KEY, ...).",
     )
     parser.add_argument("--host", help="address to listen on (HOST, default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to listen on (PORT, default 5001)")
@@ -159,11 +170,14 @@ def serve(argv: list[str] | None = None) -> None:
     }
     settings = Settings.from_env(**{k: v for k, v in overrides.items() if v is not None})
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if "*" in settings.allowed_hosts:
+        log.info("answering any Host name; set ALLOWED_HOSTS to this site's names to restrict")
     config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
         port=settings.port,
         timeout_graceful_shutdown=15,
+        http=protocol_class(settings.header_timeout),
         log_level="info",
     )
     _Server(config).run()

@@ -6,6 +6,8 @@
     python manage.py backup FILE        # consistent copy of the live database (VACUUM INTO)
     python manage.py check              # SQLite integrity check
     python manage.py adduser NAME       # create an account (AUTH=password); reads the password
+    python manage.py passwd NAME        # set a new password; ends the account's sessions
+    python manage.py deluser NAME       # delete an account and all its conversations
 
 The database is DB_PATH (default data/chat.db) or --db. Safe to run while the app serves:
 SQLite's WAL mode lets these read (and the backup copy) alongside the server.
@@ -19,6 +21,7 @@ import sys
 from pathlib import Path
 
 from chat import accounts
+from chat.accounts import ACCOUNT_PREFIX
 from chat.config import db_path_from_env
 from chat.store import ChatStore
 from chat.transcript import to_json, to_markdown
@@ -42,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("check", help="run SQLite's integrity check")
     p_user = sub.add_parser("adduser", help="create an account for AUTH=password")
     p_user.add_argument("username")
+    p_passwd = sub.add_parser("passwd", help="set an account's password and sign it out")
+    p_passwd.add_argument("username")
+    p_deluser = sub.add_parser("deluser", help="delete an account and its conversations")
+    p_deluser.add_argument("username")
     args = parser.parse_args(argv)
 
     db_path = Path(args.db) if args.db else db_path_from_env()
@@ -90,8 +97,7 @@ def _run(store: ChatStore, args: argparse.Namespace) -> int:
         print(f"Backed up to {target}.")
         return 0
     if args.command == "adduser":
-        password = getpass.getpass("Password: ") if sys.stdin.isatty() else sys.stdin.readline()
-        password = password.rstrip("\n")
+        password = _read_password()
         if problem := accounts.signup_problem(args.username, password):
             print(problem, file=sys.stderr)
             return 1
@@ -100,9 +106,35 @@ def _run(store: ChatStore, args: argparse.Namespace) -> int:
             return 1
         print(f"Created {args.username}.")
         return 0
+    if args.command in ("passwd", "deluser"):
+        user = store.user_by_name(args.username)
+        if user is None:
+            print(f"No account {args.username}.", file=sys.stderr)
+            return 1
+        if args.command == "passwd":
+            password = _read_password()
+            if problem := accounts.password_problem(password):
+                print(problem, file=sys.stderr)
+                return 1
+            accounts.set_password(store, user, password)
+            print(f"Set a new password for {user['username']}; their sessions are ended.")
+            return 0
+        owned = store.all_conversations(ACCOUNT_PREFIX + user["id"])
+        for conv in owned:
+            store.erase(conv["id"])
+        store.delete_user(user["id"])
+        print(f"Deleted {user['username']} and {len(owned)} conversation(s).")
+        return 0
     result = store.integrity()
     print(result)
     return 0 if result == "ok" else 1
+
+
+def _read_password() -> str:
+    """The password from the terminal (not echoed), or the first line of piped input."""
+    if sys.stdin.isatty():
+        return getpass.getpass("Password: ")
+    return sys.stdin.readline().rstrip("\n")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import secrets
 from collections.abc import Mapping
@@ -29,6 +30,12 @@ class Settings:
     # AUTH=password turns on accounts; SIGNUP=closed stops new ones (use manage.py adduser).
     auth: str = "none"
     signup_open: bool = True
+    # Failed sign-ins allowed per username in 15 minutes (a client address gets 5 times this).
+    login_attempts: int = 10
+    # Host header values the app answers to; ("*",) means any. Empty: worked out from `host`.
+    allowed_hosts: tuple[str, ...] = ()
+    # Seconds a client may take to send a request's headers (slow clients hold connections).
+    header_timeout: float = 10.0
     # Replies: how often coalesced updates may go out, and when a partial reply is flushed to disk.
     stream_tick: float = 0.015
     flush_every: float = 2.0
@@ -81,6 +88,11 @@ class Settings:
             https_only=(env.get("HTTPS") or "").lower() in ("1", "true", "yes"),
             auth="password" if (env.get("AUTH") or "").lower() == "password" else "none",
             signup_open=(env.get("SIGNUP") or "open").lower() != "closed",
+            login_attempts=int(env.get("LOGIN_ATTEMPTS") or 10),
+            allowed_hosts=tuple(
+                h.strip().lower() for h in (env.get("ALLOWED_HOSTS") or "").split(",") if h.strip()
+            ),
+            header_timeout=float(env.get("HEADER_TIMEOUT") or 10),
             max_message_chars=int(env.get("MAX_MESSAGE_CHARS") or 32_000),
             output_tokens_limit=_opt_int(env.get("MAX_OUTPUT_TOKENS"), 8_000),
             request_limit=_opt_int(env.get("MAX_MODEL_REQUESTS"), 10),
@@ -97,10 +109,48 @@ class Settings:
         # MODEL (from the environment or --model) is always among the models offered.
         if values["model"] and values["model"] not in values["models"]:
             values["models"] = (values["model"], *values["models"])
+        if not values["allowed_hosts"]:
+            values["allowed_hosts"] = default_allowed_hosts(values["host"])
         settings = cls(**values)
         if not settings.secret_key:
             settings = cls(**{**values, "secret_key": load_or_create_secret(settings.db_path)})
         return settings
+
+    def host_allowed(self, host: str) -> bool:
+        """True if a request's Host header (with or without a port) names this site."""
+        if "*" in self.allowed_hosts:
+            return True
+        name = host.strip().lower()
+        if name.startswith("["):  # an IPv6 literal: "[::1]:5001"
+            name = name[1 : name.find("]")] if "]" in name else ""
+        elif name.count(":") == 1:
+            name = name.rsplit(":", 1)[0]
+        name = name.rstrip(".")
+        return any(
+            name == allowed or (allowed.startswith(".") and name.endswith(allowed))
+            for allowed in self.allowed_hosts
+        )
+
+
+LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def default_allowed_hosts(host: str) -> tuple[str, ...]:
+    """The Host names answered when ALLOWED_HOSTS is unset.
+
+    Serving on a loopback address or a host name: the local names (and that name), so a page
+    on another site cannot reach the app through a DNS name rebound to 127.0.0.1. Serving on
+    any other address (0.0.0.0 in the container, usually behind a proxy): every name, as
+    before; set ALLOWED_HOSTS to the site's names to restrict it.
+    """
+    host = host.strip().lower()
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:  # a name, such as localhost or chat.internal
+        return tuple(dict.fromkeys((*LOCAL_NAMES, host)))
+    if address.is_loopback:
+        return tuple(dict.fromkeys((*LOCAL_NAMES, str(address))))
+    return ("*",)
 
 
 def read_env() -> dict[str, str]:
@@ -122,6 +172,10 @@ def _opt_int(raw: str | None, default: int) -> int | None:
     return int(raw)
 
 
+class SecretKeyError(RuntimeError):
+    """The session-signing key file exists but cannot be used."""
+
+
 def load_or_create_secret(db_path: Path) -> str:
     """Return the session-signing key kept beside the database, creating it on first use."""
     if str(db_path) == ":memory:":
@@ -129,7 +183,14 @@ def load_or_create_secret(db_path: Path) -> str:
     path = Path(db_path).parent / ".secret_key"
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():
-        return path.read_text().strip()
+        key = path.read_text().strip()
+        if not key:
+            # A truncated file (full disk, a bad copy) must not silently sign with no key.
+            raise SecretKeyError(
+                f"The session key file {path} is empty. Restore it from a backup, or delete it "
+                "to have a new key made (everyone will have to sign in again), or set SECRET_KEY."
+            )
+        return key
     key = secrets.token_urlsafe(32)
     # Owner-only: the key lets anyone forge any browser's identity.
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

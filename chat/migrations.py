@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from sqlite_utils import Database
 
+log = logging.getLogger("chat")
 MIGRATIONS: list[Callable[[Database], None]] = []
 
 
@@ -105,3 +107,42 @@ def m004_rendered_replies(db: Database) -> None:
     """
     db["turns"].add_column("reply_html", str)
     db["turns"].add_column("reply_html_version", int)
+
+
+@migration
+def m005_account_hardening(db: Database) -> None:
+    """Usernames ignore letter case; sessions can be ended; failed sign-ins are counted.
+
+    Accounts whose names differ only in case (possible before this step) cannot all keep
+    them: the oldest keeps its name, each later one is renamed `name-2`, `name-3`, ... (still a
+    valid username), its sessions are ended, and the rename is logged as a warning so the
+    operator can tell its owner. Nothing else about those accounts changes.
+    """
+    db["users"].add_column("session_version", int, not_null_default=0)
+    rows = db.execute("select id, username from users order by created_at, id").fetchall()
+    taken = {name.lower() for _, name in rows}
+    kept: set[str] = set()
+    for uid, name in rows:
+        if name.lower() not in kept:
+            kept.add(name.lower())
+            continue
+        n = 2
+        while f"{name[:37]}-{n}".lower() in taken:
+            n += 1
+        renamed = f"{name[:37]}-{n}"
+        taken.add(renamed.lower())
+        db.execute(
+            "update users set username = ?, session_version = session_version + 1 where id = ?",
+            [renamed, uid],
+        )
+        log.warning(
+            "usernames now ignore case: account %r (id %s) was renamed %r because an older "
+            "account has the same name in another case; tell its owner",
+            name,
+            uid,
+            renamed,
+        )
+    db.execute("drop index if exists idx_users_username")
+    db.execute("create unique index idx_users_username_nocase on users (username collate nocase)")
+    db["login_failures"].create({"key": str, "at": str}, not_null={"key", "at"})
+    db["login_failures"].create_index(["key", "at"])

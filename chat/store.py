@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import sqlite3
 from collections.abc import Sequence
@@ -14,6 +15,8 @@ from sqlite_utils import Database
 
 from chat.migrations import migrate
 
+# SQLite integers are signed 64-bit; a larger id in a URL names nothing (and would not bind).
+SQLITE_INT = range(-(2**63), 2**63)
 FINISHED = ("complete", "stopped", "failed", "interrupted")
 INTERRUPTED = "Interrupted: the server stopped before this reply finished."
 
@@ -50,13 +53,25 @@ order by chain.depth {order} {limit}
 """
 
 
+def create_private(path: str | Path) -> None:
+    """Create the database file owner-only (0600) if it is new, before SQLite opens it.
+
+    SQLite gives the -wal and -shm files it makes later the main file's permissions, so the
+    conversations never sit in a world-readable file whatever the process umask is.
+    """
+    path = Path(path)
+    if str(path) == ":memory:" or path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+
+
 class ChatStore:
     """Owns the SQLite database: opens it, migrates it, and answers every question asked of it."""
 
     def __init__(self, path: str | Path):
         path = str(path)
-        if path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        create_private(path)
         # Every write below runs inside `with self.db.conn:` so it commits at once: the event loop
         # never holds SQLite's write lock across an await.
         conn = sqlite3.connect(path, check_same_thread=False)
@@ -73,7 +88,8 @@ class ChatStore:
         target = Path(target)
         if target.exists():
             raise FileExistsError(f"{target} exists; choose a new file name")
-        target.parent.mkdir(parents=True, exist_ok=True)
+        # VACUUM INTO fills an empty file: made owner-only first, as the database itself is.
+        create_private(target)
         self.db.execute("vacuum into ?", [str(target)])
         return target
 
@@ -202,12 +218,13 @@ class ChatStore:
     # Accounts -----------------------------------------------------------------------------
 
     def create_user(self, username: str, password_hash: str) -> dict | None:
-        """Add an account; None if the username is taken."""
+        """Add an account; None if the username is taken (in any letter case)."""
         row = {
             "id": secrets.token_urlsafe(12),
             "username": username,
             "password_hash": password_hash,
             "created_at": now(),
+            "session_version": 0,
         }
         try:
             with self.db.conn:
@@ -217,14 +234,65 @@ class ChatStore:
         return row
 
     def user_by_name(self, username: str) -> dict | None:
-        """The account with this username, if any."""
-        rows = self.db.execute("select * from users where username = ?", [username]).fetchall()
+        """The account with this username, in any letter case, if any."""
+        rows = self.db.execute(
+            "select * from users where username = ? collate nocase", [username]
+        ).fetchall()
         return self._dicts("users", rows)[0] if rows else None
 
-    def set_password_hash(self, user_id: str, password_hash: str) -> None:
-        """Store a re-hashed password (argon2 parameters change over time)."""
+    def user(self, user_id: str) -> dict | None:
+        """The account with this id, if it still exists."""
+        rows = self.db.execute("select * from users where id = ?", [user_id]).fetchall()
+        return self._dicts("users", rows)[0] if rows else None
+
+    def set_password_hash(
+        self, user_id: str, password_hash: str, *, end_sessions: bool = False
+    ) -> None:
+        """Store a password hash; with `end_sessions`, every existing session stops working."""
+        bump = 1 if end_sessions else 0
         with self.db.conn:
-            self.db["users"].update(user_id, {"password_hash": password_hash})
+            self.db.execute(
+                "update users set password_hash = ?, session_version = session_version + ? "
+                "where id = ?",
+                [password_hash, bump, user_id],
+            )
+
+    def end_sessions(self, user_id: str) -> None:
+        """Make every session cookie issued so far for this account stop working."""
+        with self.db.conn:
+            self.db.execute(
+                "update users set session_version = session_version + 1 where id = ?", [user_id]
+            )
+
+    def delete_user(self, user_id: str) -> bool:
+        """Remove an account (its conversations are erased separately)."""
+        with self.db.conn:
+            cur = self.db.execute("delete from users where id = ?", [user_id])
+        return cur.rowcount == 1
+
+    def login_failures(self, keys: Sequence[str], since: str) -> dict[str, tuple[int, str]]:
+        """For each key with failed sign-ins after `since`: (how many, the oldest's time)."""
+        marks = ", ".join("?" for _ in keys)
+        rows = self.db.execute(
+            f"select key, count(*), min(at) from login_failures "  # noqa: S608
+            f"where key in ({marks}) and at > ? group by key",
+            [*keys, since],
+        ).fetchall()
+        return {key: (count, oldest) for key, count, oldest in rows}
+
+    def record_login_failure(self, keys: Sequence[str], before: str) -> None:
+        """Count a failed sign-in against each key; forget failures older than `before`."""
+        stamp = now()
+        with self.db.conn:
+            self.db.execute("delete from login_failures where at <= ?", [before])
+            self.db.conn.executemany(
+                "insert into login_failures (key, at) values (?, ?)", [(k, stamp) for k in keys]
+            )
+
+    def clear_login_failures(self, key: str) -> None:
+        """Forget the failed sign-ins counted against `key` (after a successful one)."""
+        with self.db.conn:
+            self.db.execute("delete from login_failures where key = ?", [key])
 
     # Turns --------------------------------------------------------------------------------
 
@@ -274,6 +342,8 @@ class ChatStore:
 
     def turn(self, tid: int, owner: str) -> dict | None:
         """The turn `tid` if its conversation belongs to `owner`, else None."""
+        if tid not in SQLITE_INT:
+            return None
         rows = self.db.execute(
             "select turns.* from turns join conversations c on c.id = turns.conversation_id "
             "where turns.id = ? and c.owner = ?",

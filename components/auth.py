@@ -30,7 +30,7 @@ def AuthPage(
                 Label("Password", fr="password"),
                 Input(id="password", name="password", type="password", required=True,
                       autocomplete="current-password" if login else "new-password",
-                      minlength=None if login else 10),
+                      minlength=None if login else 10, maxlength=1024),
                 Input(type="hidden", name="next", value=next_url),
                 Button(heading, type="submit", cls="send"),
                 action=action,

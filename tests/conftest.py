@@ -250,7 +250,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     """Settings on a fresh database, with a fixed session key and no configured model."""
-    return Settings.from_env({}, db_path=tmp_path / "chat.db", secret_key="test")
+    # "testserver" is the Host TestClient sends; the app otherwise answers only local names.
+    hosts = ("localhost", "127.0.0.1", "::1", "testserver")
+    return Settings.from_env(
+        {}, db_path=tmp_path / "chat.db", secret_key="test", allowed_hosts=hosts
+    )
 
 
 @pytest.fixture

@@ -84,3 +84,33 @@ def test_manage_adduser(tmp_path):
     assert again.returncode == 1 and "taken" in again.stderr
     short = run("manage.py", "--db", str(db), "adduser", "bob", stdin="short\n")
     assert short.returncode == 1
+
+
+def test_manage_passwd_and_deluser(tmp_path):
+    db, cid = seeded(tmp_path)
+    assert (
+        run("manage.py", "--db", str(db), "adduser", "Alice", stdin="first password!\n").returncode
+        == 0
+    )
+    store = ChatStore(db)
+    user = store.user_by_name("alice")
+    mine = store.create_conversation("user:" + user["id"])
+    store.close()
+    short = run("manage.py", "--db", str(db), "passwd", "alice", stdin="short\n")
+    assert short.returncode == 1 and "at least 10" in short.stderr
+    huge = run("manage.py", "--db", str(db), "passwd", "alice", stdin="x" * 2000 + "\n")
+    assert huge.returncode == 1 and "at most 1024" in huge.stderr
+    done = run("manage.py", "--db", str(db), "passwd", "ALICE", stdin="second password!\n")
+    assert done.returncode == 0 and "sessions are ended" in done.stdout
+    store = ChatStore(db)
+    assert store.user_by_name("alice")["session_version"] == 1
+    store.close()
+    assert run("manage.py", "--db", str(db), "passwd", "nobody", stdin="x" * 12).returncode == 1
+    gone = run("manage.py", "--db", str(db), "deluser", "alice")
+    assert gone.returncode == 0 and "1 conversation" in gone.stdout
+    store = ChatStore(db)
+    assert store.user_by_name("alice") is None
+    ids = [c["id"] for c in store.all_conversations()]
+    assert mine["id"] not in ids and cid in ids  # only the account's own conversations go
+    store.close()
+    assert run("manage.py", "--db", str(db), "deluser", "alice").returncode == 1

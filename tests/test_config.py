@@ -117,3 +117,20 @@ def test_in_memory_database_gets_a_fresh_key_and_no_file(tmp_path, monkeypatch):
 def test_a_model_given_as_an_override_is_offered_too():
     s = Settings.from_env({"MODELS": "openai-chat:a"}, model="openai-chat:cli", secret_key="k")
     assert s.models[0] == "openai-chat:cli"
+
+
+def test_account_and_edge_settings_are_read(tmp_path):
+    env = {
+        "ALLOWED_HOSTS": " Chat.Example.com ,.example.org,",
+        "LOGIN_ATTEMPTS": "4",
+        "HEADER_TIMEOUT": "2.5",
+    }
+    s = Settings.from_env(env, db_path=tmp_path / "chat.db")
+    assert s.allowed_hosts == ("chat.example.com", ".example.org")
+    assert (s.login_attempts, s.header_timeout) == (4, 2.5)
+    defaults = Settings.from_env({}, db_path=tmp_path / "chat.db")
+    assert defaults.allowed_hosts == ("localhost", "127.0.0.1", "::1")
+    assert (defaults.login_attempts, defaults.header_timeout) == (10, 10.0)
+    named = Settings.from_env({"HOST": "chat.lan"}, db_path=tmp_path / "chat.db")
+    assert named.allowed_hosts == ("localhost", "127.0.0.1", "::1", "chat.lan")
+    assert Settings.from_env({"HOST": "::"}, db_path=tmp_path / "x.db").allowed_hosts == ("*",)

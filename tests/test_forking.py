@@ -34,7 +34,8 @@ async def stream(messages, info):
         return
     yield {0: DeltaToolCall(name="word_count", json_args=json.dumps({"text": "one two three"}))}
 
-app = main.create_app(Settings.from_env({}, db_path=Path("fork.db"), secret_key="k"),
+app = main.create_app(Settings.from_env({}, db_path=Path("fork.db"), secret_key="k",
+                                        allowed_hosts=("testserver",)),
                       model=FunctionModel(stream_function=stream))
 with TestClient(app) as c:
     r = c.post("/send", data={"msg": "count"}, headers={"HX-Request": "true"})
