@@ -77,6 +77,7 @@ def _request_part(part, keep: set[str]) -> UserPromptPart | ToolReturnPart | Non
             tool_name=part.tool_name,
             content=_plain(part.content),
             tool_call_id=part.tool_call_id,
+            outcome=part.outcome,
             timestamp=part.timestamp,
         )
     return None

@@ -200,12 +200,15 @@ async def import_json(req: Request, file: UploadFile | None = None):
         return error_fragment("Choose a .json file to import.", 422, target=target)
     # An import costs what a message does (parsing, then its history goes to the model): the
     # same per-minute limits, counted before the work, whether or not the file is good.
-    refused = req.app.state.limits.check_import(uid(req), client_addr(req))
-    if refused:
-        response = error_fragment(refused.message, refused.status, target)
-        response.headers.update(refused.headers)
-        return response
-    raw = await file.read(MAX_IMPORT_BYTES + 1)
+    try:
+        refused = req.app.state.limits.check_import(uid(req), client_addr(req))
+        if refused:
+            response = error_fragment(refused.message, refused.status, target)
+            response.headers.update(refused.headers)
+            return response
+        raw = await file.read(MAX_IMPORT_BYTES + 1)
+    finally:
+        await file.close()  # its spooled temporary file, now rather than at garbage collection
     try:
         # Validating megabytes of JSON is CPU work: off the event loop, like other big work.
         turns = await run_sync(split_turns, raw, settings(req).max_import_turns)
