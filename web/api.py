@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import AsyncIterator, Sequence
 
 from fasthtml.common import APIRouter
@@ -52,7 +53,14 @@ class _Adapter(VercelAIAdapter):
 
     def sanitize_messages(self, messages: Sequence[ModelMessage], **kwargs) -> list[ModelMessage]:
         """The library's sanitising, then our whitelist (chat/untrusted.py) on top."""
-        return untrusted.clean(super().sanitize_messages(messages, **kwargs))
+        # The library warns about each part it strips; what a client sends is its own business
+        # and the whitelist drops more anyway, so that is a debug line, not a warning per request.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sanitized = super().sanitize_messages(messages, **kwargs)
+        for warning in caught:
+            log.debug("client history: %s", warning.message)
+        return untrusted.clean(sanitized)
 
     def build_event_stream(self) -> _GenericErrors:
         """The Vercel AI event stream with generic error messages."""
