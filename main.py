@@ -65,11 +65,7 @@ def create_app(settings: Settings | None = None, *, model: Model | None = None) 
             app.state.runs.model_for(settings.default_model)
         except ModelUnavailable as exc:
             log.warning("%s", exc)
-        app.state.limits = Limiter(
-            per_minute=settings.messages_per_minute,
-            concurrent_runs=settings.concurrent_runs,
-            open_streams=settings.open_streams,
-        )
+        app.state.limits = Limiter.from_settings(settings)
         try:
             yield
         finally:

@@ -227,6 +227,10 @@ def start_server(target: str, fake: FakeModel, tmp: Path, *, profile: Path | Non
         "OPENAI_API_KEY": "x",
         "PORT": str(port),
         "AUTH": "none",  # anonymous identities, whatever a local .env says
+        # Every simulated user comes from 127.0.0.1: the per-address limit and the cap on
+        # replies at once would refuse most of a 1,000-user run, which measures the server.
+        "ADDRESS_MESSAGES_PER_MINUTE": "1000000",
+        "MAX_RUNNING_REPLIES": "1000000",
     }
     if target == "app":
         db = tmp / f"app-{port}" / "chat.db"

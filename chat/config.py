@@ -51,6 +51,17 @@ class Settings:
     messages_per_minute: int = 20
     concurrent_runs: int = 3
     open_streams: int = 12
+    # The same per-minute count per client address, so fresh cookies do not escape it (a NAT or
+    # office shares one address, hence a higher default), and the addresses of reverse proxies
+    # whose X-Forwarded-For is believed.
+    address_messages_per_minute: int = 60
+    trusted_proxies: tuple[str, ...] = ()
+    # Replies being written at once, over everyone: beyond it a clear 503, not a slow queue.
+    max_running_replies: int = 100
+    # What a reply's model is given of the conversation before it (0/None: everything).
+    history_max_messages: int | None = 400
+    history_max_chars: int | None = 200_000
+    max_import_turns: int = 500
     provider_keys: tuple[str, ...] = field(default_factory=tuple)
     # OPENAI_FAST_PATHS=0 keeps the OpenAI SDK's own stream reading and request building.
     openai_fast_paths: bool = True
@@ -100,6 +111,14 @@ class Settings:
             messages_per_minute=int(env.get("MESSAGES_PER_MINUTE") or 20),
             concurrent_runs=int(env.get("CONCURRENT_RUNS") or 3),
             open_streams=int(env.get("OPEN_STREAMS") or 12),
+            address_messages_per_minute=int(env.get("ADDRESS_MESSAGES_PER_MINUTE") or 60),
+            trusted_proxies=tuple(
+                p.strip() for p in (env.get("TRUSTED_PROXIES") or "").split(",") if p.strip()
+            ),
+            max_running_replies=int(env.get("MAX_RUNNING_REPLIES") or 100),
+            history_max_messages=_opt_int(env.get("HISTORY_MAX_MESSAGES"), 400),
+            history_max_chars=_opt_int(env.get("HISTORY_MAX_CHARS"), 200_000),
+            max_import_turns=int(env.get("MAX_IMPORT_TURNS") or 500),
             stall_timeout=float(env.get("STALL_TIMEOUT") or 120),
             provider_keys=tuple(k for k in PROVIDER_KEYS if env.get(k)),
             openai_fast_paths=(env.get("OPENAI_FAST_PATHS") or "1").lower()

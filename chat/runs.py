@@ -36,6 +36,7 @@ from pydantic_ai.messages import (
 )
 from pydantic_ai.models import Model
 
+from chat import budget
 from chat.agent import ModelUnavailable, make_title, resolve_model, short_title
 from chat.config import Settings
 from chat.markdown import StreamRenderer
@@ -226,9 +227,17 @@ class RunManager:
         status, error = "failed", None
         events = None
         try:
-            history = self.store.history(turn)
-            model = self._model(run.model_name)
             cfg = self.settings
+            fitted = budget.fit(
+                self.store.history(turn),
+                max_messages=cfg.history_max_messages,
+                max_chars=cfg.history_max_chars,
+            )
+            history = fitted.messages
+            if fitted.note:  # shown at the top of this reply, and kept with its text
+                run.renderer.feed(f"*{fitted.note}*\n\n")
+                self._schedule(run)
+            model = self._model(run.model_name)
             async with self.agent.run_stream_events(
                 turn["user_text"],
                 message_history=history,

@@ -12,9 +12,11 @@ from pydantic_ai.messages import (
     UserPromptPart,
 )
 
+from chat import untrusted
 from chat.store import load_messages
 
 MAX_IMPORT_BYTES = 5_000_000
+MAX_IMPORT_TURNS = 500
 
 
 class ImportError_(ValueError):
@@ -62,8 +64,9 @@ def _prompt_text(message: ModelMessage) -> str | None:
     return "\n\n".join(texts) if texts else None
 
 
-def split_turns(raw: bytes) -> list[dict]:
-    """Validate an exported JSON file and cut it into turns, each starting at a user prompt."""
+def split_turns(raw: bytes, max_turns: int = MAX_IMPORT_TURNS) -> list[dict]:
+    """Validate an exported JSON file, keep only what is safe to hold (see chat/untrusted.py),
+    and cut it into turns, each starting at a user prompt."""
     if len(raw) > MAX_IMPORT_BYTES:
         raise ImportError_(f"The file is larger than {MAX_IMPORT_BYTES // 1_000_000} MB.")
     try:
@@ -75,10 +78,18 @@ def split_turns(raw: bytes) -> list[dict]:
             "This is not a pydantic-ai message history (ModelMessagesTypeAdapter JSON): "
             f"{first.get('msg', 'invalid')}{' at ' + where if where else ''}."
         ) from None
+    # The file is someone's claim about a conversation: it keeps text and paired tool calls,
+    # nothing that would make the server fetch, reference or obey anything.
+    messages = untrusted.clean(messages)
     turns: list[dict] = []
     for message in messages:
         prompt = _prompt_text(message)
         if prompt is not None:
+            if len(turns) == max_turns:
+                raise ImportError_(
+                    f"The conversation has more than {max_turns:,} exchanges, the most "
+                    "this site imports. Split it, or ask the operator to raise MAX_IMPORT_TURNS."
+                )
             turns.append({"user_text": prompt, "messages": [], "reply_text": ""})
         if not turns:
             raise ImportError_("The history must start with a user message.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+from anyio.to_thread import run_sync
 from fasthtml.common import H1, APIRouter, Div, Response, Title
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
@@ -17,6 +18,7 @@ from components.sidebar import (
     SearchResults,
 )
 from web.views import (
+    client_addr,
     conv_links,
     error_fragment,
     is_htmx,
@@ -196,9 +198,20 @@ async def import_json(req: Request, file: UploadFile | None = None):
     target = "#import-error"
     if file is None or not isinstance(file, UploadFile):
         return error_fragment("Choose a .json file to import.", 422, target=target)
-    raw = await file.read(MAX_IMPORT_BYTES + 1)
+    # An import costs what a message does (parsing, then its history goes to the model): the
+    # same per-minute limits, counted before the work, whether or not the file is good.
     try:
-        turns = split_turns(raw)
+        refused = req.app.state.limits.check_import(uid(req), client_addr(req))
+        if refused:
+            response = error_fragment(refused.message, refused.status, target)
+            response.headers.update(refused.headers)
+            return response
+        raw = await file.read(MAX_IMPORT_BYTES + 1)
+    finally:
+        await file.close()  # its spooled temporary file, now rather than at garbage collection
+    try:
+        # Validating megabytes of JSON is CPU work: off the event loop, like other big work.
+        turns = await run_sync(split_turns, raw, settings(req).max_import_turns)
     except ImportError_ as exc:
         return error_fragment(
             f"Could not import {file.filename or 'that file'}: {exc}", 422, target

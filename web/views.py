@@ -51,6 +51,12 @@ def uid(req: Request) -> str:
     return req.scope["uid"]
 
 
+def client_addr(req: Request) -> str:
+    """The client's address for the limits (X-Forwarded-For only from TRUSTED_PROXIES)."""
+    peer = req.client.host if req.client else None
+    return req.app.state.limits.address(peer, req.headers.get("x-forwarded-for"))
+
+
 def is_htmx(req: Request) -> bool:
     """True for requests made by htmx rather than by plain navigation."""
     return req.headers.get("hx-request") == "true"
@@ -112,9 +118,17 @@ def check_message(
         return error_fragment("The server is restarting. Send again in a moment.", 503)
     if cid is not None and runs(req).streaming_in(cid):
         return error_fragment("Wait for the reply to finish, or stop it, before sending.", 409)
-    refused = req.app.state.limits.check_send(uid(req), runs(req).running(uid(req)), replies)
+    refused = req.app.state.limits.check_send(
+        uid(req),
+        client_addr(req),
+        running=runs(req).running(uid(req)),
+        total_running=len(runs(req).runs),
+        count=replies,
+    )
     if refused:
-        return error_fragment(refused, 429)
+        response = error_fragment(refused.message, refused.status)
+        response.headers.update(refused.headers)
+        return response
     return None
 
 
