@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import secrets
 import sqlite3
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -43,10 +44,10 @@ with recursive chain(id, depth) as (
     select id, 0 from turns where id = :head
     union all
     select t.parent_id, c.depth + 1 from turns t join chain c on t.id = c.id
-    where t.parent_id is not null
+    where t.parent_id is not null {bound}
 )
 select {cols} from chain join turns on turns.id = chain.id
-order by chain.depth {order} {limit}
+order by chain.depth {order}
 """
 
 
@@ -57,16 +58,42 @@ class ChatStore:
         path = str(path)
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        # Every write below runs inside `with self.db.conn:` so it commits at once: the event loop
-        # never holds SQLite's write lock across an await.
-        conn = sqlite3.connect(path, check_same_thread=False)
-        self.db = Database(conn)
-        self.db.execute("pragma busy_timeout = 5000")
-        if path != ":memory:":
-            self.db.enable_wal()
-        self.db.execute("pragma synchronous = normal")
-        self.db.execute("pragma foreign_keys = on")
+        self.path = path
+        self._local = threading.local()
+        self._conns: list[sqlite3.Connection] = []
+        self._conns_lock = threading.Lock()
+        # An in-memory database lives and dies with its one connection, so every thread shares
+        # it (tests and one-off tools); a file gets one connection per thread, see `db`.
+        self._shared = self._open() if path == ":memory:" else None
         migrate(self.db)
+
+    @property
+    def db(self) -> Database:
+        """This thread's connection to the database.
+
+        Requests run the store in worker threads so a slow query or a held write lock never
+        stalls the event loop; a sqlite3 connection must not be used by two threads at once,
+        so each thread opens its own (WAL lets them read while one writes). Every write runs
+        inside `with self.db.conn:` so it commits at once and no lock is held across calls.
+        """
+        if self._shared is not None:
+            return self._shared
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = self._local.db = self._open()
+        return db
+
+    def _open(self) -> Database:
+        conn = sqlite3.connect(self.path, check_same_thread=False)
+        with self._conns_lock:
+            self._conns.append(conn)
+        db = Database(conn)
+        db.execute("pragma busy_timeout = 5000")
+        if self.path != ":memory:":
+            db.enable_wal()
+        db.execute("pragma synchronous = normal")
+        db.execute("pragma foreign_keys = on")
+        return db
 
     def backup(self, target: str | Path) -> Path:
         """Write a consistent copy of the live database to `target` (VACUUM INTO)."""
@@ -98,8 +125,11 @@ class ChatStore:
         return cur.rowcount == 1
 
     def close(self) -> None:
-        """Close the connection."""
-        self.db.close()
+        """Close every thread's connection."""
+        with self._conns_lock:
+            conns, self._conns = self._conns, []
+        for conn in conns:
+            conn.close()
 
     # Conversations -------------------------------------------------------------------------
 
@@ -341,11 +371,46 @@ class ChatStore:
         """Turns from the root to `head`, oldest first; with `limit`, only the newest `limit`."""
         if head is None:
             return []
-        sql = _CHAIN.format(
-            cols="turns.*", order="asc", limit=f"limit {int(limit)}" if limit else ""
-        )
-        rows = self.db.execute(sql, {"head": head}).fetchall()
+        # The bound stops the walk itself, so a page of a long branch costs a page, not the branch.
+        bound = "and c.depth + 1 < :limit" if limit else ""
+        sql = _CHAIN.format(cols="turns.*", order="asc", bound=bound)
+        rows = self.db.execute(sql, {"head": head, "limit": limit}).fetchall()
         return self._dicts("turns", rows)[::-1]
+
+    def later(self, tid: int, *, limit: int) -> list[dict]:
+        """Up to `limit` turns after `tid`, oldest first, always following the newest reply.
+
+        That is the path `newest_leaf(tid)` takes, so these are the turns that follow `tid` on
+        the branch shown for it, a page at a time.
+        """
+        rows = self.db.execute(
+            "with recursive down(id, n) as ("
+            "select (select max(t.id) from turns t where t.parent_id = :tid), 1 union all "
+            "select (select max(t.id) from turns t where t.parent_id = down.id), n + 1 "
+            "from down where down.id is not null and n < :limit) "
+            "select turns.* from down join turns on turns.id = down.id order by down.n",
+            {"tid": tid, "limit": limit},
+        ).fetchall()
+        return self._dicts("turns", rows)
+
+    def branch_pages(self, head: int | None, size: int = 200) -> Iterator[list[dict]]:
+        """Turns from the root to `head`, oldest first, `size` at a time (for exports).
+
+        Only the turn ids of the branch are held at once; each page is read when it is asked
+        for, so a long conversation streams out without being loaded whole.
+        """
+        if head is None:
+            return
+        sql = _CHAIN.format(cols="turns.id", order="desc", bound="")
+        ids = [row[0] for row in self.db.execute(sql, {"head": head}).fetchall()]
+        for i in range(0, len(ids), size):
+            page = ids[i : i + size]
+            rows = self.db.execute(
+                f"select * from turns where id in ({', '.join('?' * len(page))})",  # noqa: S608
+                page,
+            ).fetchall()
+            by_id = {d["id"]: d for d in self._dicts("turns", rows)}
+            yield [by_id[t] for t in page if t in by_id]
 
     def usage_total(self, cid: str) -> dict:
         """Tokens spent in a conversation so far, over every reply and version."""
@@ -432,7 +497,7 @@ class ChatStore:
         if turn["parent_id"] is None:
             return []
         # Only the column needed: a turn's row also holds its text and cached HTML.
-        sql = _CHAIN.format(cols="turns.messages", order="desc", limit="")
+        sql = _CHAIN.format(cols="turns.messages", order="desc", bound="")
         messages: list[ModelMessage] = []
         for (raw,) in self.db.execute(sql, {"head": turn["parent_id"]}):
             messages.extend(load_messages(raw))
