@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import sqlite3
 import threading
@@ -15,6 +16,11 @@ from sqlite_utils import Database
 
 from chat.migrations import migrate
 
+log = logging.getLogger(__name__)
+
+# How long a write waits for another connection's write to end. Writes run in worker threads,
+# so this wait never holds up the event loop, only the request that writes.
+BUSY_TIMEOUT_MS = 5000
 FINISHED = ("complete", "stopped", "failed", "interrupted")
 INTERRUPTED = "Interrupted: the server stopped before this reply finished."
 
@@ -88,7 +94,7 @@ class ChatStore:
         with self._conns_lock:
             self._conns.append(conn)
         db = Database(conn)
-        db.execute("pragma busy_timeout = 5000")
+        db.execute(f"pragma busy_timeout = {BUSY_TIMEOUT_MS}")
         if self.path != ":memory:":
             db.enable_wal()
         db.execute("pragma synchronous = normal")
@@ -347,15 +353,27 @@ class ChatStore:
             )
 
     def cache_html(self, rendered: Sequence[tuple[int, str]], version: int) -> None:
-        """Keep finished replies' rendered HTML (turn id, html), made by renderer `version`."""
+        """Keep finished replies' rendered HTML (turn id, html), made by renderer `version`.
+
+        A cache, written while a page is read: when the database cannot take the write at once
+        (another connection holds the write lock, or the file is read-only) it is skipped, and
+        the replies are rendered again next time. Reading never waits for, or fails on, a write.
+        """
         if not rendered:
             return
-        with self.db.conn:
-            self.db.conn.executemany(
-                "update turns set reply_html = ?, reply_html_version = ? "
-                "where id = ? and status != 'streaming'",
-                [(html, version, tid) for tid, html in rendered],
-            )
+        db = self.db
+        db.execute("pragma busy_timeout = 0")
+        try:
+            with db.conn:
+                db.conn.executemany(
+                    "update turns set reply_html = ?, reply_html_version = ? "
+                    "where id = ? and status != 'streaming'",
+                    [(html, version, tid) for tid, html in rendered],
+                )
+        except sqlite3.OperationalError as exc:  # "database is locked", "readonly database"
+            log.info("rendered HTML not cached: %s", exc)
+        finally:
+            db.execute(f"pragma busy_timeout = {BUSY_TIMEOUT_MS}")
 
     def mark_interrupted(self) -> int:
         """Mark replies left 'streaming' by a crash as interrupted; return how many."""
