@@ -226,7 +226,8 @@ class RunManager:
         status, error = "failed", None
         events = None
         try:
-            history = self.store.history(turn)
+            # A long conversation's history takes a while to read and validate: not on the loop.
+            history = await asyncio.to_thread(self.store.history, turn)
             model = self._model(run.model_name)
             cfg = self.settings
             async with self.agent.run_stream_events(
