@@ -68,6 +68,7 @@ class ChatStore:
         self._local = threading.local()
         self._conns: list[sqlite3.Connection] = []
         self._conns_lock = threading.Lock()
+        self._generation = 0
         # An in-memory database lives and dies with its one connection, so every thread shares
         # it (tests and one-off tools); a file gets one connection per thread, see `db`.
         self._shared = self._open() if path == ":memory:" else None
@@ -84,10 +85,11 @@ class ChatStore:
         """
         if self._shared is not None:
             return self._shared
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = self._local.db = self._open()
-        return db
+        opened = getattr(self._local, "opened", None)
+        if opened is None or opened[0] != self._generation:
+            # First use in this thread, or the store was closed since: (re)open.
+            opened = self._local.opened = (self._generation, self._open())
+        return opened[1]
 
     def _open(self) -> Database:
         conn = sqlite3.connect(self.path, check_same_thread=False)
@@ -134,6 +136,7 @@ class ChatStore:
         """Close every thread's connection."""
         with self._conns_lock:
             conns, self._conns = self._conns, []
+            self._generation += 1
         for conn in conns:
             conn.close()
 
