@@ -51,12 +51,12 @@ MAX_RENDER_CHARS = 200_000
 # Seconds of parsing one document may take (a stored reply, or the last block of a live one).
 RENDER_BUDGET = 0.5
 # A live reply's tail is re-parsed on every update, on the event loop: a tighter budget.
-TAIL_BUDGET = 0.2
+TAIL_BUDGET = 0.08
 # Shorter texts never hit the budget for real; a pause of the whole process (GC, a busy CPU)
 # must not turn them into plain text.
 _MIN_BUDGETED = 2_000
 # A code block longer than this is shown unhighlighted: Pygments costs ~10 µs a character.
-MAX_HIGHLIGHT_CHARS = 20_000
+MAX_HIGHLIGHT_CHARS = 10_000
 
 _deadline: ContextVar[float] = ContextVar("render_deadline", default=float("inf"))
 
@@ -163,12 +163,16 @@ PLAIN_NOTE = "Shown as plain text: this reply is too long or too complex to form
 
 
 def plain(text: str) -> str:
-    """Text as escaped paragraphs (blank lines split them, line breaks kept): the fallback."""
-    paragraphs = (p.strip("\n") for p in re.split(r"\n\s*\n", text))
-    body = "".join(
-        "<p>" + html.escape(p).replace("\n", "<br>") + "</p>" for p in paragraphs if p.strip()
+    """Text as escaped paragraphs under a note saying why: the fallback past the budget."""
+    return f'<div class="plain"><p><em>{PLAIN_NOTE}</em></p>{paragraphs(text)}</div>'
+
+
+def paragraphs(text: str) -> str:
+    """Text as escaped paragraphs: blank lines split them, line breaks are kept."""
+    parts = (p.strip("\n") for p in re.split(r"\n\s*\n", text))
+    return "".join(
+        "<p>" + html.escape(p).replace("\n", "<br>") + "</p>" for p in parts if p.strip()
     )
-    return f'<div class="plain"><p><em>{PLAIN_NOTE}</em></p>{body}</div>'
 
 
 @dataclass
@@ -180,6 +184,9 @@ class StreamRenderer:
     blocks: list[str] = field(default_factory=list)
 
     _cr: bool = False  # the last delta ended in "\r": a "\n" starting the next one belongs to it
+    # Set once a parse ran past its budget: the rest of this reply is shown as plain text live
+    # (it is rendered again, with the full budget, when the stored reply is shown).
+    plain: bool = False
 
     def feed(self, delta: str) -> None:
         """Append model text (line breaks normalised to \n, even when split across deltas)."""
@@ -193,6 +200,8 @@ class StreamRenderer:
         pending = self.source[self.committed :]
         if not pending:
             return [], ""
+        if self.plain:
+            return self._plain_update(pending, final)
         if final:
             self.committed = len(self.source)
             done = render(pending, budget=TAIL_BUDGET)  # on the event loop, like the tail
@@ -225,12 +234,30 @@ class StreamRenderer:
         return new, tail
 
     def _give_up(self, pending: str) -> tuple[list[str], str]:
-        """Too slow to parse: what is pending becomes a plain block, and parsing starts afresh
-        after it, so each update costs at most one budget however long the reply grows."""
-        self.committed = len(self.source)
-        done = plain(pending)
-        self.blocks.append(done)
-        return [done], ""
+        """Too slow to parse: from here on, this reply is shown as plain text while it streams.
+
+        One budget is spent finding out, once; every later update only escapes the new text.
+        """
+        self.plain = True
+        note = f"<p><em>{PLAIN_NOTE}</em></p>"
+        new, tail = self._plain_update(pending, final=False)
+        self.blocks.insert(len(self.blocks) - len(new), note)
+        return [note, *new], tail
+
+    def _plain_update(self, pending: str, final: bool) -> tuple[list[str], str]:
+        # Paragraphs before the last blank line are finished; the rest is the tail.
+        if final:
+            cut = len(pending)
+        else:
+            blank = pending.rfind("\n\n")
+            cut = blank + 2 if blank >= 0 else 0
+        new = []
+        if cut:
+            self.committed += cut
+            if done := paragraphs(pending[:cut]):
+                new.append(done)
+                self.blocks.append(done)
+        return new, paragraphs(pending[cut:])
 
 
 # A last block that is only a number or a bullet may be the start of the next list item
