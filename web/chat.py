@@ -223,6 +223,9 @@ async def stream(req: Request, cid: str, tid: int):
 
     Never starts a model call. A finished reply is served from the database.
     """
+    # The run first, then the row: a run that ends meanwhile has saved its row before it is
+    # dropped, so a missing run never meets a row still marked as streaming.
+    run = runs(req).get(tid)
     owned = await off_loop(_owned_turn, req, cid, tid)
     if owned is None:
         return not_found(req)
@@ -231,7 +234,6 @@ async def stream(req: Request, cid: str, tid: int):
         start = max(0, int(req.headers.get("last-event-id") or 0))
     except ValueError:
         start = 0
-    run = runs(req).get(tid)
     links = turn_links(turn, await off_loop(store(req).siblings, cid))
     chunks = _live(req, run, turn, links, start) if run else _stored(req, turn, links, start)
     limits, who = req.app.state.limits, uid(req)

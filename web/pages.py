@@ -84,10 +84,10 @@ def older(req: Request, cid: str, before: int):
 
 
 @ar("/c/{cid}/newer", methods=["get"])
-def newer(req: Request, cid: str, after: int):
+def newer(req: Request, cid: str, after: int | None = None):
     """The page of messages after turn `after`, on the branch shown for it (opened at a turn)."""
     conv = _conv(req, cid)
-    last = store(req).turn(after, uid(req)) if conv else None
+    last = store(req).turn(after, uid(req)) if conv and after is not None else None
     if conv is None or last is None or last["conversation_id"] != cid:
         return not_found(req)
     conv = {**conv, "head_turn_id": store(req).newest_leaf(after)}
