@@ -7,7 +7,7 @@ chosen in main.py; routes, runs, tools and manage.py only ever see this Protocol
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -65,7 +65,9 @@ class Store(Protocol):
     def history(self, turn: dict) -> list[ModelMessage]: ...
     def set_head(self, cid: str, tid: int) -> None: ...
     def newest_leaf(self, tid: int) -> int: ...
-    def siblings(self, cid: str) -> dict[int | None, list[int]]: ...
+    def siblings(
+        self, cid: str, parents: Iterable[int | None] | None = None
+    ) -> dict[int | None, list[int]]: ...
 
     # Accounts
     def create_user(self, username: str, password_hash: str) -> dict | None: ...

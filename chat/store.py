@@ -7,7 +7,7 @@ import logging
 import secrets
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -458,12 +458,27 @@ class ChatStore:
         ).fetchall()
         return row[-1][0]
 
-    def siblings(self, cid: str) -> dict[int | None, list[int]]:
-        """For each parent turn (None for the first), the ids of its alternative replies."""
+    def siblings(
+        self, cid: str, parents: Iterable[int | None] | None = None
+    ) -> dict[int | None, list[int]]:
+        """For each parent turn (None for the first), the ids of its alternative replies.
+
+        With `parents`, only for those: a page asks about the turns it shows, not the whole
+        conversation.
+        """
+        sql, args = "select id, parent_id from turns where conversation_id = ?", [cid]
+        if parents is not None:
+            wanted = set(parents)
+            ids = sorted(p for p in wanted if p is not None)
+            terms = [f"parent_id in ({', '.join('?' * len(ids))})"] if ids else []
+            if None in wanted:
+                terms.append("parent_id is null")
+            if not terms:
+                return {}
+            sql += f" and ({' or '.join(terms)})"
+            args += ids
         out: dict[int | None, list[int]] = {}
-        for tid, parent in self.db.execute(
-            "select id, parent_id from turns where conversation_id = ? order by id", [cid]
-        ).fetchall():
+        for tid, parent in self.db.execute(sql + " order by id", args).fetchall():
             out.setdefault(parent, []).append(tid)
         return out
 

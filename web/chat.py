@@ -175,7 +175,7 @@ def _prepare(req: Request, conv: dict | None, msg: str, model: str | None, perso
 
 def _sent(req: Request, conv: dict, turns: list[dict], created: bool, url: str):
     """The answer to a send: the user's message, the streaming replies, and side updates."""
-    siblings = store(req).siblings(conv["id"])
+    siblings = store(req).siblings(conv["id"], {t["parent_id"] for t in turns})
     links = [turn_links(t, siblings) for t in turns]
     if len(turns) == 1:
         replies = AssistantMessage(turns[0]["id"], links=links[0], live=True)
@@ -234,7 +234,7 @@ async def stream(req: Request, cid: str, tid: int):
         start = max(0, int(req.headers.get("last-event-id") or 0))
     except ValueError:
         start = 0
-    links = turn_links(turn, await off_loop(store(req).siblings, cid))
+    links = turn_links(turn, await off_loop(store(req).siblings, cid, [turn["parent_id"]]))
     chunks = _live(req, run, turn, links, start) if run else _stored(req, turn, links, start)
     limits, who = req.app.state.limits, uid(req)
     if not limits.open_stream(who):
@@ -364,7 +364,7 @@ def edit_form(req: Request, cid: str, tid: int):
     if owned is None:
         return not_found(req)
     _, turn = owned
-    links = turn_links(turn, store(req).siblings(cid))
+    links = turn_links(turn, store(req).siblings(cid, [turn["parent_id"]]))
     return EditForm(turn, links, max_chars=settings(req).max_message_chars)
 
 
@@ -375,7 +375,7 @@ def user_message(req: Request, cid: str, tid: int):
     if owned is None:
         return not_found(req)
     _, turn = owned
-    return UserMessage(turn, turn_links(turn, store(req).siblings(cid)))
+    return UserMessage(turn, turn_links(turn, store(req).siblings(cid, [turn["parent_id"]])))
 
 
 @ar("/c/{cid}/turns/{tid}/edit", methods=["post"])

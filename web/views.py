@@ -253,7 +253,8 @@ def reply(req: Request, turn: dict, links: TurnLinks, *, last: bool) -> FT:
 
 def message_items(req: Request, conv: dict, turns: list[dict]) -> tuple:
     """User messages and replies for `turns`, in order."""
-    siblings = store(req).siblings(conv["id"]) if turns else {}
+    parents = {t["parent_id"] for t in turns}
+    siblings = store(req).siblings(conv["id"], parents) if turns else {}
     render_cached(req, turns)
     items: list = []
     for turn in turns:
