@@ -21,7 +21,7 @@ from chat import markdown
 from chat.store import ChatStore
 from chat.transcript import to_json, to_markdown
 from tests.conftest import parse_html
-from tests.test_routes import HTMX, chat, conversation_url, rows, send
+from tests.test_routes import HTMX, chat, conversation_url, release, rows, send
 
 
 def owner_of(settings) -> str:
@@ -136,6 +136,33 @@ def test_a_send_blocked_past_the_busy_timeout_gets_a_clear_message(
     assert response.status_code == 503
     assert "busy" in parse_html(response.text).text
     assert ("Refused while locked",) not in rows(settings, "select user_text from turns")
+
+
+def test_two_sends_at_once_into_one_conversation_start_one_reply(
+    make_client, scripted, settings, write_lock
+):
+    # The checks before a send (is a reply still being written here?) run on the loop, the
+    # commit in a thread: without the per-user lock both sends would pass the checks.
+    model = scripted(["Hello"], pause_after=1)  # each reply holds before it ends
+    client = make_client(model)
+    cid = conversation_url(send(client, "First")).rsplit("/", 1)[1]
+    release(client, model)
+    for _ in range(100):  # the first reply finishes
+        if ("complete",) in rows(settings, "select status from turns"):
+            break
+        time.sleep(0.05)
+    model.resume.clear()
+
+    write_lock.take()  # both sends wait in the commit, side by side
+    a = Pending(send, client, "Second, from one tab", cid)
+    b = Pending(send, client, "Second, from another tab", cid)
+    settled(a)
+    write_lock.release()
+    codes = sorted([a.result().status_code, b.result().status_code])
+    release(client, model)
+
+    assert codes == [200, 409]
+    assert len(rows(settings, "select id from turns")) == 2
 
 
 def test_health_answers_while_a_slow_reply_renders(client, settings, monkeypatch):
