@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import secrets
+import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import quote
@@ -107,7 +108,7 @@ def create_app(settings: Settings | None = None, *, model: Model | None = None) 
         lifespan=lifespan,
         before=[identify],
         middleware=[Middleware(SecurityMiddleware)],
-        exception_handlers={404: views.not_found},
+        exception_handlers={404: views.not_found, sqlite3.OperationalError: views.busy},
     )
     app.hdrs = _SharedHead(app.hdrs)  # after __init__, which turns it into a list
     app.state.settings = settings

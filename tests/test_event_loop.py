@@ -138,6 +138,25 @@ def test_a_send_blocked_past_the_busy_timeout_gets_a_clear_message(
     assert ("Refused while locked",) not in rows(settings, "select user_text from turns")
 
 
+def test_any_write_blocked_past_the_busy_timeout_answers_503_and_changes_nothing(
+    client, settings, write_lock, monkeypatch
+):
+    monkeypatch.setattr("chat.store.BUSY_TIMEOUT_MS", 200)
+    client.app.state.store.close()
+    first, _ = chat(client, "Keep my title")
+    cid = conversation_url(first).rsplit("/", 1)[1]
+    [(title,)] = rows(settings, "select title from conversations")
+
+    write_lock.take()
+    renamed = client.post(f"/c/{cid}/rename", data={"title": "New"}, headers=HTMX)
+    deleted = client.post(f"/c/{cid}/delete")
+    write_lock.release()
+
+    assert renamed.status_code == 503 and "busy" in parse_html(renamed.text).text
+    assert deleted.status_code == 503 and "busy" in parse_html(deleted.text).text
+    assert rows(settings, "select title, deleted_at from conversations") == [(title, None)]
+
+
 def test_two_sends_at_once_into_one_conversation_start_one_reply(
     make_client, scripted, settings, write_lock
 ):

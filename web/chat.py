@@ -35,6 +35,7 @@ from components.messages import (
     tail_markup,
 )
 from web.views import (
+    BUSY,
     check_message,
     error_fragment,
     export_links,
@@ -97,9 +98,6 @@ async def _start(
     turn = await off_loop(_commit, req, conv, text, parent_id=parent_id)
     runs(req).start(turn, uid(req))
     return turn
-
-
-BUSY = "The server is busy saving other messages. Send again in a moment."
 
 
 @ar("/send", methods=["post"])

@@ -99,6 +99,21 @@ def not_found(req: Request, exc: Exception | None = None) -> Response:
     return full_page((Title("Not found · Agent chat"), body), 404)
 
 
+BUSY = "The server is busy saving other changes. Try again in a moment."
+
+
+def busy(req: Request, exc: Exception | None = None) -> Response:
+    """503 when the database cannot take a write (locked past its busy timeout, or read-only).
+
+    Writes wait in a worker thread, so this costs the one request, not the server; what it was
+    asked to change is unchanged.
+    """
+    if is_htmx(req):
+        return error_fragment(BUSY, 503)
+    body = Div(H1("Busy"), P(BUSY), A("Back to the chats", href="/"), cls="not-found")
+    return full_page((Title("Busy · Agent chat"), body), 503)
+
+
 def error_fragment(message: str, status: int, target: str = "#composer-error") -> Response:
     """A message shown in `target`; the request changed nothing and the typed text stays."""
     return html(
