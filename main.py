@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import secrets
+import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import quote
@@ -113,7 +114,11 @@ def create_app(settings: Settings | None = None, *, model: Model | None = None) 
                 SecurityMiddleware, host_allowed=settings.host_allowed, hsts=settings.https_only
             )
         ],
-        exception_handlers={404: views.not_found, 500: server_error},
+        exception_handlers={
+            404: views.not_found,
+            500: server_error,
+            sqlite3.OperationalError: views.busy,
+        },
     )
     app.hdrs = _SharedHead(app.hdrs)  # after __init__, which turns it into a list
     app.state.settings = settings

@@ -89,6 +89,13 @@ def reply_tokens(n: int) -> list[str]:
     return tokens
 
 
+def pathological_tokens(n: int) -> list[str]:
+    """`n` tokens of link brackets that never close until the end: seconds per 100 kB for
+    markdown-it-py without a budget."""
+    half = max(1, n // 2)
+    return ["[" * 100] * half + ["a"] + ["]" * 100] * half
+
+
 def visible_letters(tokens: list[str]) -> list[int]:
     """Letters each token adds to the rendered page. A fence's info string (```python) is not
     shown, everything else with letters is; load.py uses this to read progress from HTML."""
@@ -120,9 +127,13 @@ class FakeModel:
         # token of a tagged reply was handed to the socket, keyed by the tag in the prompt.
         self.sends: dict[str, list[float]] = {}
 
-    def configure(self, tokens: int, rate: float) -> None:
-        """Set the reply length and pace (also reachable as POST /config?tokens=N&rate=R)."""
-        self.tokens = reply_tokens(tokens)
+    def configure(self, tokens: int, rate: float, kind: str = "markdown") -> None:
+        """Set the reply length and pace (also reachable as POST /config?tokens=N&rate=R).
+
+        `kind=brackets` answers with Markdown that is slow to parse instead (N tokens of 100
+        unclosed brackets, then as many closing ones): the worst reply bench/stall.py sends.
+        """
+        self.tokens = reply_tokens(tokens) if kind == "markdown" else pathological_tokens(tokens)
         self.text = "".join(self.tokens)
         self.gap = 1.0 / rate if rate > 0 else 0.0
         self.head = _chunk({"role": "assistant", "content": ""})
@@ -145,7 +156,11 @@ class FakeModel:
             query = dict(
                 kv.split("=", 1) for kv in scope["query_string"].decode().split("&") if "=" in kv
             )
-            self.configure(int(query.get("tokens", len(self.tokens))), float(query.get("rate", 0)))
+            self.configure(
+                int(query.get("tokens", len(self.tokens))),
+                float(query.get("rate", 0)),
+                query.get("kind", "markdown"),
+            )
             await _send_json(send, {"tokens": len(self.tokens), "gap_ms": self.gap * 1000})
         elif scope["method"] == "POST" and path.endswith("/chat/completions"):
             body = b""

@@ -21,7 +21,6 @@ from pydantic_ai.messages import (
     ToolCallPart,
     UserPromptPart,
 )
-from pydantic_core import to_json
 
 
 @dataclass(frozen=True)
@@ -68,7 +67,7 @@ def size(message: ModelMessage) -> int:
         if isinstance(content, str):
             total += len(content)
         elif content is not None:
-            total += len(to_json(content, fallback=str))
+            total += len(json.dumps(content, default=str))
     return total
 
 

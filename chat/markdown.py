@@ -7,12 +7,20 @@ become links, so a reply cannot make the browser call another origin.
 
 While a reply streams, `StreamRenderer` splits it into finished top-level blocks, each rendered
 once, and the one unfinished block at the end (the tail), re-rendered on every update.
+
+Rendering has a budget. markdown-it-py is pure Python, and some inputs cost seconds per hundred
+kilobytes (unclosed brackets, thousands of emphasis markers, long tables, big code blocks to
+highlight); bench/README.md lists the ones measured. A text longer than `MAX_RENDER_CHARS`, or
+whose parse runs past its time budget, is shown as escaped plain paragraphs instead: still safe,
+still readable, and never more than the budget (plus a linear escape) of one thread's time.
 """
 
 from __future__ import annotations
 
 import html
 import re
+import time
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import nh3
@@ -38,12 +46,42 @@ ALLOWED_ATTRIBUTES = {
 URL_SCHEMES = {"http", "https", "mailto"}
 _FORMATTER = HtmlFormatter(nowrap=True, classprefix="hl-")
 
+# Texts longer than this are not parsed at all: shown as plain text at once.
+MAX_RENDER_CHARS = 200_000
+# Seconds of parsing one document may take (a stored reply, or the last block of a live one).
+RENDER_BUDGET = 0.5
+# A live reply's tail is re-parsed on every update, on the event loop: a tighter budget.
+TAIL_BUDGET = 0.08
+# Shorter texts never hit the budget for real; a pause of the whole process (GC, a busy CPU)
+# must not turn them into plain text.
+_MIN_BUDGETED = 2_000
+# A code block longer than this is shown unhighlighted: Pygments costs ~10 µs a character.
+MAX_HIGHLIGHT_CHARS = 10_000
+
+_deadline: ContextVar[float] = ContextVar("render_deadline", default=float("inf"))
+
+
+class RenderBudgetExceeded(Exception):
+    """Parsing a text took longer than its budget."""
+
+
+def _check_block(state, *_args) -> bool:
+    if time.perf_counter() > state.env.get("deadline", float("inf")):
+        raise RenderBudgetExceeded
+    return False  # never matches: the next rule parses the line
+
+
+def _check_inline(state, *_args) -> bool | None:
+    if time.perf_counter() > state.env.get("deadline", float("inf")):
+        raise RenderBudgetExceeded
+    return False
+
 
 def _highlight(code: str, lang: str, _attrs: str) -> str:
     """Pygments-highlight a fenced block with a known language; otherwise let markdown-it escape."""
     name = (lang or "").strip().split()[0] if lang else ""
-    if not name:
-        return ""
+    if not name or len(code) > MAX_HIGHLIGHT_CHARS or time.perf_counter() > _deadline.get():
+        return ""  # plain (escaped) code: highlighting is the first thing a budget gives up
     try:
         lexer = get_lexer_by_name(name, stripall=False)
     except ClassNotFound:
@@ -62,6 +100,15 @@ def _image_as_link(self, tokens, idx, options, env) -> str:
 def _make_md(highlighter=_highlight) -> MarkdownIt:
     md = MarkdownIt("js-default", {"highlight": highlighter})
     md.add_render_rule("image", _image_as_link)
+    # Checks that run before every block rule (per line) and every inline rule (per markup
+    # character), and before each inline post-pass: where the slow inputs spend their time.
+    # As a terminator too: paragraphs, tables and setext headings loop over their lines asking
+    # the terminators whether the block ends, so one paragraph of 100k lines is checked per line.
+    md.block.ruler.before(
+        "table", "budget", _check_block, {"alt": ["paragraph", "reference", "blockquote", "list"]}
+    )
+    md.inline.ruler.before("text", "budget", _check_inline)
+    md.inline.ruler2.before("balance_pairs", "budget", _check_inline)
     return md
 
 
@@ -88,11 +135,44 @@ def sanitize(fragment: str) -> str:
 RENDER_VERSION = 1
 
 
-def render(text: str) -> str:
-    """Render a whole markdown document from the model to safe HTML."""
+def render(text: str, *, budget: float | None = None) -> str:
+    """Render a whole markdown document from the model to safe HTML, within `budget` seconds.
+
+    Past the budget (or `MAX_RENDER_CHARS`), the text is shown as escaped plain paragraphs.
+    """
     if not text:
         return ""
-    return sanitize(_MD.render(text))
+    if len(text) > MAX_RENDER_CHARS:
+        return plain(text)
+    env = _env(text, RENDER_BUDGET if budget is None else budget)
+    token = _deadline.set(env["deadline"])
+    try:
+        return sanitize(_MD.render(text, env))
+    except (RenderBudgetExceeded, RecursionError):
+        return plain(text)
+    finally:
+        _deadline.reset(token)
+
+
+def _env(text: str, budget: float) -> dict:
+    short = len(text) < _MIN_BUDGETED
+    return {"deadline": float("inf") if short else time.perf_counter() + budget}
+
+
+PLAIN_NOTE = "Shown as plain text: this reply is too long or too complex to format quickly."
+
+
+def plain(text: str) -> str:
+    """Text as escaped paragraphs under a note saying why: the fallback past the budget."""
+    return f'<div class="plain"><p><em>{PLAIN_NOTE}</em></p>{paragraphs(text)}</div>'
+
+
+def paragraphs(text: str) -> str:
+    """Text as escaped paragraphs: blank lines split them, line breaks are kept."""
+    parts = (p.strip("\n") for p in re.split(r"\n\s*\n", text))
+    return "".join(
+        "<p>" + html.escape(p).replace("\n", "<br>") + "</p>" for p in parts if p.strip()
+    )
 
 
 @dataclass
@@ -104,6 +184,9 @@ class StreamRenderer:
     blocks: list[str] = field(default_factory=list)
 
     _cr: bool = False  # the last delta ended in "\r": a "\n" starting the next one belongs to it
+    # Set once a parse ran past its budget: the rest of this reply is shown as plain text live
+    # (it is rendered again, with the full budget, when the stored reply is shown).
+    plain: bool = False
 
     def feed(self, delta: str) -> None:
         """Append model text (line breaks normalised to \n, even when split across deltas)."""
@@ -117,15 +200,22 @@ class StreamRenderer:
         pending = self.source[self.committed :]
         if not pending:
             return [], ""
+        if self.plain:
+            return self._plain_update(pending, final)
         if final:
             self.committed = len(self.source)
-            done = render(pending)
+            done = render(pending, budget=TAIL_BUDGET)  # on the event loop, like the tail
             new = [done] if done else []
             self.blocks.extend(new)
             return new, ""
         # One parse per update: the tokens say where the last block starts and are rendered
         # directly, finished part and tail alike.
-        tokens = _MD.parse(pending)
+        if len(pending) > MAX_RENDER_CHARS:
+            return self._give_up(pending)
+        try:
+            tokens = _MD.parse(pending, _env(pending, TAIL_BUDGET))
+        except (RenderBudgetExceeded, RecursionError):
+            return self._give_up(pending)
         split_line, split = _last_block_start(pending, tokens)
         new: list[str] = []
         if split > 0:
@@ -142,6 +232,32 @@ class StreamRenderer:
             tokens = tokens[k:]
         tail = sanitize(_MD_TAIL.renderer.render(tokens, _MD_TAIL.options, {})) if tokens else ""
         return new, tail
+
+    def _give_up(self, pending: str) -> tuple[list[str], str]:
+        """Too slow to parse: from here on, this reply is shown as plain text while it streams.
+
+        One budget is spent finding out, once; every later update only escapes the new text.
+        """
+        self.plain = True
+        note = f"<p><em>{PLAIN_NOTE}</em></p>"
+        new, tail = self._plain_update(pending, final=False)
+        self.blocks.insert(len(self.blocks) - len(new), note)
+        return [note, *new], tail
+
+    def _plain_update(self, pending: str, final: bool) -> tuple[list[str], str]:
+        # Paragraphs before the last blank line are finished; the rest is the tail.
+        if final:
+            cut = len(pending)
+        else:
+            blank = pending.rfind("\n\n")
+            cut = blank + 2 if blank >= 0 else 0
+        new = []
+        if cut:
+            self.committed += cut
+            if done := paragraphs(pending[:cut]):
+                new.append(done)
+                self.blocks.append(done)
+        return new, paragraphs(pending[cut:])
 
 
 # A last block that is only a number or a bullet may be the start of the next list item

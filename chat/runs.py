@@ -229,7 +229,8 @@ class RunManager:
         try:
             cfg = self.settings
             fitted = budget.fit(
-                self.store.history(turn),
+                # A long conversation's history takes a while to read and validate: not on the loop.
+                await asyncio.to_thread(self.store.history, turn),
                 max_messages=cfg.history_max_messages,
                 max_chars=cfg.history_max_chars,
             )

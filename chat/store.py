@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import sqlite3
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -17,6 +19,12 @@ from chat.migrations import migrate
 
 # SQLite integers are signed 64-bit; a larger id in a URL names nothing (and would not bind).
 SQLITE_INT = range(-(2**63), 2**63)
+
+log = logging.getLogger(__name__)
+
+# How long a write waits for another connection's write to end. Writes run in worker threads,
+# so this wait never holds up the event loop, only the request that writes.
+BUSY_TIMEOUT_MS = 5000
 FINISHED = ("complete", "stopped", "failed", "interrupted")
 INTERRUPTED = "Interrupted: the server stopped before this reply finished."
 
@@ -46,10 +54,10 @@ with recursive chain(id, depth) as (
     select id, 0 from turns where id = :head
     union all
     select t.parent_id, c.depth + 1 from turns t join chain c on t.id = c.id
-    where t.parent_id is not null
+    where t.parent_id is not null {bound}
 )
 select {cols} from chain join turns on turns.id = chain.id
-order by chain.depth {order} {limit}
+order by chain.depth {order}
 """
 
 
@@ -72,16 +80,44 @@ class ChatStore:
     def __init__(self, path: str | Path):
         path = str(path)
         create_private(path)
-        # Every write below runs inside `with self.db.conn:` so it commits at once: the event loop
-        # never holds SQLite's write lock across an await.
-        conn = sqlite3.connect(path, check_same_thread=False)
-        self.db = Database(conn)
-        self.db.execute("pragma busy_timeout = 5000")
-        if path != ":memory:":
-            self.db.enable_wal()
-        self.db.execute("pragma synchronous = normal")
-        self.db.execute("pragma foreign_keys = on")
+        self.path = path
+        self._local = threading.local()
+        self._conns: list[sqlite3.Connection] = []
+        self._conns_lock = threading.Lock()
+        self._generation = 0
+        # An in-memory database lives and dies with its one connection, so every thread shares
+        # it (tests and one-off tools); a file gets one connection per thread, see `db`.
+        self._shared = self._open() if path == ":memory:" else None
         migrate(self.db)
+
+    @property
+    def db(self) -> Database:
+        """This thread's connection to the database.
+
+        Requests run the store in worker threads so a slow query or a held write lock never
+        stalls the event loop; a sqlite3 connection must not be used by two threads at once,
+        so each thread opens its own (WAL lets them read while one writes). Every write runs
+        inside `with self.db.conn:` so it commits at once and no lock is held across calls.
+        """
+        if self._shared is not None:
+            return self._shared
+        opened = getattr(self._local, "opened", None)
+        if opened is None or opened[0] != self._generation:
+            # First use in this thread, or the store was closed since: (re)open.
+            opened = self._local.opened = (self._generation, self._open())
+        return opened[1]
+
+    def _open(self) -> Database:
+        conn = sqlite3.connect(self.path, check_same_thread=False)
+        with self._conns_lock:
+            self._conns.append(conn)
+        db = Database(conn)
+        db.execute(f"pragma busy_timeout = {BUSY_TIMEOUT_MS}")
+        if self.path != ":memory:":
+            db.enable_wal()
+        db.execute("pragma synchronous = normal")
+        db.execute("pragma foreign_keys = on")
+        return db
 
     def backup(self, target: str | Path) -> Path:
         """Write a consistent copy of the live database to `target` (VACUUM INTO)."""
@@ -114,8 +150,12 @@ class ChatStore:
         return cur.rowcount == 1
 
     def close(self) -> None:
-        """Close the connection."""
-        self.db.close()
+        """Close every thread's connection."""
+        with self._conns_lock:
+            conns, self._conns = self._conns, []
+            self._generation += 1
+        for conn in conns:
+            conn.close()
 
     # Conversations -------------------------------------------------------------------------
 
@@ -387,15 +427,27 @@ class ChatStore:
             )
 
     def cache_html(self, rendered: Sequence[tuple[int, str]], version: int) -> None:
-        """Keep finished replies' rendered HTML (turn id, html), made by renderer `version`."""
+        """Keep finished replies' rendered HTML (turn id, html), made by renderer `version`.
+
+        A cache, written while a page is read: when the database cannot take the write at once
+        (another connection holds the write lock, or the file is read-only) it is skipped, and
+        the replies are rendered again next time. Reading never waits for, or fails on, a write.
+        """
         if not rendered:
             return
-        with self.db.conn:
-            self.db.conn.executemany(
-                "update turns set reply_html = ?, reply_html_version = ? "
-                "where id = ? and status != 'streaming'",
-                [(html, version, tid) for tid, html in rendered],
-            )
+        db = self.db
+        db.execute("pragma busy_timeout = 0")
+        try:
+            with db.conn:
+                db.conn.executemany(
+                    "update turns set reply_html = ?, reply_html_version = ? "
+                    "where id = ? and status != 'streaming'",
+                    [(html, version, tid) for tid, html in rendered],
+                )
+        except sqlite3.OperationalError as exc:  # "database is locked", "readonly database"
+            log.info("rendered HTML not cached: %s", exc)
+        finally:
+            db.execute(f"pragma busy_timeout = {BUSY_TIMEOUT_MS}")
 
     def mark_interrupted(self) -> int:
         """Mark replies left 'streaming' by a crash as interrupted; return how many."""
@@ -411,11 +463,46 @@ class ChatStore:
         """Turns from the root to `head`, oldest first; with `limit`, only the newest `limit`."""
         if head is None:
             return []
-        sql = _CHAIN.format(
-            cols="turns.*", order="asc", limit=f"limit {int(limit)}" if limit else ""
-        )
-        rows = self.db.execute(sql, {"head": head}).fetchall()
+        # The bound stops the walk itself, so a page of a long branch costs a page, not the branch.
+        bound = "and c.depth + 1 < :limit" if limit else ""
+        sql = _CHAIN.format(cols="turns.*", order="asc", bound=bound)
+        rows = self.db.execute(sql, {"head": head, "limit": limit}).fetchall()
         return self._dicts("turns", rows)[::-1]
+
+    def later(self, tid: int, *, limit: int) -> list[dict]:
+        """Up to `limit` turns after `tid`, oldest first, always following the newest reply.
+
+        That is the path `newest_leaf(tid)` takes, so these are the turns that follow `tid` on
+        the branch shown for it, a page at a time.
+        """
+        rows = self.db.execute(
+            "with recursive down(id, n) as ("
+            "select (select max(t.id) from turns t where t.parent_id = :tid), 1 union all "
+            "select (select max(t.id) from turns t where t.parent_id = down.id), n + 1 "
+            "from down where down.id is not null and n < :limit) "
+            "select turns.* from down join turns on turns.id = down.id order by down.n",
+            {"tid": tid, "limit": limit},
+        ).fetchall()
+        return self._dicts("turns", rows)
+
+    def branch_pages(self, head: int | None, size: int = 200) -> Iterator[list[dict]]:
+        """Turns from the root to `head`, oldest first, `size` at a time (for exports).
+
+        Only the turn ids of the branch are held at once; each page is read when it is asked
+        for, so a long conversation streams out without being loaded whole.
+        """
+        if head is None:
+            return
+        sql = _CHAIN.format(cols="turns.id", order="desc", bound="")
+        ids = [row[0] for row in self.db.execute(sql, {"head": head}).fetchall()]
+        for i in range(0, len(ids), size):
+            page = ids[i : i + size]
+            rows = self.db.execute(
+                f"select * from turns where id in ({', '.join('?' * len(page))})",  # noqa: S608
+                page,
+            ).fetchall()
+            by_id = {d["id"]: d for d in self._dicts("turns", rows)}
+            yield [by_id[t] for t in page if t in by_id]
 
     def usage_total(self, cid: str) -> dict:
         """Tokens spent in a conversation so far, over every reply and version."""
@@ -442,12 +529,27 @@ class ChatStore:
         ).fetchall()
         return row[-1][0]
 
-    def siblings(self, cid: str) -> dict[int | None, list[int]]:
-        """For each parent turn (None for the first), the ids of its alternative replies."""
+    def siblings(
+        self, cid: str, parents: Iterable[int | None] | None = None
+    ) -> dict[int | None, list[int]]:
+        """For each parent turn (None for the first), the ids of its alternative replies.
+
+        With `parents`, only for those: a page asks about the turns it shows, not the whole
+        conversation.
+        """
+        sql, args = "select id, parent_id from turns where conversation_id = ?", [cid]
+        if parents is not None:
+            wanted = set(parents)
+            ids = sorted(p for p in wanted if p is not None)
+            terms = [f"parent_id in ({', '.join('?' * len(ids))})"] if ids else []
+            if None in wanted:
+                terms.append("parent_id is null")
+            if not terms:
+                return {}
+            sql += f" and ({' or '.join(terms)})"
+            args += ids
         out: dict[int | None, list[int]] = {}
-        for tid, parent in self.db.execute(
-            "select id, parent_id from turns where conversation_id = ? order by id", [cid]
-        ).fetchall():
+        for tid, parent in self.db.execute(sql + " order by id", args).fetchall():
             out.setdefault(parent, []).append(tid)
         return out
 
@@ -502,7 +604,7 @@ class ChatStore:
         if turn["parent_id"] is None:
             return []
         # Only the column needed: a turn's row also holds its text and cached HTML.
-        sql = _CHAIN.format(cols="turns.messages", order="desc", limit="")
+        sql = _CHAIN.format(cols="turns.messages", order="desc", bound="")
         messages: list[ModelMessage] = []
         for (raw,) in self.db.execute(sql, {"head": turn["parent_id"]}):
             messages.extend(load_messages(raw))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+
 from pydantic import ValidationError
 from pydantic_ai.messages import (
     ModelMessage,
@@ -102,3 +104,26 @@ def split_turns(raw: bytes, max_turns: int = MAX_IMPORT_TURNS) -> list[dict]:
     if not turns:
         raise ImportError_("The file holds no messages.")
     return turns
+
+
+def markdown_chunks(title: str, pages: Iterable[list[dict]]) -> Iterator[str]:
+    """`to_markdown` a page of turns at a time, for streaming a long branch out."""
+    heading = f"# {title or 'Conversation'}\n"
+    yield heading
+    for turns in pages:
+        if turns:
+            # to_markdown's own heading, cut off: each page continues the same transcript.
+            yield "\n" + to_markdown(title, turns)[len(heading) + 1 :]
+
+
+def json_chunks(pages: Iterable[list[dict]]) -> Iterator[bytes]:
+    """`to_json` a page of turns at a time: the same JSON array, written in pieces."""
+    yield b"["
+    first = True
+    for turns in pages:
+        body = to_json(turns)  # "[\n  {...},\n  {...}\n]" or "[]"
+        if body.strip() == b"[]":
+            continue
+        yield (b"\n" if first else b",\n") + body[1:-1].strip(b"\n")
+        first = False
+    yield b"\n]" if not first else b"]"

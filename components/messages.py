@@ -344,6 +344,15 @@ def LoadEarlier(url: str) -> FT:
     )
 
 
+def LoadLater(url: str) -> FT:
+    """A link that loads the next page of a conversation opened part-way (at a search hit)."""
+    return Div(
+        A("Load later messages", href=url, hx_get=url, hx_target="#later", hx_swap="outerHTML"),
+        id="later",
+        cls="earlier",
+    )
+
+
 def TitleRefresh(url: str) -> FT:
     """Fetches the conversation's new title once the model has written it (out-of-band swaps)."""
     return Span(hx_get=url, hx_trigger="load", hx_swap="outerHTML", cls="title-refresh")

@@ -396,3 +396,122 @@ def test_windows_line_endings_stream_like_the_whole():
     for sizes in ([1], [2], [3], [5]):
         blocks, _, _ = stream(doc, sizes)
         assert "".join(blocks) == render(doc)
+
+
+# Budget: pathological input renders quickly, as safe plain text --------------------------------
+
+# Inputs measured to cost markdown-it-py (and Pygments) seconds per 100 kB; each is just under
+# the size cap, so only the time budget stands between it and a stalled worker.
+N = 180_000
+PATHOLOGICAL = {
+    "unclosed brackets": "[" * (N // 2) + "a" + "]" * (N // 2),
+    "unclosed links": "[a](" * (N // 4),
+    "emphasis markers": "*a " * (N // 3),
+    "mixed emphasis": "*_" * (N // 2) + "x",
+    "one paragraph of many lines": "a\n" * (N // 2),
+    "long table": "|a|b|\n|-|-|\n" + "|x|y|\n" * (N // 6),
+    "nested quotes": "".join(">" * (i % 200) + " x\n" for i in range(N // 100)),
+    "setext headings": "# h\n" * (N // 4),
+    "big code blocks": ("```python\nx = [1, 'a']  # c\n" + "y = {'k': (2, 3)}\n" * 1000 + "```\n")
+    * 10,
+}
+
+
+@pytest.fixture
+def tight_budget(monkeypatch):
+    """A small budget, so the bound is far below what these inputs cost without one."""
+    import chat.markdown
+
+    monkeypatch.setattr(chat.markdown, "RENDER_BUDGET", 0.2, raising=False)
+    monkeypatch.setattr(chat.markdown, "TAIL_BUDGET", 0.1, raising=False)
+
+
+def timed(fn, *args, **kwargs):
+    import time
+
+    started = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - started
+
+
+@pytest.mark.parametrize("name", PATHOLOGICAL)
+def test_pathological_markdown_renders_within_budget_and_safely(name, tight_budget):
+    text = PATHOLOGICAL[name]
+    out, took = timed(render, text)
+    # Unbudgeted, each takes seconds on a quiet machine; the bound leaves room for a noisy one.
+    assert took < 1.5, f"{name}: {took:.2f} s"
+    doc = parse_html(out)
+    assert {n.tag for n in doc.walk()} - {"#root"} <= ALLOWED_TAGS_SEEN
+    assert "<script" not in out and "onerror" not in out
+
+
+ALLOWED_TAGS_SEEN = {"p", "em", "strong", "br", "div", "a", "table", "thead", "tbody", "tr"} | {
+    "th", "td", "blockquote", "h1", "pre", "code", "span", "ul", "li",
+}  # fmt: skip
+
+
+def test_text_past_the_budget_is_shown_escaped_with_a_note(tight_budget):
+    text = "[" * 50_000 + "<script>alert(1)</script> **not bold**\n\nsecond"
+    doc = parse_html(render(text))
+    assert "plain text" in doc.find("em").text
+    assert "<script>alert(1)</script> **not bold**" in doc.text  # shown as typed
+    assert doc.find_all("script") == [] and doc.find_all("strong") == []
+    assert "second" in doc.text
+
+
+def test_text_past_the_size_cap_is_plain_without_parsing():
+    from chat.markdown import MAX_RENDER_CHARS
+
+    text = "**bold** " * (MAX_RENDER_CHARS // 9 + 1)
+    out, took = timed(render, text)
+    assert "plain text" in out and "<strong>" not in out
+    assert took < 1.5
+
+
+def test_short_text_is_never_cut_short_by_the_budget(monkeypatch):
+    import chat.markdown
+
+    monkeypatch.setattr(chat.markdown, "RENDER_BUDGET", 0.0)
+    assert "<strong>bold</strong>" in render("A **bold** claim.")
+
+
+def test_huge_code_blocks_are_shown_unhighlighted():
+    from chat.markdown import MAX_HIGHLIGHT_CHARS
+
+    code = "x = 1\n" * (MAX_HIGHLIGHT_CHARS // 6 + 1)
+    doc = tree(f"```python\n{code}```\n")
+    assert doc.find("pre") is not None and "hl-" not in render(f"```python\n{code}```\n")
+
+
+@pytest.mark.parametrize("name", PATHOLOGICAL)
+def test_a_pathological_live_reply_updates_within_budget(name, tight_budget):
+    text, r = PATHOLOGICAL[name], StreamRenderer()
+    worst = 0.0
+    for i in range(0, len(text), 10_000):
+        r.feed(text[i : i + 10_000])
+        _, took = timed(r.update)
+        worst = max(worst, took)
+    (new, tail), took = timed(r.update, final=True)
+    assert max(worst, took) < 1.0, f"{name}: {max(worst, took):.2f} s"
+    assert tail == ""
+    whole = "".join(r.blocks)
+    assert "<script" not in whole
+    assert whole.count("plain text") <= 1  # the note, once, where formatting stopped
+
+
+def test_a_live_reply_past_its_budget_goes_on_as_plain_text_and_loses_nothing(tight_budget):
+    r = StreamRenderer()
+    r.feed("# Title\n\nFine **so far**.\n\n")
+    r.update()
+    r.feed("[" * 60_000 + " <b>x</b>")
+    r.update()
+    assert r.plain
+    r.feed("\n\nthen **more** text\n\nand the end")
+    _, tail = r.update()
+    assert "and the end" in tail
+    r.update(final=True)
+    doc = parse_html("".join(r.blocks))
+    assert doc.find("h1").text == "Title" and "so far" in doc.text  # finished blocks stay
+    assert "then **more** text" in doc.text and "and the end" in doc.text
+    assert "<b>x</b>" in doc.text and doc.find_all("b") == []
+    assert doc.text.count("[") == 60_000

@@ -79,7 +79,9 @@ def sent(tmp_path, fake: FakeOpenAI, **overrides) -> dict:
     import main
 
     db = tmp_path / f"{uuid.uuid4().hex}.db"
-    settings = Settings.from_env({"MODEL": MODEL}, db_path=db, secret_key="test", **overrides)
+    settings = Settings.from_env(
+        {"MODEL": MODEL}, db_path=db, secret_key="test", allowed_hosts=("testserver",), **overrides
+    )
     with TestClient(main.create_app(settings)) as client:
         return _chat(client, fake)
 

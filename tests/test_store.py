@@ -258,3 +258,48 @@ def test_rendered_html_is_cached_for_finished_replies_only_and_dropped_when_rewr
     assert cached(live["id"]) == (None, None)  # still streaming: its text will change
     store.finish_turn(done["id"], status="complete", reply_text="b", messages=exchange("q", "b"))
     assert cached(done["id"]) == (None, None)
+
+
+def test_siblings_can_be_asked_for_a_few_parents_only(store):
+    cid = store.create_conversation("alice")["id"]
+    a = store.add_turn(cid, "a", [request("a")], model="m")
+    b = store.add_turn(cid, "b", [request("b")], model="m")
+    b2 = store.add_turn(cid, "b again", [request("b")], model="m", parent_id=a["id"])
+    c = store.add_turn(cid, "c", [request("c")], model="m")
+    everything = store.siblings(cid)
+    assert everything == {None: [a["id"]], a["id"]: [b["id"], b2["id"]], b2["id"]: [c["id"]]}
+    assert store.siblings(cid, [a["id"]]) == {a["id"]: [b["id"], b2["id"]]}
+    assert store.siblings(cid, [None, b2["id"]]) == {None: [a["id"]], b2["id"]: [c["id"]]}
+    assert store.siblings(cid, []) == {}
+
+
+def test_a_page_of_a_long_branch_reads_a_page_not_the_branch(store):
+    cid = store.create_conversation("alice")["id"]
+    ids = [answered(store, cid, f"q{i}", f"a{i}")["id"] for i in range(30)]
+    assert [t["id"] for t in store.branch(ids[-1], limit=5)] == ids[-5:]
+    assert [t["id"] for t in store.later(ids[0], limit=5)] == ids[1:6]
+    assert store.later(ids[-1], limit=5) == []
+    pages = list(store.branch_pages(ids[-1], size=7))
+    assert [len(p) for p in pages] == [7, 7, 7, 7, 2]
+    assert [t["id"] for p in pages for t in p] == ids
+    assert list(store.branch_pages(None)) == []
+
+
+def test_each_thread_gets_its_own_connection_to_the_same_file(tmp_path):
+    import threading
+
+    s = ChatStore(tmp_path / "chat.db")
+    try:
+        cid = s.create_conversation("alice")["id"]
+        seen = {}
+
+        def worker():
+            seen["db"] = s.db
+            seen["conv"] = s.conversation(cid, "alice")
+
+        t = threading.Thread(target=worker)
+        t.start()
+        t.join()
+        assert seen["db"] is not s.db and seen["conv"]["id"] == cid
+    finally:
+        s.close()

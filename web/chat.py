@@ -1,8 +1,17 @@
-"""Sending messages and streaming replies: send, stream, stop, regenerate, edit, versions."""
+"""Sending messages and streaming replies: send, stream, stop, regenerate, edit, versions.
+
+The store and rendering never run on the event loop: read-only handlers are plain `def`s (run
+in a worker thread by FastHTML), and the handlers that also start or follow runs (which live on
+the loop) do their store work through `off_loop`. A user's sends are serialized by a lock, so
+the checks made before committing still hold when the reply starts.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
+from zlib import crc32
 
 from fasthtml.common import H1, APIRouter, Div, Input, Response, Title, to_xml
 from pydantic_ai.messages import ModelRequest, UserPromptPart
@@ -26,6 +35,7 @@ from components.messages import (
     tail_markup,
 )
 from web.views import (
+    BUSY,
     check_message,
     error_fragment,
     export_links,
@@ -34,6 +44,7 @@ from web.views import (
     load_json,
     messages_view,
     not_found,
+    off_loop,
     reply_body,
     runs,
     settings,
@@ -59,15 +70,32 @@ def _owned_turn(req: Request, cid: str, tid: int) -> tuple[dict, dict] | None:
     return conv, turn
 
 
-def _start(req: Request, conv: dict, text: str, *, parent_id: int | None | str = "head") -> dict:
-    """Commit the user's message, then start its reply as a server-owned run."""
-    turn = store(req).add_turn(
+def _send_lock(req: Request) -> asyncio.Lock:
+    """The user's send lock: from the checks before a send to its run having started, no other
+    send of the same user may pass the same checks (the commit in between runs in a thread).
+    Striped, so there are never more than 64, however many users."""
+    locks = getattr(req.app.state, "send_locks", None)
+    if locks is None:
+        locks = req.app.state.send_locks = [asyncio.Lock() for _ in range(64)]
+    return locks[crc32(uid(req).encode()) % len(locks)]
+
+
+def _commit(req: Request, conv: dict, text: str, *, parent_id: int | None | str = "head") -> dict:
+    """Commit the user's message as a new turn (blocking: call it off the loop)."""
+    return store(req).add_turn(
         conv["id"],
         text,
         [ModelRequest(parts=[UserPromptPart(content=text)])],
         model=conv["model"] or settings(req).model or "demo",
         parent_id=parent_id,
     )
+
+
+async def _start(
+    req: Request, conv: dict, text: str, *, parent_id: int | None | str = "head"
+) -> dict:
+    """Commit the user's message, then start its reply as a server-owned run."""
+    turn = await off_loop(_commit, req, conv, text, parent_id=parent_id)
     runs(req).start(turn, uid(req))
     return turn
 
@@ -86,8 +114,6 @@ async def send(
     With two or more `compare` models, one reply per model streams side by side; each is a
     version of the exchange, and the first is kept until the user keeps another.
     """
-    from web.pages import conversation
-
     msg = normalize(msg)
     cfg = settings(req)
     models = list(dict.fromkeys(m for m in (compare or []) if m))
@@ -95,7 +121,17 @@ async def send(
         return error_fragment("That model is not offered here. Pick one from the list.", 422)
     if persona and persona not in runs(req).personas:
         return error_fragment("That persona does not exist. Pick one from the list.", 422)
-    conv = store(req).conversation(cid, uid(req)) if cid else None
+    try:
+        async with _send_lock(req):
+            return await _send(req, msg, cid, model, persona, models)
+    except sqlite3.OperationalError:  # the write lock stayed taken past the busy timeout
+        return error_fragment(BUSY, 503)
+
+
+async def _send(req: Request, msg: str, cid: str, model: str, persona: str, models: list[str]):
+    from web.pages import conversation
+
+    conv = await off_loop(store(req).conversation, cid, uid(req)) if cid else None
     if cid and conv is None:
         return error_fragment("That conversation does not exist.", 404)
     replies = len(models) if len(models) >= 2 else 1
@@ -103,31 +139,41 @@ async def send(
     if (problem := check_message(req, msg, replies, cid=busy)) is not None:
         return problem
     created = conv is None
-    if created:
-        conv = store(req).create_conversation(
-            uid(req),
-            model=model or cfg.default_model,
-            persona=persona or next(iter(runs(req).personas)),
-        )
-        conv["title"] = short_title(msg)
-        store(req).set_title(conv["id"], conv["title"])
-    else:
-        if model and model != conv["model"]:
-            store(req).set_model(conv["id"], model)
-            conv["model"] = model
-        if persona and persona != conv["persona"]:
-            store(req).set_persona(conv["id"], persona)
-            conv["persona"] = persona
+    persona = persona or (None if conv else next(iter(runs(req).personas)))
+    conv = await off_loop(_prepare, req, conv, msg, model or None, persona)
     if len(models) >= 2:
         parent = conv["head_turn_id"]
-        turns = [_start(req, {**conv, "model": m}, msg, parent_id=parent) for m in models]
-        store(req).set_head(conv["id"], turns[0]["id"])
+        turns = [await _start(req, {**conv, "model": m}, msg, parent_id=parent) for m in models]
+        await off_loop(store(req).set_head, conv["id"], turns[0]["id"])
     else:
-        turns = [_start(req, conv, msg)]
+        turns = [await _start(req, conv, msg)]
     url = conversation.to(cid=conv["id"])
     if not is_htmx(req):
         return RedirectResponse(url, status_code=303)
-    siblings = store(req).siblings(conv["id"])
+    return await off_loop(_sent, req, conv, turns, created, url)
+
+
+def _prepare(req: Request, conv: dict | None, msg: str, model: str | None, persona: str | None):
+    """Create the conversation, or switch its model and persona, before the message is sent."""
+    if conv is None:
+        conv = store(req).create_conversation(
+            uid(req), model=model or settings(req).default_model, persona=persona
+        )
+        conv["title"] = short_title(msg)
+        store(req).set_title(conv["id"], conv["title"])
+        return conv
+    if model and model != conv["model"]:
+        store(req).set_model(conv["id"], model)
+        conv["model"] = model
+    if persona and persona != conv["persona"]:
+        store(req).set_persona(conv["id"], persona)
+        conv["persona"] = persona
+    return conv
+
+
+def _sent(req: Request, conv: dict, turns: list[dict], created: bool, url: str):
+    """The answer to a send: the user's message, the streaming replies, and side updates."""
+    siblings = store(req).siblings(conv["id"], {t["parent_id"] for t in turns})
     links = [turn_links(t, siblings) for t in turns]
     if len(turns) == 1:
         replies = AssistantMessage(turns[0]["id"], links=links[0], live=True)
@@ -175,7 +221,10 @@ async def stream(req: Request, cid: str, tid: int):
 
     Never starts a model call. A finished reply is served from the database.
     """
-    owned = _owned_turn(req, cid, tid)
+    # The run first, then the row: a run that ends meanwhile has saved its row before it is
+    # dropped, so a missing run never meets a row still marked as streaming.
+    run = runs(req).get(tid)
+    owned = await off_loop(_owned_turn, req, cid, tid)
     if owned is None:
         return not_found(req)
     conv, turn = owned
@@ -183,8 +232,7 @@ async def stream(req: Request, cid: str, tid: int):
         start = max(0, int(req.headers.get("last-event-id") or 0))
     except ValueError:
         start = 0
-    run = runs(req).get(tid)
-    links = turn_links(turn, store(req).siblings(cid))
+    links = turn_links(turn, await off_loop(store(req).siblings, cid, [turn["parent_id"]]))
     chunks = _live(req, run, turn, links, start) if run else _stored(req, turn, links, start)
     limits, who = req.app.state.limits, uid(req)
     if not limits.open_stream(who):
@@ -215,7 +263,7 @@ async def _live(req: Request, run: Run, turn: dict, links, start: int) -> AsyncI
         elif kind == "ping":
             yield sse.comment()
         else:
-            conv = store(req).conversation(run.conversation_id, run.owner)
+            conv, spent = await off_loop(_conv_and_usage, req, run.conversation_id, run.owner)
             footer = ReplyFooter(
                 run.turn_id,
                 run.status,
@@ -227,9 +275,13 @@ async def _live(req: Request, run: Run, turn: dict, links, start: int) -> AsyncI
                 copy=bool(run.renderer.source),
                 extra=_title_refresh(turn, run.status),
             )
-            total = ConversationUsage(store(req).usage_total(run.conversation_id), oob=True)
+            total = ConversationUsage(spent, oob=True)
             yield sse.event("end", to_xml((*footer, total)))
             yield sse.event("done", run.status)
+
+
+def _conv_and_usage(req: Request, cid: str, owner: str) -> tuple[dict | None, dict]:
+    return store(req).conversation(cid, owner), store(req).usage_total(cid)
 
 
 def _item_markup(item) -> str:
@@ -244,14 +296,9 @@ def _item_markup(item) -> str:
 async def _stored(req: Request, turn: dict, links, start: int) -> AsyncIterator[str]:
     if turn["status"] == "streaming":  # no run is generating it any more: it was cut off
         turn = {**turn, "status": "interrupted", "error": "This reply was interrupted."}
-    conv = store(req).conversation(turn["conversation_id"], uid(req))
-    chunk = reply_body(turn)
-    if start == 0:
-        yield sse.event("blocks", to_xml(chunk) or " ", id="1")
-    else:
-        # The client already holds some live blocks: replace them all at once.
-        swap = Div(*chunk, cls="md", id=f"md-{turn['id']}", hx_swap_oob="true")
-        yield sse.event("blocks", to_xml(swap))
+    conv = await off_loop(store(req).conversation, turn["conversation_id"], uid(req))
+    blocks = await off_loop(_stored_blocks, turn, start)
+    yield blocks
     yield sse.event("tail", " ")
     footer = ReplyFooter(
         turn["id"],
@@ -268,10 +315,20 @@ async def _stored(req: Request, turn: dict, links, start: int) -> AsyncIterator[
     yield sse.event("done", turn["status"])
 
 
+def _stored_blocks(turn: dict, start: int) -> str:
+    """A stored reply as its one `blocks` event (rendering it may take a while: off the loop)."""
+    chunk = reply_body(turn)
+    if start == 0:
+        return sse.event("blocks", to_xml(chunk) or " ", id="1")
+    # The client already holds some live blocks: replace them all at once.
+    swap = Div(*chunk, cls="md", id=f"md-{turn['id']}", hx_swap_oob="true")
+    return sse.event("blocks", to_xml(swap))
+
+
 @ar("/c/{cid}/turns/{tid}/stop", methods=["post"])
 async def stop(req: Request, cid: str, tid: int):
     """Stop a reply; what it produced so far is kept and saved as stopped."""
-    if _owned_turn(req, cid, tid) is None:
+    if await off_loop(_owned_turn, req, cid, tid) is None:
         return not_found(req)
     runs(req).stop(tid)
     return Response(status_code=204)
@@ -280,53 +337,65 @@ async def stop(req: Request, cid: str, tid: int):
 @ar("/c/{cid}/turns/{tid}/regenerate", methods=["post"])
 async def regenerate(req: Request, cid: str, tid: int):
     """Answer the same message again, as a new version of the exchange (also: Retry)."""
-    owned = _owned_turn(req, cid, tid)
-    if owned is None:
-        return not_found(req)
-    conv, turn = owned
-    if (problem := check_message(req, turn["user_text"], cid=cid)) is not None:
-        return problem
-    _start(req, conv, turn["user_text"], parent_id=turn["parent_id"])
+    try:
+        async with _send_lock(req):
+            owned = await off_loop(_owned_turn, req, cid, tid)
+            if owned is None:
+                return not_found(req)
+            conv, turn = owned
+            if (problem := check_message(req, turn["user_text"], cid=cid)) is not None:
+                return problem
+            await _start(req, conv, turn["user_text"], parent_id=turn["parent_id"])
+    except sqlite3.OperationalError:
+        return error_fragment(BUSY, 503)
+    return await off_loop(_current_view, req, cid)
+
+
+def _current_view(req: Request, cid: str) -> tuple:
     return messages_view(req, store(req).conversation(cid, uid(req)))
 
 
 @ar("/c/{cid}/turns/{tid}/edit", methods=["get"])
-async def edit_form(req: Request, cid: str, tid: int):
+def edit_form(req: Request, cid: str, tid: int):
     """The in-place form to edit a sent message."""
     owned = _owned_turn(req, cid, tid)
     if owned is None:
         return not_found(req)
     _, turn = owned
-    links = turn_links(turn, store(req).siblings(cid))
+    links = turn_links(turn, store(req).siblings(cid, [turn["parent_id"]]))
     return EditForm(turn, links, max_chars=settings(req).max_message_chars)
 
 
 @ar("/c/{cid}/turns/{tid}/user", methods=["get"])
-async def user_message(req: Request, cid: str, tid: int):
+def user_message(req: Request, cid: str, tid: int):
     """A sent message as shown in the list (used to cancel an edit)."""
     owned = _owned_turn(req, cid, tid)
     if owned is None:
         return not_found(req)
     _, turn = owned
-    return UserMessage(turn, turn_links(turn, store(req).siblings(cid)))
+    return UserMessage(turn, turn_links(turn, store(req).siblings(cid, [turn["parent_id"]])))
 
 
 @ar("/c/{cid}/turns/{tid}/edit", methods=["post"])
 async def edit(req: Request, cid: str, tid: int, msg: str = ""):
     """Send an edited message as a new version of the exchange; the old one is kept."""
-    owned = _owned_turn(req, cid, tid)
-    if owned is None:
-        return not_found(req)
     msg = normalize(msg)
-    if (problem := check_message(req, msg, cid=cid)) is not None:
-        return problem
-    conv, turn = owned
-    _start(req, conv, msg, parent_id=turn["parent_id"])
-    return messages_view(req, store(req).conversation(cid, uid(req)))
+    try:
+        async with _send_lock(req):
+            owned = await off_loop(_owned_turn, req, cid, tid)
+            if owned is None:
+                return not_found(req)
+            if (problem := check_message(req, msg, cid=cid)) is not None:
+                return problem
+            conv, turn = owned
+            await _start(req, conv, msg, parent_id=turn["parent_id"])
+    except sqlite3.OperationalError:
+        return error_fragment(BUSY, 503)
+    return await off_loop(_current_view, req, cid)
 
 
 @ar("/c/{cid}/turns/{tid}/show", methods=["post"])
-async def show(req: Request, cid: str, tid: int):
+def show(req: Request, cid: str, tid: int):
     """Show another version of an exchange (and the newest conversation that follows it)."""
     owned = _owned_turn(req, cid, tid)
     if owned is None:

@@ -1,16 +1,26 @@
-"""Pages and the conversation list: open, page back, search, rename, delete, export, import."""
+"""Pages and the conversation list: open, page back, search, rename, delete, export, import.
+
+Handlers that only read or write the store and render are plain `def`s: FastHTML runs those in
+a worker thread, so a slow query, a held SQLite write lock or a costly render holds up only the
+request that asked for it, never the event loop every other request shares.
+"""
 
 from __future__ import annotations
 
 import re
 
-from anyio.to_thread import run_sync
 from fasthtml.common import H1, APIRouter, Div, Response, Title
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
-from starlette.responses import JSONResponse, RedirectResponse
+from starlette.responses import JSONResponse, RedirectResponse, StreamingResponse
 
-from chat.transcript import MAX_IMPORT_BYTES, ImportError_, split_turns, to_json, to_markdown
+from chat.transcript import (
+    MAX_IMPORT_BYTES,
+    ImportError_,
+    json_chunks,
+    markdown_chunks,
+    split_turns,
+)
 from components.sidebar import (
     ConversationLink,
     DeletedItem,
@@ -22,14 +32,16 @@ from web.views import (
     conv_links,
     error_fragment,
     is_htmx,
-    message_items,
+    later_page,
     not_found,
+    off_loop,
     page,
     runs,
     settings,
     store,
     uid,
     window,
+    window_at,
 )
 
 ar = APIRouter()
@@ -40,14 +52,14 @@ def _conv(req: Request, cid: str) -> dict | None:
 
 
 @ar("/", methods=["get"])
-async def index(req: Request):
+def index(req: Request):
     """A new chat."""
     return page(req, None)
 
 
 @ar("/c/{cid}", methods=["get"])
-async def conversation(req: Request, cid: str, at: int | None = None):
-    """A conversation. With `at`, the branch that holds that turn (a search result)."""
+def conversation(req: Request, cid: str, at: int | None = None):
+    """A conversation. With `at`, a page of the branch that holds that turn (a search result)."""
     conv = _conv(req, cid)
     if conv is None:
         return not_found(req)
@@ -55,18 +67,13 @@ async def conversation(req: Request, cid: str, at: int | None = None):
         turn = store(req).turn(at, uid(req))
         if turn is None or turn["conversation_id"] != cid:
             return not_found(req)
-        head = store(req).newest_leaf(at)
-        conv = {**conv, "head_turn_id": head}
-        chain = store(req).branch(head)
-        # Show enough of the branch that the turn searched for is on the page.
-        depth = len(chain) - [t["id"] for t in chain].index(at)
-        turns = chain[-max(settings(req).history_page, depth) :]
-        return page(req, conv, items=message_items(req, conv, turns))
+        conv = {**conv, "head_turn_id": store(req).newest_leaf(at)}
+        return page(req, conv, items=window_at(req, conv, turn))
     return page(req, conv)
 
 
 @ar("/c/{cid}/older", methods=["get"])
-async def older(req: Request, cid: str, before: int):
+def older(req: Request, cid: str, before: int):
     """The page of messages before turn `before` on the shown branch."""
     conv = _conv(req, cid)
     first = store(req).turn(before, uid(req)) if conv else None
@@ -77,8 +84,19 @@ async def older(req: Request, cid: str, before: int):
     return Div(*window(req, conv, first["parent_id"]), id="earlier-page", cls="earlier-page")
 
 
+@ar("/c/{cid}/newer", methods=["get"])
+def newer(req: Request, cid: str, after: int | None = None):
+    """The page of messages after turn `after`, on the branch shown for it (opened at a turn)."""
+    conv = _conv(req, cid)
+    last = store(req).turn(after, uid(req)) if conv and after is not None else None
+    if conv is None or last is None or last["conversation_id"] != cid:
+        return not_found(req)
+    conv = {**conv, "head_turn_id": store(req).newest_leaf(after)}
+    return Div(*later_page(req, conv, last), id="later-page", cls="later-page")
+
+
 @ar("/search", methods=["get"])
-async def search(req: Request, q: str = ""):
+def search(req: Request, q: str = ""):
     """Search the user's messages (SQLite FTS5); each result links to its message."""
     results = store(req).search(uid(req), q[:200]) if q.strip() else []
     urls = [
@@ -89,7 +107,7 @@ async def search(req: Request, q: str = ""):
 
 
 @ar("/c/{cid}/item", methods=["get"])
-async def item(req: Request, cid: str):
+def item(req: Request, cid: str):
     """A conversation's entry in the sidebar (used to cancel a rename)."""
     conv = _conv(req, cid)
     if conv is None:
@@ -98,7 +116,7 @@ async def item(req: Request, cid: str):
 
 
 @ar("/c/{cid}/rename", methods=["get"])
-async def rename_form(req: Request, cid: str):
+def rename_form(req: Request, cid: str):
     """The in-place rename form."""
     conv = _conv(req, cid)
     if conv is None:
@@ -107,7 +125,7 @@ async def rename_form(req: Request, cid: str):
 
 
 @ar("/c/{cid}/rename", methods=["post"])
-async def rename(req: Request, cid: str, title: str = ""):
+def rename(req: Request, cid: str, title: str = ""):
     """Rename a conversation."""
     if _conv(req, cid) is None:
         return not_found(req)
@@ -127,7 +145,7 @@ def _is_current(req: Request, cid: str) -> bool:
 
 
 @ar("/c/{cid}/delete", methods=["post"])
-async def delete(req: Request, cid: str):
+def delete(req: Request, cid: str):
     """Delete a conversation; the list offers Undo until the page changes."""
     conv = _conv(req, cid)
     if conv is None or not store(req).delete(cid, uid(req)):
@@ -136,7 +154,7 @@ async def delete(req: Request, cid: str):
 
 
 @ar("/c/{cid}/restore", methods=["post"])
-async def restore(req: Request, cid: str):
+def restore(req: Request, cid: str):
     """Undo a deletion."""
     if not store(req).restore(cid, uid(req)):
         return not_found(req)
@@ -146,10 +164,10 @@ async def restore(req: Request, cid: str):
 @ar("/c/{cid}/title", methods=["get"])
 async def title(req: Request, cid: str):
     """The conversation's title once the model has written it, as out-of-band updates."""
-    if _conv(req, cid) is None:
+    if await off_loop(_conv, req, cid) is None:
         return not_found(req)
     await runs(req).wait_title(cid)
-    conv = _conv(req, cid)
+    conv = await off_loop(_conv, req, cid)
     if conv is None:
         return not_found(req)
     li = ConversationLink(conv, conv_links(cid), current=True)
@@ -163,30 +181,35 @@ def _filename(title: str, ext: str) -> str:
     return f"{stem or 'conversation'}.{ext}"
 
 
+# Exports stream a page of turns at a time: Starlette reads a plain iterator in its thread pool,
+# so neither the loop nor the memory holds a whole long conversation.
+EXPORT_PAGE = 200
+
+
 @ar("/c/{cid}/export.md", methods=["get"])
-async def export_md(req: Request, cid: str):
+def export_md(req: Request, cid: str):
     """Download the shown branch as Markdown."""
     conv = _conv(req, cid)
     if conv is None:
         return not_found(req)
-    turns = store(req).branch(conv["head_turn_id"])
-    return Response(
-        to_markdown(conv["title"], turns),
+    pages = store(req).branch_pages(conv["head_turn_id"], EXPORT_PAGE)
+    return StreamingResponse(
+        (chunk.encode() for chunk in markdown_chunks(conv["title"], pages)),
         media_type="text/markdown; charset=utf-8",
         headers={"Content-Disposition": f'attachment; filename="{_filename(conv["title"], "md")}"'},
     )
 
 
 @ar("/c/{cid}/export.json", methods=["get"])
-async def export_json(req: Request, cid: str):
+def export_json(req: Request, cid: str):
     """Download the shown branch as pydantic-ai messages (ModelMessagesTypeAdapter JSON)."""
     conv = _conv(req, cid)
     if conv is None:
         return not_found(req)
-    turns = store(req).branch(conv["head_turn_id"])
+    pages = store(req).branch_pages(conv["head_turn_id"], EXPORT_PAGE)
     name = _filename(conv["title"], "json")
-    return Response(
-        to_json(turns),
+    return StreamingResponse(
+        json_chunks(pages),
         media_type="application/json",
         headers={"Content-Disposition": f'attachment; filename="{name}"'},
     )
@@ -211,7 +234,7 @@ async def import_json(req: Request, file: UploadFile | None = None):
         await file.close()  # its spooled temporary file, now rather than at garbage collection
     try:
         # Validating megabytes of JSON is CPU work: off the event loop, like other big work.
-        turns = await run_sync(split_turns, raw, settings(req).max_import_turns)
+        turns = await off_loop(split_turns, raw, settings(req).max_import_turns)
     except ImportError_ as exc:
         return error_fragment(
             f"Could not import {file.filename or 'that file'}: {exc}", 422, target

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import TypeVar
 
 from fastcore.xml import FT
 from fasthtml.common import H1, A, Body, Div, Html, P, Response, Title, to_xml
 from fasthtml.common import Head as HtmlHead
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from chat.config import Settings
-from chat.markdown import RENDER_VERSION, render
+from chat.markdown import RENDER_BUDGET, RENDER_VERSION, plain, render
 from chat.reply import segments
 from chat.runs import RunManager
 from chat.storage import Store
@@ -23,12 +28,28 @@ from components.messages import (
     AssistantMessage,
     ConversationUsage,
     LoadEarlier,
+    LoadLater,
     SafeHTML,
     Segments,
     TurnLinks,
     UserMessage,
 )
 from components.sidebar import ConvLinks, Sidebar
+
+T = TypeVar("T")
+
+# Rendering a page's replies may take this long in all; the rest are shown as plain text (and
+# not cached as such: the next view renders them properly).
+PAGE_RENDER_BUDGET = 2.0
+
+
+async def off_loop(fn: Callable[..., T], *args, **kwargs) -> T:
+    """Run blocking work (the store, big renders) in the request thread pool, not on the loop.
+
+    Handlers that only read and render are plain `def`s, which FastHTML already runs there;
+    this is for the async handlers and streams that also need the loop (runs, waiting).
+    """
+    return await run_in_threadpool(partial(fn, *args, **kwargs))
 
 
 def store(req: Request) -> Store:
@@ -85,6 +106,21 @@ def not_found(req: Request, exc: Exception | None = None) -> Response:
         cls="not-found",
     )
     return full_page((Title("Not found · Agent chat"), body), 404)
+
+
+BUSY = "The server is busy saving other changes. Try again in a moment."
+
+
+def busy(req: Request, exc: Exception | None = None) -> Response:
+    """503 when the database cannot take a write (locked past its busy timeout, or read-only).
+
+    Writes wait in a worker thread, so this costs the one request, not the server; what it was
+    asked to change is unchanged.
+    """
+    if is_htmx(req):
+        return error_fragment(BUSY, 503)
+    body = Div(H1("Busy"), P(BUSY), A("Back to the chats", href="/"), cls="not-found")
+    return full_page((Title("Busy · Agent chat"), body), 503)
 
 
 def error_fragment(message: str, status: int, target: str = "#composer-error") -> Response:
@@ -210,13 +246,22 @@ def render_cached(req: Request, turns: list[dict]) -> None:
     """Render the finished text-only replies in `turns` that have no cached HTML, and cache it.
 
     Rendering (markdown, highlighting, sanitizing) is most of the cost of showing a stored reply,
-    and a finished reply never changes: each is rendered once, when first shown.
+    and a finished reply never changes: each is rendered once, when first shown. The cache write
+    is best-effort (the store skips it when the database is busy or read-only): reading a page
+    never needs a write. The page's rendering has a budget too, beyond each reply's own.
     """
+    deadline = time.perf_counter() + PAGE_RENDER_BUDGET
     fresh = []
     for turn in turns:
         if turn["status"] == "streaming" or _uses_tools(turn) or _cached_html(turn) is not None:
             continue
-        turn["reply_html"], turn["reply_html_version"] = render(turn["reply_text"]), RENDER_VERSION
+        left = deadline - time.perf_counter()
+        # (The version is set for this request's copy of the row, so `reply_body` uses it.)
+        turn["reply_html_version"] = RENDER_VERSION
+        if left <= 0:
+            turn["reply_html"] = plain(turn["reply_text"])
+            continue
+        turn["reply_html"] = render(turn["reply_text"], budget=min(RENDER_BUDGET, left))
         fresh.append((turn["id"], turn["reply_html"]))
     store(req).cache_html(fresh, RENDER_VERSION)
 
@@ -240,7 +285,8 @@ def reply(req: Request, turn: dict, links: TurnLinks, *, last: bool) -> FT:
 
 def message_items(req: Request, conv: dict, turns: list[dict]) -> tuple:
     """User messages and replies for `turns`, in order."""
-    siblings = store(req).siblings(conv["id"]) if turns else {}
+    parents = {t["parent_id"] for t in turns}
+    siblings = store(req).siblings(conv["id"], parents) if turns else {}
     render_cached(req, turns)
     items: list = []
     for turn in turns:
@@ -252,21 +298,55 @@ def message_items(req: Request, conv: dict, turns: list[dict]) -> tuple:
 
 def window(req: Request, conv: dict, head: int | None) -> tuple:
     """The newest page of the branch ending at `head`, with a link to load earlier ones."""
-    from web import pages
-
     page_size = settings(req).history_page
     turns = store(req).branch(head, limit=page_size + 1)
     more = len(turns) > page_size
     turns = turns[-page_size:]
     items = message_items(req, conv, turns)
-    if more:
-        url = pages.older.to(cid=conv["id"], before=turns[0]["id"])
-        items = (LoadEarlier(url), *items)
-    return items
+    return (_earlier(conv, turns), *items) if more else items
+
+
+def window_at(req: Request, conv: dict, at: dict) -> tuple:
+    """A page of the branch shown for turn `at` (`conv`'s head is its leaf), centred on it."""
+    page_size = settings(req).history_page
+    before = store(req).branch(at["id"], limit=page_size // 2 + 2)  # ends with `at`
+    more_before = len(before) > page_size // 2 + 1
+    before = before[-(page_size // 2 + 1) :]
+    after = store(req).later(at["id"], limit=page_size - len(before) + 1)
+    more_after = len(after) > page_size - len(before)
+    turns = before + after[: page_size - len(before)]
+    items = message_items(req, conv, turns)
+    return (
+        *((_earlier(conv, turns),) if more_before else ()),
+        *items,
+        *((_later(conv, turns),) if more_after else ()),
+    )
+
+
+def later_page(req: Request, conv: dict, after: dict) -> tuple:
+    """The page of turns after `after` on the branch shown for it, and a link to the next."""
+    page_size = settings(req).history_page
+    turns = store(req).later(after["id"], limit=page_size + 1)
+    more = len(turns) > page_size
+    turns = turns[:page_size]
+    items = message_items(req, conv, turns)
+    return (*items, _later(conv, turns)) if more else items
+
+
+def _earlier(conv: dict, turns: list[dict]) -> FT:
+    from web import pages
+
+    return LoadEarlier(pages.older.to(cid=conv["id"], before=turns[0]["id"]))
+
+
+def _later(conv: dict, turns: list[dict]) -> FT:
+    from web import pages
+
+    return LoadLater(pages.newer.to(cid=conv["id"], after=turns[-1]["id"]))
 
 
 def messages_view(req: Request, conv: dict) -> tuple:
-    """The whole message list of a conversation's current branch."""
+    """The newest page of a conversation's current branch."""
     return window(req, conv, conv["head_turn_id"])
 
 
