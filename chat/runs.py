@@ -75,6 +75,10 @@ class StalledError(Exception):
     """The model sent nothing for longer than the stall timeout."""
 
 
+class FirstTokenTimeout(StalledError):
+    """The model did not start its reply within the first-token timeout."""
+
+
 @dataclass(eq=False)
 class Run:
     """One reply being generated: its rendered state and the task generating it."""
@@ -243,17 +247,23 @@ class RunManager:
             ) as events:
                 loop = asyncio.get_running_loop()
                 deadline = None
+                # Before a model request's first event the server reads the whole prompt, which
+                # on a local CPU model takes far longer than any pause between tokens: that wait
+                # has its own, longer limit. A tool result means a new request follows.
+                waiting = True
                 try:
                     # One deadline, pushed back by every event: no task or timer per token.
-                    async with asyncio.timeout(cfg.stall_timeout) as deadline:
+                    async with asyncio.timeout(cfg.first_token_timeout) as deadline:
                         async for event in events:
-                            deadline.reschedule(loop.time() + cfg.stall_timeout)
+                            waiting = isinstance(event, FunctionToolResultEvent)
+                            limit = cfg.first_token_timeout if waiting else cfg.stall_timeout
+                            deadline.reschedule(loop.time() + limit)
                             self._on_event(run, event)
                             if pause := self._pace(run):
                                 await asyncio.sleep(pause)
                 except TimeoutError:
                     if deadline is not None and deadline.expired():
-                        raise StalledError from None
+                        raise (FirstTokenTimeout if waiting else StalledError) from None
                     raise
             result = events.result
             if result is not None:
@@ -457,18 +467,25 @@ def _has_text(messages: list[ModelMessage]) -> bool:
 
 
 def _usage(usage, run: Run) -> dict:
-    """Token counts from the provider, and timing measured here."""
+    """Token counts from the provider, and timing measured here.
+
+    Some servers (llama.cpp's, several local ones) send no usage in a stream; pydantic-ai then
+    counts zero of both. A reply always has a prompt, so that is "not reported" (None), never a
+    real zero to show or to add to a total.
+    """
     end = time.monotonic()
     first = run.first_token_at
     streaming = end - first if first else 0.0
+    reported = bool(usage.input_tokens or usage.output_tokens)
+    output = usage.output_tokens if reported else None
     return {
-        "input_tokens": usage.input_tokens,
-        "output_tokens": usage.output_tokens,
+        "input_tokens": usage.input_tokens if reported else None,
+        "output_tokens": output,
         "requests": usage.requests,
         "tool_calls": usage.tool_calls,
         "seconds": round(end - run.started, 3),
         "first_token_seconds": round(first - run.started, 3) if first else None,
-        "tokens_per_second": round(usage.output_tokens / streaming, 1) if streaming > 0 else None,
+        "tokens_per_second": round(output / streaming, 1) if output and streaming > 0 else None,
     }
 
 
@@ -480,6 +497,11 @@ def describe_error(exc: Exception) -> str:
     """A message for the user: what went wrong and what to do, never a traceback or a key."""
     if isinstance(exc, ModelUnavailable):
         return str(exc)
+    if isinstance(exc, FirstTokenTimeout):
+        return (
+            "The model did not start its reply in time (FIRST_TOKEN_TIMEOUT), so it was ended. "
+            "Try again, or try a shorter conversation."
+        )
     if isinstance(exc, StalledError):
         return "The model stopped sending the reply, so it was ended. Try again."
     if isinstance(exc, UsageLimitExceeded):

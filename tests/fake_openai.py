@@ -11,6 +11,8 @@ mid-reply until released (`hold_after`), and to fail: `script` is a list of `Fau
 a normal answer) consumed one per request, and `fault` applies to every request after that.
 `side_reply` may answer some requests at once with a fixed text, outside the script, delay and
 hold (an app's background calls, e.g. writing a conversation title, then cannot eat a fault).
+`report_usage=False` sends no token usage at all, as llama.cpp's server and some other local
+servers do (no usage chunk in a stream even when asked, no `usage` in a completion).
 
 It records every request: the JSON body (so the messages, i.e. the history the client sent), how
 many tokens were sent, whether the reply completed, and whether the client disconnected first.
@@ -142,6 +144,7 @@ class FakeOpenAI:
         script: list[Fault | None] | None = None,
         fault: Fault | None = None,
         side_reply: Callable[[dict], str | None] | None = None,
+        report_usage: bool = True,
         model: str = "fake-model",
         host: str = "127.0.0.1",
         port: int = 0,
@@ -149,6 +152,7 @@ class FakeOpenAI:
         self.host, self.port = host, port
         self.model = model
         self.side_reply = side_reply
+        self.report_usage = self._report_usage = report_usage
         self._defaults = dict(
             reply=reply,
             delay=delay,
@@ -211,6 +215,7 @@ class FakeOpenAI:
                 list(d["script"]),
                 d["fault"],
             )
+            self.report_usage = self._report_usage
             self._records.clear()
             self._release.clear()
             self._held.clear()
@@ -472,7 +477,7 @@ class FakeOpenAI:
             record.disconnected = True
             return
         await _write_chunk(writer, chunk({}, "stop"))
-        if (body.get("stream_options") or {}).get("include_usage"):
+        if self.report_usage and (body.get("stream_options") or {}).get("include_usage"):
             usage = _usage(body, len(pieces))
             await _write_chunk(writer, chunk(None, usage=usage))
         await _write_chunk(writer, b"data: [DONE]\n\n")
@@ -502,8 +507,9 @@ class FakeOpenAI:
                     "finish_reason": "stop",
                 }
             ],
-            "usage": _usage(record.body, len(pieces)),
         }
+        if self.report_usage:
+            data["usage"] = _usage(record.body, len(pieces))
         await _send_json(writer, 200, data)
         record.completed = True
 
