@@ -13,6 +13,8 @@ a normal answer) consumed one per request, and `fault` applies to every request 
 hold (an app's background calls, e.g. writing a conversation title, then cannot eat a fault).
 `report_usage=False` sends no token usage at all, as llama.cpp's server and some other local
 servers do (no usage chunk in a stream even when asked, no `usage` in a completion).
+`done_linger` keeps a stream's body open that many seconds after `data: [DONE]`, as llama.cpp's
+server (sse-starlette) does, so a client must not treat [DONE] as the end of the body.
 
 It records every request: the JSON body (so the messages, i.e. the history the client sent), how
 many tokens were sent, whether the reply completed, and whether the client disconnected first.
@@ -153,6 +155,7 @@ class FakeOpenAI:
         self.model = model
         self.side_reply = side_reply
         self.report_usage = self._report_usage = report_usage
+        self.done_linger = 0.0
         self._defaults = dict(
             reply=reply,
             delay=delay,
@@ -481,6 +484,8 @@ class FakeOpenAI:
             usage = _usage(body, len(pieces))
             await _write_chunk(writer, chunk(None, usage=usage))
         await _write_chunk(writer, b"data: [DONE]\n\n")
+        if self.done_linger:
+            await asyncio.sleep(self.done_linger)
         await _write_chunk(writer, b"")
         record.completed = True
 

@@ -145,3 +145,21 @@ def test_the_request_after_a_tool_call_also_gets_the_first_token_limit(make_clie
     events = stream(client, send(client, "what is 6*7").text)
     assert events[-1].data == "complete"
     assert "The answer is 42." in text_of("".join(e.data for e in events))
+
+
+# The stream's body outlasting [DONE] ---------------------------------------------------------
+
+
+def test_a_body_that_goes_on_after_done_still_ends_the_reply_cleanly(tmp_path):
+    """llama.cpp's server sends [DONE] a moment before its body ends: the reply is complete."""
+    with FakeOpenAI("Done is not the end.", side_reply=title_reply) as fake:
+        fake.done_linger = 0.3
+        env = {"OPENAI_BASE_URL": fake.base_url, "OPENAI_API_KEY": "t"}
+        with running_app(tmp_path / "app", **env) as app, HtmxClient(app.url) as client:
+            for msg in ("One", "Two"):  # the second reuses the connection the first drained
+                events = client.follow(client.send(msg).stream_url)
+                assert events[-1].data == "complete", events[-2:]
+                assert "Done is not the end." in text_of("".join(e.data for e in events))
+            app.wait_idle()
+            assert [t["status"] for t in app.turns()] == ["complete", "complete"]
+            assert "Traceback" not in app.log()
