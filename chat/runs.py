@@ -493,6 +493,18 @@ def _expected(exc: Exception) -> bool:
     return isinstance(exc, ModelAPIError | UsageLimitExceeded | ModelUnavailable | StalledError)
 
 
+_OVERFLOW_MARKS = ("context_length_exceeded", "maximum context length", "context window")
+
+
+def _context_overflow(exc: Exception) -> bool:
+    """An HTTP 400 that says the prompt does not fit the model's context window (OpenAI, vLLM,
+    llama.cpp and others word it in one of a few ways)."""
+    if not isinstance(exc, ModelHTTPError) or exc.status_code != 400:
+        return False
+    said = f"{exc.message} {exc.body}".lower()
+    return any(mark in said for mark in _OVERFLOW_MARKS)
+
+
 def describe_error(exc: Exception) -> str:
     """A message for the user: what went wrong and what to do, never a traceback or a key."""
     if isinstance(exc, ModelUnavailable):
@@ -509,6 +521,11 @@ def describe_error(exc: Exception) -> str:
             "The reply was stopped because it reached this site's usage limit per reply "
             "(MAX_OUTPUT_TOKENS / MAX_MODEL_REQUESTS)."
         )
+    if _context_overflow(exc):
+        return (
+            "The conversation is too long for this model's context window. Start a new "
+            "conversation, or give the model server a larger context (llama.cpp: --n_ctx)."
+        )
     if isinstance(exc, ModelHTTPError):
         code = exc.status_code
         if code in (401, 403):
@@ -520,6 +537,13 @@ def describe_error(exc: Exception) -> str:
         return f"The model service answered with an error (HTTP {code}). Try again."
     if isinstance(exc, ModelAPIError):
         return "The model service could not be reached or broke off the reply. Try again."
+    if isinstance(exc, UnexpectedModelBehavior) and "without content" in str(exc):
+        # llama.cpp's server answers a prompt longer than its context with an empty stream.
+        return (
+            "The model ended its reply without sending anything. A local model server does "
+            "this when the conversation is longer than its context window (llama.cpp: --n_ctx): "
+            "start a new conversation, or give the server a larger context."
+        )
     if isinstance(exc, UnexpectedModelBehavior):
         return "The model sent a reply that could not be understood. Try again."
     return "Something went wrong while generating this reply. Try again."

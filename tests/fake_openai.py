@@ -86,6 +86,12 @@ class Fault:
         return cls("malformed", after=after)
 
     @classmethod
+    def empty(cls) -> Fault:
+        """Answer 200 with a stream that ends at once: no chunk, no [DONE]. llama.cpp's server
+        does this when the prompt is longer than its context window."""
+        return cls("empty")
+
+    @classmethod
     def hang(cls) -> Fault:
         """Accept the request and never answer until released or disconnected."""
         return cls("hang")
@@ -458,6 +464,10 @@ class FakeOpenAI:
             b"Transfer-Encoding: chunked\r\n"
             b"Connection: close\r\n\r\n"
         )
+        if fault is not None and fault.kind == "empty":
+            await _write_chunk(writer, b"")
+            record.completed = True
+            return
         await _write_chunk(writer, chunk({"role": "assistant", "content": ""}))
         for i, piece in enumerate(pieces):
             if fault is not None and i == fault.after and fault.kind in ("cut", "malformed"):

@@ -17,7 +17,7 @@ from pydantic_ai.models.function import AgentInfo, DeltaToolCall, FunctionModel
 from chat.agent import INSTRUCTIONS
 from components.messages import ConversationUsage, Usage
 from tests.conftest import parse_html, parse_sse
-from tests.fake_openai import FakeOpenAI
+from tests.fake_openai import FakeOpenAI, Fault
 from tests.live import HtmxClient, running_app, text_of, title_reply
 
 HX = {"HX-Request": "true"}
@@ -163,3 +163,31 @@ def test_a_body_that_goes_on_after_done_still_ends_the_reply_cleanly(tmp_path):
             app.wait_idle()
             assert [t["status"] for t in app.turns()] == ["complete", "complete"]
             assert "Traceback" not in app.log()
+
+
+# A conversation longer than the context window -----------------------------------------------
+
+OVERFLOW = (
+    "This model's maximum context length is 2048 tokens. However, you requested 9123 tokens "
+    "(9123 in the messages, None in the completion). Please reduce the length of the messages."
+)
+
+
+def test_a_context_window_overflow_says_so(tmp_path):
+    """llama.cpp answers a too-long prompt with an empty 200 stream (and other servers with a
+    400 naming the context length): either way the user learns what to do."""
+    script = [Fault.http(400, message=OVERFLOW), None]
+    with FakeOpenAI(side_reply=title_reply, script=script) as fake:
+        env = {"OPENAI_BASE_URL": fake.base_url, "OPENAI_API_KEY": "t"}
+        with running_app(tmp_path / "app", **env) as app, HtmxClient(app.url) as client:
+            events = client.follow(client.send("a very long message").stream_url)
+            assert events[-1].data == "failed"
+            end = text_of(next(e.data for e in events if e.name == "end"))
+            assert "too long for this model's context window" in end and "--n_ctx" in end
+            fake.configure(script=[Fault.empty()])
+            events = client.follow(client.send("another long one").stream_url)
+            assert events[-1].data == "failed"
+            end = text_of(next(e.data for e in events if e.name == "end"))
+            assert "without sending anything" in end and "context window" in end
+            app.wait_idle()
+            assert [t["status"] for t in app.turns()] == ["failed", "failed"]
