@@ -41,12 +41,14 @@ class Settings:
     flush_every: float = 2.0
     heartbeat: float = 15.0
     max_message_chars: int = 32_000
-    # Per reply: pydantic-ai UsageLimits, SDK retries before the first token, and how long the
-    # model may go silent before the reply is ended with an error.
+    # Per reply: pydantic-ai UsageLimits, SDK retries before the first token, how long the
+    # model may go silent before the reply is ended with an error, and how long it may take to
+    # start (a local model on a CPU reads a long prompt for minutes before its first token).
     output_tokens_limit: int | None = 8_000
     request_limit: int | None = 10
     model_retries: int = 2
     stall_timeout: float = 120.0
+    first_token_timeout: float = 600.0
     history_page: int = 50
     messages_per_minute: int = 20
     concurrent_runs: int = 3
@@ -120,6 +122,7 @@ class Settings:
             history_max_chars=_opt_int(env.get("HISTORY_MAX_CHARS"), 200_000),
             max_import_turns=int(env.get("MAX_IMPORT_TURNS") or 500),
             stall_timeout=float(env.get("STALL_TIMEOUT") or 120),
+            first_token_timeout=float(env.get("FIRST_TOKEN_TIMEOUT") or 600),
             provider_keys=tuple(k for k in PROVIDER_KEYS if env.get(k)),
             openai_fast_paths=(env.get("OPENAI_FAST_PATHS") or "1").lower()
             not in ("0", "false", "no", "off"),

@@ -27,7 +27,6 @@ from openai import AsyncOpenAI, AsyncStream
 from openai._exceptions import APIConnectionError, APIError, APITimeoutError
 from openai._httpx2 import request_exceptions, timeout_exceptions
 from openai._streaming import SSEDecoder, _SSELineDecoder
-from openai._streaming_cleanup import drain_response_async
 from openai.types.chat import ChatCompletionChunk
 from pydantic_ai.models.openai import OpenAIChatModel
 
@@ -149,8 +148,9 @@ class BatchedChunkStream(AsyncStream[ChatCompletionChunk]):
         process = self._client._process_response_data
         lines, decoder = _SSELineDecoder(), SSEDecoder()
         finished = False
+        raws = self._raw()
         try:
-            async for raw in self._raw():
+            async for raw in raws:
                 batch: list[dict] = []
                 feed = lines.feed(raw) if raw is not None else lines.finish()
                 for line in feed:
@@ -176,7 +176,12 @@ class BatchedChunkStream(AsyncStream[ChatCompletionChunk]):
                     yield process(data=data, cast_to=ChatCompletionChunk, response=response)
                 if finished:
                     if response.http_version == "HTTP/1.1":
-                        await drain_response_async(response)  # lets the connection be reused
+                        # Read the rest of the body (lets the connection be reused) through the
+                        # pump, which is still reading it: a second reader of the same response
+                        # fails (anyio's BusyResourceError). llama.cpp's server sends [DONE]
+                        # before its body ends, so the pump is often mid-read here.
+                        async for _ in raws:
+                            pass
                     break
         finally:
             await response.aclose()

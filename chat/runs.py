@@ -76,6 +76,10 @@ class StalledError(Exception):
     """The model sent nothing for longer than the stall timeout."""
 
 
+class FirstTokenTimeout(StalledError):
+    """The model did not start its reply within the first-token timeout."""
+
+
 @dataclass(eq=False)
 class Run:
     """One reply being generated: its rendered state and the task generating it."""
@@ -253,17 +257,23 @@ class RunManager:
             ) as events:
                 loop = asyncio.get_running_loop()
                 deadline = None
+                # Before a model request's first event the server reads the whole prompt, which
+                # on a local CPU model takes far longer than any pause between tokens: that wait
+                # has its own, longer limit. A tool result means a new request follows.
+                waiting = True
                 try:
                     # One deadline, pushed back by every event: no task or timer per token.
-                    async with asyncio.timeout(cfg.stall_timeout) as deadline:
+                    async with asyncio.timeout(cfg.first_token_timeout) as deadline:
                         async for event in events:
-                            deadline.reschedule(loop.time() + cfg.stall_timeout)
+                            waiting = isinstance(event, FunctionToolResultEvent)
+                            limit = cfg.first_token_timeout if waiting else cfg.stall_timeout
+                            deadline.reschedule(loop.time() + limit)
                             self._on_event(run, event)
                             if pause := self._pace(run):
                                 await asyncio.sleep(pause)
                 except TimeoutError:
                     if deadline is not None and deadline.expired():
-                        raise StalledError from None
+                        raise (FirstTokenTimeout if waiting else StalledError) from None
                     raise
             result = events.result
             if result is not None:
@@ -467,18 +477,25 @@ def _has_text(messages: list[ModelMessage]) -> bool:
 
 
 def _usage(usage, run: Run) -> dict:
-    """Token counts from the provider, and timing measured here."""
+    """Token counts from the provider, and timing measured here.
+
+    Some servers (llama.cpp's, several local ones) send no usage in a stream; pydantic-ai then
+    counts zero of both. A reply always has a prompt, so that is "not reported" (None), never a
+    real zero to show or to add to a total.
+    """
     end = time.monotonic()
     first = run.first_token_at
     streaming = end - first if first else 0.0
+    reported = bool(usage.input_tokens or usage.output_tokens)
+    output = usage.output_tokens if reported else None
     return {
-        "input_tokens": usage.input_tokens,
-        "output_tokens": usage.output_tokens,
+        "input_tokens": usage.input_tokens if reported else None,
+        "output_tokens": output,
         "requests": usage.requests,
         "tool_calls": usage.tool_calls,
         "seconds": round(end - run.started, 3),
         "first_token_seconds": round(first - run.started, 3) if first else None,
-        "tokens_per_second": round(usage.output_tokens / streaming, 1) if streaming > 0 else None,
+        "tokens_per_second": round(output / streaming, 1) if output and streaming > 0 else None,
     }
 
 
@@ -486,16 +503,38 @@ def _expected(exc: Exception) -> bool:
     return isinstance(exc, ModelAPIError | UsageLimitExceeded | ModelUnavailable | StalledError)
 
 
+_OVERFLOW_MARKS = ("context_length_exceeded", "maximum context length", "context window")
+
+
+def _context_overflow(exc: Exception) -> bool:
+    """An HTTP 400 that says the prompt does not fit the model's context window (OpenAI, vLLM,
+    llama.cpp and others word it in one of a few ways)."""
+    if not isinstance(exc, ModelHTTPError) or exc.status_code != 400:
+        return False
+    said = f"{exc.message} {exc.body}".lower()
+    return any(mark in said for mark in _OVERFLOW_MARKS)
+
+
 def describe_error(exc: Exception) -> str:
     """A message for the user: what went wrong and what to do, never a traceback or a key."""
     if isinstance(exc, ModelUnavailable):
         return str(exc)
+    if isinstance(exc, FirstTokenTimeout):
+        return (
+            "The model did not start its reply in time (FIRST_TOKEN_TIMEOUT), so it was ended. "
+            "Try again, or try a shorter conversation."
+        )
     if isinstance(exc, StalledError):
         return "The model stopped sending the reply, so it was ended. Try again."
     if isinstance(exc, UsageLimitExceeded):
         return (
             "The reply was stopped because it reached this site's usage limit per reply "
             "(MAX_OUTPUT_TOKENS / MAX_MODEL_REQUESTS)."
+        )
+    if _context_overflow(exc):
+        return (
+            "The conversation is too long for this model's context window. Start a new "
+            "conversation, or give the model server a larger context (llama.cpp: --n_ctx)."
         )
     if isinstance(exc, ModelHTTPError):
         code = exc.status_code
@@ -508,6 +547,13 @@ def describe_error(exc: Exception) -> str:
         return f"The model service answered with an error (HTTP {code}). Try again."
     if isinstance(exc, ModelAPIError):
         return "The model service could not be reached or broke off the reply. Try again."
+    if isinstance(exc, UnexpectedModelBehavior) and "without content" in str(exc):
+        # llama.cpp's server answers a prompt longer than its context with an empty stream.
+        return (
+            "The model ended its reply without sending anything. A local model server does "
+            "this when the conversation is longer than its context window (llama.cpp: --n_ctx): "
+            "start a new conversation, or give the server a larger context."
+        )
     if isinstance(exc, UnexpectedModelBehavior):
         return "The model sent a reply that could not be understood. Try again."
     return "Something went wrong while generating this reply. Try again."

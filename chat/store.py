@@ -508,11 +508,18 @@ class ChatStore:
         """Tokens spent in a conversation so far, over every reply and version."""
         row = self.db.execute(
             "select count(usage), coalesce(sum(json_extract(usage, '$.input_tokens')), 0), "
-            "coalesce(sum(json_extract(usage, '$.output_tokens')), 0) "
+            "coalesce(sum(json_extract(usage, '$.output_tokens')), 0), "
+            "count(json_extract(usage, '$.input_tokens')) "
             "from turns where conversation_id = ?",
             [cid],
         ).fetchone()
-        return {"replies": row[0], "input_tokens": row[1], "output_tokens": row[2]}
+        # `reported`: replies whose model server counted tokens (some local ones do not).
+        return {
+            "replies": row[0],
+            "input_tokens": row[1],
+            "output_tokens": row[2],
+            "reported": row[3],
+        }
 
     def set_head(self, cid: str, tid: int) -> None:
         """Show the branch ending at `tid`."""

@@ -145,7 +145,7 @@ def Usage(usage: dict | None, model: str | None) -> FT | None:
         return None
     bits = [model] if model else []
     if usage:
-        bits.append(f"{usage.get('input_tokens', 0):,} in · {usage.get('output_tokens', 0):,} out")
+        bits.append(_tokens(usage))
         if usage.get("first_token_seconds") is not None:
             bits.append(f"first token {usage['first_token_seconds']:.2f} s")
         if usage.get("tokens_per_second"):
@@ -155,16 +155,30 @@ def Usage(usage: dict | None, model: str | None) -> FT | None:
     return Span(" · ".join(b for b in bits if b), cls="usage", data_usage="")
 
 
+def _tokens(usage: dict) -> str:
+    """'N in · N out', or a plain note when the model server did not count them (None)."""
+    tokens_in, tokens_out = usage.get("input_tokens"), usage.get("output_tokens")
+    if tokens_in is None and tokens_out is None:
+        return "tokens not reported"
+    return f"{tokens_in or 0:,} in · {tokens_out or 0:,} out"
+
+
 def ConversationUsage(total: dict | None, *, oob: bool = False) -> FT:
     """The running token total of a conversation, shown in the header."""
-    text = ""
-    if total and total["replies"]:
+    text, title = "", "Tokens used in this conversation"
+    # Replies from a server that counts no tokens add nothing; a total made only of them would
+    # read "0 in · 0 out", so it is left out, and a partial one says what it leaves out.
+    counted = (total or {}).get("reported", (total or {}).get("replies", 0))
+    if total and counted:
         text = f"Tokens: {total['input_tokens']:,} in · {total['output_tokens']:,} out"
+        if (missing := total["replies"] - counted) > 0:
+            text += f" (+{missing} not counted)"
+            title += f"; {missing} repl{'y' if missing == 1 else 'ies'} came without token counts"
     return Span(
         text,
         id="conv-usage",
         cls="conv-usage",
-        title="Tokens used in this conversation",
+        title=title,
         hx_swap_oob="true" if oob else None,
     )
 

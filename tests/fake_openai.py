@@ -11,6 +11,10 @@ mid-reply until released (`hold_after`), and to fail: `script` is a list of `Fau
 a normal answer) consumed one per request, and `fault` applies to every request after that.
 `side_reply` may answer some requests at once with a fixed text, outside the script, delay and
 hold (an app's background calls, e.g. writing a conversation title, then cannot eat a fault).
+`report_usage=False` sends no token usage at all, as llama.cpp's server and some other local
+servers do (no usage chunk in a stream even when asked, no `usage` in a completion).
+`done_linger` keeps a stream's body open that many seconds after `data: [DONE]`, as llama.cpp's
+server (sse-starlette) does, so a client must not treat [DONE] as the end of the body.
 
 It records every request: the JSON body (so the messages, i.e. the history the client sent), how
 many tokens were sent, whether the reply completed, and whether the client disconnected first.
@@ -82,6 +86,12 @@ class Fault:
         return cls("malformed", after=after)
 
     @classmethod
+    def empty(cls) -> Fault:
+        """Answer 200 with a stream that ends at once: no chunk, no [DONE]. llama.cpp's server
+        does this when the prompt is longer than its context window."""
+        return cls("empty")
+
+    @classmethod
     def hang(cls) -> Fault:
         """Accept the request and never answer until released or disconnected."""
         return cls("hang")
@@ -142,6 +152,7 @@ class FakeOpenAI:
         script: list[Fault | None] | None = None,
         fault: Fault | None = None,
         side_reply: Callable[[dict], str | None] | None = None,
+        report_usage: bool = True,
         model: str = "fake-model",
         host: str = "127.0.0.1",
         port: int = 0,
@@ -149,6 +160,8 @@ class FakeOpenAI:
         self.host, self.port = host, port
         self.model = model
         self.side_reply = side_reply
+        self.report_usage = self._report_usage = report_usage
+        self.done_linger = 0.0
         self._defaults = dict(
             reply=reply,
             delay=delay,
@@ -211,6 +224,7 @@ class FakeOpenAI:
                 list(d["script"]),
                 d["fault"],
             )
+            self.report_usage = self._report_usage
             self._records.clear()
             self._release.clear()
             self._held.clear()
@@ -450,6 +464,10 @@ class FakeOpenAI:
             b"Transfer-Encoding: chunked\r\n"
             b"Connection: close\r\n\r\n"
         )
+        if fault is not None and fault.kind == "empty":
+            await _write_chunk(writer, b"")
+            record.completed = True
+            return
         await _write_chunk(writer, chunk({"role": "assistant", "content": ""}))
         for i, piece in enumerate(pieces):
             if fault is not None and i == fault.after and fault.kind in ("cut", "malformed"):
@@ -472,10 +490,12 @@ class FakeOpenAI:
             record.disconnected = True
             return
         await _write_chunk(writer, chunk({}, "stop"))
-        if (body.get("stream_options") or {}).get("include_usage"):
+        if self.report_usage and (body.get("stream_options") or {}).get("include_usage"):
             usage = _usage(body, len(pieces))
             await _write_chunk(writer, chunk(None, usage=usage))
         await _write_chunk(writer, b"data: [DONE]\n\n")
+        if self.done_linger:
+            await asyncio.sleep(self.done_linger)
         await _write_chunk(writer, b"")
         record.completed = True
 
@@ -502,8 +522,9 @@ class FakeOpenAI:
                     "finish_reason": "stop",
                 }
             ],
-            "usage": _usage(record.body, len(pieces)),
         }
+        if self.report_usage:
+            data["usage"] = _usage(record.body, len(pieces))
         await _send_json(writer, 200, data)
         record.completed = True
 

@@ -112,7 +112,7 @@ def warnings_of(caplog) -> list[str]:
     "module, name",
     [
         ("openai._streaming", "_SSELineDecoder"),  # the stream fast path's imports
-        ("openai._streaming_cleanup", "drain_response_async"),
+        ("openai._httpx2", "request_exceptions"),
         ("openai._compat", "model_dump"),  # the request-parameter fast path's imports
     ],
 )
