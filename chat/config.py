@@ -32,6 +32,9 @@ class Settings:
     # Replies: how often coalesced updates may go out, and when a partial reply is flushed to disk.
     stream_tick: float = 0.015
     flush_every: float = 2.0
+    # A reply whose final save fails (disk full, database locked) is kept in memory and its
+    # save retried for this many seconds.
+    save_retry_for: float = 300.0
     heartbeat: float = 15.0
     max_message_chars: int = 32_000
     # Per reply: pydantic-ai UsageLimits, SDK retries before the first token, and how long the
@@ -87,6 +90,7 @@ class Settings:
             concurrent_runs=int(env.get("CONCURRENT_RUNS") or 3),
             open_streams=int(env.get("OPEN_STREAMS") or 12),
             stall_timeout=float(env.get("STALL_TIMEOUT") or 120),
+            save_retry_for=float(env.get("SAVE_RETRY_SECONDS") or 300),
             provider_keys=tuple(k for k in PROVIDER_KEYS if env.get(k)),
         )
         values.update(overrides)
