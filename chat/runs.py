@@ -610,7 +610,11 @@ def _valid_text(text: str) -> bool:
 
 def _clean(text: str) -> str:
     """`text` with anything UTF-8 cannot encode replaced by U+FFFD."""
-    return text if _valid_text(text) else text.encode("utf-8", "replace").decode()
+    return (
+        text
+        if _valid_text(text)
+        else text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    )
 
 
 def _storable(messages: list[ModelMessage]) -> list[ModelMessage]:
