@@ -39,6 +39,9 @@ class Settings:
     # Replies: how often coalesced updates may go out, and when a partial reply is flushed to disk.
     stream_tick: float = 0.015
     flush_every: float = 2.0
+    # A reply whose final save fails (disk full, database locked) is kept in memory and its
+    # save retried for this many seconds.
+    save_retry_for: float = 300.0
     heartbeat: float = 15.0
     max_message_chars: int = 32_000
     # Per reply: pydantic-ai UsageLimits, SDK retries before the first token, how long the
@@ -123,6 +126,7 @@ class Settings:
             max_import_turns=int(env.get("MAX_IMPORT_TURNS") or 500),
             stall_timeout=float(env.get("STALL_TIMEOUT") or 120),
             first_token_timeout=float(env.get("FIRST_TOKEN_TIMEOUT") or 600),
+            save_retry_for=float(env.get("SAVE_RETRY_SECONDS") or 300),
             provider_keys=tuple(k for k in PROVIDER_KEYS if env.get(k)),
             openai_fast_paths=(env.get("OPENAI_FAST_PATHS") or "1").lower()
             not in ("0", "false", "no", "off"),

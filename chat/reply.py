@@ -34,10 +34,16 @@ class ToolView:
 
     @classmethod
     def from_call(cls, part: ToolCallPart) -> ToolView:
-        """A view of a tool call whose result is not known yet."""
-        args = part.args_as_dict()
-        pretty = json.dumps(args, ensure_ascii=False, indent=1) if args else ""
-        return cls(id=part.tool_call_id, name=part.tool_name, args=pretty)
+        """A view of a tool call whose result is not known yet.
+
+        The arguments come from the model: invalid JSON, huge or deeply nested values and text
+        that is not valid Unicode are shown (shortened, repaired) rather than raised.
+        """
+        return cls(
+            id=_text(str(part.tool_call_id))[:200],
+            name=_text(str(part.tool_name))[:200],
+            args=_cap(_text(_pretty_args(part.args))),
+        )
 
     def settle(self, part: ToolReturnPart | RetryPromptPart) -> None:
         """Record the tool's result (or the retry it asked for)."""
@@ -46,14 +52,43 @@ class ToolView:
         else:
             self.outcome, content = part.outcome, part.content
         text = content if isinstance(content, str) else _json(content)
-        self.result = text if len(text) <= RESULT_LIMIT else text[:RESULT_LIMIT] + " …"
+        self.result = _cap(_text(text))
 
 
 def _json(value: object) -> str:
     try:
         return json.dumps(value, ensure_ascii=False, indent=1, default=str)
-    except (TypeError, ValueError):
-        return str(value)
+    except (TypeError, ValueError, RecursionError):
+        return _cap(str(value)) if not isinstance(value, dict | list) else "(too deeply nested)"
+
+
+def _pretty_args(args: str | dict | None) -> str:
+    """Tool-call arguments as indented JSON, or as sent when they are not a JSON object."""
+    if not args:
+        return ""
+    if isinstance(args, str):
+        if len(args) > RESULT_LIMIT * 4:
+            return args  # too long to be worth parsing just to be shown shortened
+        try:
+            args = json.loads(args)
+        except (ValueError, RecursionError):
+            return args
+        if not args:
+            return ""
+    return _json(args)
+
+
+def _cap(text: str) -> str:
+    return text if len(text) <= RESULT_LIMIT else text[:RESULT_LIMIT] + " …"
+
+
+def _text(text: str) -> str:
+    """`text` with anything UTF-8 cannot encode (lone surrogates) replaced, so it can be shown."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
 
 
 def segments(messages: list[ModelMessage], fallback_text: str = "") -> list[str | ToolView]:

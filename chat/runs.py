@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from pydantic_ai.messages import (
     FunctionToolCallEvent,
     FunctionToolResultEvent,
     ModelMessage,
+    ModelMessagesTypeAdapter,
     ModelRequest,
     ModelResponse,
     PartDeltaEvent,
@@ -43,7 +45,7 @@ from chat.markdown import StreamRenderer
 from chat.personas import load_personas
 from chat.reply import ToolView
 from chat.storage import Store
-from chat.store import INTERRUPTED
+from chat.store import INTERRUPTED, dump_messages, load_messages
 from chat.tools import ToolDeps
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,22 @@ log = logging.getLogger(__name__)
 _SHARED_TICK = 8
 # How long a conversation's title waits for the server to be less busy before it is made anyway.
 _TITLE_PATIENCE = 60.0
+# The stream-side output cap estimates tokens from characters. Real text averages about four
+# characters a token; counting six makes the estimate low, so a reply the provider would allow
+# under `max_tokens` is never cut short here: this cap only catches a provider that ignores it.
+_CHARS_PER_TOKEN = 6
+# A final save that fails (disk full, database locked) is retried, waiting this long at first,
+# doubling up to the maximum.
+_SAVE_RETRY_FIRST = 0.5
+_SAVE_RETRY_MAX = 30.0
+UNSAVED = (
+    "This reply could not be saved yet (the database is not writable). It is kept and will be "
+    "saved as soon as the database can be written again."
+)
+OUTPUT_LIMIT = (
+    "The reply reached this site's length limit per reply (MAX_OUTPUT_TOKENS) and was stopped "
+    "there. The text above is kept."
+)
 
 
 @dataclass
@@ -80,6 +98,14 @@ class FirstTokenTimeout(StalledError):
     """The model did not start its reply within the first-token timeout."""
 
 
+class InvalidOutput(Exception):
+    """The model sent text that is not valid Unicode (e.g. a lone UTF-16 surrogate)."""
+
+
+class OutputLimitReached(Exception):
+    """The reply grew past MAX_OUTPUT_TOKENS although the request asked the model to stop."""
+
+
 @dataclass(eq=False)
 class Run:
     """One reply being generated: its rendered state and the task generating it."""
@@ -88,6 +114,7 @@ class Run:
     conversation_id: str
     owner: str
     model_name: str
+    user_text: str = ""
     renderer: StreamRenderer = field(default_factory=StreamRenderer)
     items: list[Item] = field(default_factory=list)
     tail: str = ""
@@ -103,6 +130,12 @@ class Run:
     _flush_handle: asyncio.TimerHandle | None = None
     _last_flush: float = 0.0
     _save_handle: asyncio.TimerHandle | None = None
+    _saved_at: float | None = None  # loop time of the last partial save
+    output_chars: int = 0
+    # Set when rendering between model events failed: the run is then cancelled and fails.
+    fault: Exception | None = None
+    # The final save, while it waits for the database (see RunManager.unsaved).
+    pending: dict | None = None
 
     @property
     def done(self) -> bool:
@@ -158,6 +191,9 @@ class RunManager:
         self._model_override = model  # tests pass a FunctionModel here
         self._models: dict[str, Model] = {}
         self.runs: dict[int, Run] = {}
+        # Replies that ended but could not be saved yet: kept in memory while the save is retried.
+        self.unsaved: dict[int, Run] = {}
+        self._retries: dict[int, asyncio.Task] = {}
         self.titles: dict[str, asyncio.Task] = {}
         self.personas = load_personas()
         self.accepting = True
@@ -171,8 +207,8 @@ class RunManager:
         return sum(1 for run in self.runs.values() if run.owner == owner)
 
     def get(self, turn_id: int) -> Run | None:
-        """The live run for a turn, if it is still generating."""
-        return self.runs.get(turn_id)
+        """The run for a turn while it is generating, or ended but not saved yet."""
+        return self.runs.get(turn_id) or self.unsaved.get(turn_id)
 
     def start(self, turn: dict, owner: str) -> Run:
         """Start generating the reply to `turn` (already committed) as a server-owned task."""
@@ -181,10 +217,18 @@ class RunManager:
             conversation_id=turn["conversation_id"],
             owner=owner,
             model_name=turn["model"] or "demo",
+            user_text=turn["user_text"],
         )
         self.runs[run.turn_id] = run
         run.task = asyncio.create_task(self._drive(run, turn), name=f"run-{run.turn_id}")
+        # A task cancelled before its first step never runs `_drive`'s `finally`: this does.
+        run.task.add_done_callback(lambda _: self._reap(run, turn))
         return run
+
+    def _reap(self, run: Run, turn: dict) -> None:
+        if run.turn_id in self.runs and self.runs[run.turn_id] is run and not run.done:
+            request = ModelRequest(parts=[UserPromptPart(content=turn["user_text"])])
+            self._finish(run, "interrupted", INTERRUPTED, [request])
 
     def stop(self, turn_id: int) -> bool:
         """Ask a live run to stop; its partial reply is kept. False if it is not running."""
@@ -206,6 +250,14 @@ class RunManager:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=2)
+        # Replies still waiting for the database get one last try before the process ends.
+        for task in list(self._retries.values()):
+            task.cancel()
+        for run in list(self.unsaved.values()):
+            if run.pending is not None and self._try_save(run.pending):
+                self.unsaved.pop(run.turn_id, None)
+            else:
+                log.error("reply %s could not be saved before shutdown", run.turn_id)
 
     def _persona_instructions(self, run: Run) -> str | None:
         conv = self.store.conversation(run.conversation_id, run.owner)
@@ -243,6 +295,10 @@ class RunManager:
                 run.renderer.feed(f"*{fitted.note}*\n\n")
                 self._schedule(run)
             model = self._model(run.model_name)
+            model_settings = {"max_retries": cfg.model_retries}
+            if cfg.output_tokens_limit:
+                # Asked of the model, per request; `_on_event` enforces it if the model ignores it.
+                model_settings["max_tokens"] = cfg.output_tokens_limit
             async with self.agent.run_stream_events(
                 turn["user_text"],
                 message_history=history,
@@ -253,7 +309,7 @@ class RunManager:
                 usage_limits=UsageLimits(
                     request_limit=cfg.request_limit, output_tokens_limit=cfg.output_tokens_limit
                 ),
-                model_settings={"max_retries": cfg.model_retries},
+                model_settings=model_settings,
             ) as events:
                 loop = asyncio.get_running_loop()
                 deadline = None
@@ -282,10 +338,16 @@ class RunManager:
             status = "complete"
         except RunCancelled as exc:
             messages = exc.new_messages() or messages
-            if self.accepting:
+            if run.fault is not None:  # rendering failed between events (see `_flush_later`)
+                error = describe_error(run.fault)
+                log.warning("reply %s failed: %s", run.turn_id, error, exc_info=run.fault)
+            elif self.accepting:
                 status = "stopped"  # the user pressed Stop
             else:  # the server is shutting down: not the user's doing
                 status, error = "interrupted", INTERRUPTED
+        except OutputLimitReached:
+            status, error = "stopped", OUTPUT_LIMIT
+            messages = _salvage(events, messages)
         except asyncio.CancelledError:
             status, error = "interrupted", INTERRUPTED
             messages = _salvage(events, messages)
@@ -297,7 +359,10 @@ class RunManager:
         finally:
             self._finish(run, status, error, messages)
             if status == "complete" and turn["parent_id"] is None:
-                self._start_title(run, turn)
+                try:
+                    self._start_title(run, turn)
+                except Exception:  # a title is a nicety; the reply is saved already
+                    log.exception("could not start naming conversation %s", run.conversation_id)
 
     def _start_title(self, run: Run, turn: dict) -> None:
         """Name the conversation after its first exchange, in the background."""
@@ -339,7 +404,9 @@ class RunManager:
     def _on_event(self, run: Run, event: object) -> None:
         if isinstance(event, FunctionToolCallEvent):
             self._text_done(run)
-            run.items.append(ToolView.from_call(event.part))
+            view = ToolView.from_call(event.part)
+            self._count(run, len(view.args))
+            run.items.append(view)
             run.publish()
             return
         if isinstance(event, FunctionToolResultEvent):
@@ -357,10 +424,20 @@ class RunManager:
         elif isinstance(event, PartDeltaEvent) and isinstance(event.delta, TextPartDelta):
             text = event.delta.content_delta
         if text:
+            if not _valid_text(text):
+                raise InvalidOutput
             if run.first_token_at is None:
                 run.first_token_at = time.monotonic()
             run.renderer.feed(text)
             self._schedule(run)
+            self._count(run, len(text))
+
+    def _count(self, run: Run, chars: int) -> None:
+        """Count a reply's output; past MAX_OUTPUT_TOKENS (estimated) the reply is ended."""
+        run.output_chars += chars
+        limit = self.settings.output_tokens_limit
+        if limit and run.output_chars > limit * _CHARS_PER_TOKEN:
+            raise OutputLimitReached
 
     def _tick(self) -> float:
         """How often a reply's page is updated at most. Under load, less often: each update
@@ -391,7 +468,15 @@ class RunManager:
         if wait <= 0:
             self._flush(run)
         else:
-            run._flush_handle = asyncio.get_running_loop().call_later(wait, self._flush, run)
+            run._flush_handle = asyncio.get_running_loop().call_later(wait, self._flush_later, run)
+
+    def _flush_later(self, run: Run) -> None:
+        """A timed flush: outside `_drive`, so a failure is handed to it by cancelling the run."""
+        try:
+            self._flush(run)
+        except Exception as exc:
+            run.fault = exc
+            run.token.cancel()
 
     def _text_done(self, run: Run) -> None:
         """End the current run of text (a tool call follows): all of it becomes blocks."""
@@ -411,41 +496,117 @@ class RunManager:
         run.items.extend(Block(h) for h in new)
         run.publish()
         if run._save_handle is None:
-            # Text reaches the disk within `flush_every` of arriving, even if the model then
-            # goes quiet: one write per interval, never one per token.
-            run._save_handle = asyncio.get_running_loop().call_later(
-                self.settings.flush_every, self._save_partial, run
-            )
+            # The first words reach the disk at once, later text within `flush_every` of
+            # arriving, even if the model then goes quiet: never one write per token.
+            loop = asyncio.get_running_loop()
+            wait = 0.0
+            if run._saved_at is not None:
+                wait = run._saved_at + self.settings.flush_every - loop.time()
+            if wait <= 0:
+                self._save_partial(run)
+            else:
+                run._save_handle = loop.call_later(wait, self._save_partial, run)
 
     def _save_partial(self, run: Run) -> None:
+        """Save the text so far as the turn's model response, so a crash keeps what was seen."""
         run._save_handle = None
-        if not run.done:
-            self.store.save_partial(run.turn_id, run.renderer.source)
+        if run.done:
+            return
+        run._saved_at = asyncio.get_running_loop().time()
+        text = run.renderer.source
+        messages = [
+            ModelRequest(parts=[UserPromptPart(content=run.user_text)]),
+            ModelResponse(parts=[TextPart(content=text)]),
+        ]
+        try:
+            self.store.save_partial(run.turn_id, text, messages)
+        except Exception as exc:  # the final save retries; streaming goes on meanwhile
+            log.warning("could not save the partial reply %s: %s", run.turn_id, exc)
 
     def _finish(self, run: Run, status: str, error: str | None, messages: list) -> None:
-        self._text_done(run)
-        if run._save_handle is not None:
-            run._save_handle.cancel()
-            run._save_handle = None
-        text = run.renderer.source or _text_of(messages)
-        if status != "complete" and text and not _has_text(messages):
-            # Keep the partial reply in the history, so the next turn sees what the user saw.
-            messages = [*messages, ModelResponse(parts=[TextPart(content=text)])]
+        """End a run however it went: save it (or keep it for a retried save), free its slot.
+
+        Never raises: whatever fails here, the run leaves `runs` and its followers are woken.
+        """
         try:
-            self.store.finish_turn(
-                run.turn_id,
+            try:
+                self._text_done(run)
+            except Exception as exc:  # the renderer broke on this text: end as failed
+                log.warning("reply %s could not be rendered", run.turn_id, exc_info=exc)
+                run.tail = ""
+                status, error = "failed", describe_error(exc)
+            if run._save_handle is not None:
+                run._save_handle.cancel()
+                run._save_handle = None
+            text = _clean(run.renderer.source or _text_of(messages))
+            if status != "complete" and text and not _has_text(messages):
+                # Keep the partial reply in the history, so the next turn sees what the user saw.
+                messages = [*messages, ModelResponse(parts=[TextPart(content=text)])]
+            record = dict(
+                tid=run.turn_id,
                 status=status,
                 reply_text=text,
-                messages=messages,
+                messages=_storable(messages),
                 error=error,
                 usage=run.usage,
             )
+            if not self._try_save(record):
+                # Kept in memory, shown from memory (`get`), and saved when the database can be
+                # written again; the slot is freed now all the same.
+                run.pending = record
+                error = f"{error} {UNSAVED}" if error else UNSAVED
+                self.unsaved[run.turn_id] = run
+                self._retries[run.turn_id] = asyncio.get_running_loop().create_task(
+                    self._retry_save(run), name=f"save-{run.turn_id}"
+                )
         except Exception:
-            log.exception("could not save reply %s", run.turn_id)
-        run.error = error
-        run.status = status
-        self.runs.pop(run.turn_id, None)
-        run.publish()
+            log.exception("reply %s could not be finished cleanly", run.turn_id)
+            status = "failed" if status == "complete" else status
+            error = error or describe_error(RuntimeError())
+        finally:
+            run.error = error
+            run.status = status
+            if self.runs.get(run.turn_id) is run:
+                del self.runs[run.turn_id]
+            try:
+                run.publish()
+            except Exception:
+                log.exception("could not wake the followers of reply %s", run.turn_id)
+
+    def _try_save(self, record: dict) -> bool:
+        """Save a finished reply; False if the database cannot be written now (retry later)."""
+        try:
+            self.store.finish_turn(record["tid"], **{k: v for k, v in record.items() if k != "tid"})
+        except sqlite3.Error as exc:
+            log.warning("could not save reply %s yet: %s", record["tid"], exc)
+            return False
+        return True
+
+    async def _retry_save(self, run: Run) -> None:
+        """Retry a failed final save with backoff, for up to `save_retry_for` seconds."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + self.settings.save_retry_for
+        delay = _SAVE_RETRY_FIRST
+        try:
+            while True:
+                await asyncio.sleep(delay)
+                if run.pending is not None and self._try_save(run.pending):
+                    log.info("reply %s saved after a failed attempt", run.turn_id)
+                    run.error, run.pending = run.pending["error"], None
+                    return
+                if loop.time() >= until:
+                    log.error(
+                        "gave up saving reply %s after %.0f s; it stays marked streaming and is "
+                        "marked interrupted at the next start",
+                        run.turn_id,
+                        self.settings.save_retry_for,
+                    )
+                    return
+                delay = min(delay * 2, _SAVE_RETRY_MAX)
+        finally:
+            self._retries.pop(run.turn_id, None)
+            if run.pending is None or loop.time() >= until:
+                self.unsaved.pop(run.turn_id, None)
 
 
 def _salvage(events, fallback: list[ModelMessage]) -> list[ModelMessage]:
@@ -456,6 +617,52 @@ def _salvage(events, fallback: list[ModelMessage]) -> list[ModelMessage]:
         return events.new_messages() or fallback
     except Exception:
         return fallback
+
+
+def _valid_text(text: str) -> bool:
+    """False for text that cannot be encoded as UTF-8 (lone surrogates): unstorable, unshowable."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _clean(text: str) -> str:
+    """`text` with anything UTF-8 cannot encode replaced by U+FFFD."""
+    return (
+        text
+        if _valid_text(text)
+        else text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    )
+
+
+def _storable(messages: list[ModelMessage]) -> list[ModelMessage]:
+    """`messages`, with every string made encodable, so a hostile reply can still be saved."""
+    try:
+        dump_messages(messages)
+        return messages
+    except ValueError:  # e.g. a lone surrogate in text or tool arguments
+        raw = dump_messages_lossy(messages)
+        return load_messages(raw)
+
+
+def dump_messages_lossy(messages: list[ModelMessage]) -> str:
+    """Serialize messages, replacing what UTF-8 cannot encode instead of failing."""
+    data = ModelMessagesTypeAdapter.dump_python(list(messages), mode="python")
+    return ModelMessagesTypeAdapter.dump_json(
+        ModelMessagesTypeAdapter.validate_python(_scrub(data))
+    ).decode()
+
+
+def _scrub(value):
+    if isinstance(value, str):
+        return _clean(value)
+    if isinstance(value, dict):
+        return {_scrub(k): _scrub(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_scrub(v) for v in value)
+    return value
 
 
 def _text_of(messages: list[ModelMessage]) -> str:
@@ -500,7 +707,9 @@ def _usage(usage, run: Run) -> dict:
 
 
 def _expected(exc: Exception) -> bool:
-    return isinstance(exc, ModelAPIError | UsageLimitExceeded | ModelUnavailable | StalledError)
+    return isinstance(
+        exc, ModelAPIError | UsageLimitExceeded | ModelUnavailable | StalledError | InvalidOutput
+    )
 
 
 _OVERFLOW_MARKS = ("context_length_exceeded", "maximum context length", "context window")
@@ -526,6 +735,8 @@ def describe_error(exc: Exception) -> str:
         )
     if isinstance(exc, StalledError):
         return "The model stopped sending the reply, so it was ended. Try again."
+    if isinstance(exc, InvalidOutput):
+        return "The model sent text that is not valid Unicode, so the reply was ended. Try again."
     if isinstance(exc, UsageLimitExceeded):
         return (
             "The reply was stopped because it reached this site's usage limit per reply "

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pydantic_ai.messages import ModelMessage, ModelMessagesTypeAdapter
+from pydantic_ai.messages import ModelMessage, ModelMessagesTypeAdapter, ModelResponse, TextPart
 from sqlite_utils import Database
 
 from chat.migrations import migrate
@@ -47,6 +47,20 @@ def load_messages(raw: str) -> list[ModelMessage]:
 def new_id() -> str:
     """An unguessable conversation id, safe in URLs."""
     return secrets.token_urlsafe(12)
+
+
+def _with_reply(raw: str, text: str) -> str:
+    """Stored messages `raw`, with `text` added as a model response if they hold no reply text."""
+    try:
+        messages = load_messages(raw)
+    except ValueError:  # unreadable: left as it is rather than failing start-up
+        return raw
+    if not text or any(
+        isinstance(m, ModelResponse) and any(isinstance(p, TextPart) and p.content for p in m.parts)
+        for m in messages
+    ):
+        return raw
+    return dump_messages([*messages, ModelResponse(parts=[TextPart(content=text)])])
 
 
 _CHAIN = """
@@ -391,13 +405,24 @@ class ChatStore:
         ).fetchall()
         return self._dicts("turns", rows)[0] if rows else None
 
-    def save_partial(self, tid: int, reply_text: str) -> None:
-        """Flush a streaming reply's text so far, so a crash loses at most a few seconds."""
+    def save_partial(
+        self, tid: int, reply_text: str, messages: Sequence[ModelMessage] | None = None
+    ) -> None:
+        """Flush a streaming reply's text so far (and, given, its messages: the request and the
+        text as a model response), so a crash loses at most a few seconds and the next turn's
+        history still holds what the user saw."""
         with self.db.conn:
-            self.db.execute(
-                "update turns set reply_text = ? where id = ? and status = 'streaming'",
-                [reply_text, tid],
-            )
+            if messages is None:
+                self.db.execute(
+                    "update turns set reply_text = ? where id = ? and status = 'streaming'",
+                    [reply_text, tid],
+                )
+            else:
+                self.db.execute(
+                    "update turns set reply_text = ?, messages = ? "
+                    "where id = ? and status = 'streaming'",
+                    [reply_text, dump_messages(messages), tid],
+                )
 
     def finish_turn(
         self,
@@ -450,14 +475,23 @@ class ChatStore:
             db.execute(f"pragma busy_timeout = {BUSY_TIMEOUT_MS}")
 
     def mark_interrupted(self) -> int:
-        """Mark replies left 'streaming' by a crash as interrupted; return how many."""
+        """Mark replies left 'streaming' by a crash as interrupted; return how many.
+
+        A reply's saved text becomes a model response in its messages if it is not one yet
+        (rows saved before partial saves kept messages), so the next turn's history has it.
+        """
+        stamp = now()
         with self.db.conn:
-            cur = self.db.execute(
-                "update turns set status = 'interrupted', finished_at = ?, error = ? "
-                "where status = 'streaming'",
-                [now(), INTERRUPTED],
-            )
-        return cur.rowcount
+            rows = self.db.execute(
+                "select id, reply_text, messages from turns where status = 'streaming'"
+            ).fetchall()
+            for tid, text, raw in rows:
+                self.db.execute(
+                    "update turns set status = 'interrupted', finished_at = ?, error = ?, "
+                    "messages = ? where id = ?",
+                    [stamp, INTERRUPTED, _with_reply(raw, text), tid],
+                )
+        return len(rows)
 
     def branch(self, head: int | None, *, limit: int | None = None) -> list[dict]:
         """Turns from the root to `head`, oldest first; with `limit`, only the newest `limit`."""

@@ -7,6 +7,7 @@ type hints become the JSON schema the model fills in.
 from __future__ import annotations
 
 import ast
+import math
 import operator
 from dataclasses import dataclass
 from datetime import datetime
@@ -53,21 +54,37 @@ _OPS = {
 }
 
 
+# Results past this many bits (about 1000 decimal digits) are refused: printing a bigger integer
+# is slow (Python refuses past 4300 digits) and no arithmetic question needs one.
+_MAX_BITS = 3322
+
+
 def evaluate(expression: str) -> float | int:
-    """Evaluate arithmetic (+ - * / // % ** and parentheses) without eval()."""
+    """Evaluate arithmetic (+ - * / // % ** and parentheses) without eval().
+
+    Raises ValueError for anything else, and for results too large to be useful (huge integers,
+    floats that overflow to infinity), so no input can run long or crash the reply.
+    """
+
+    def checked(value: float | int) -> float | int:
+        if isinstance(value, int) and value.bit_length() > _MAX_BITS:
+            raise ValueError("result too large")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError("result too large")
+        return value
 
     def walk(node: ast.AST) -> float | int:
         if isinstance(node, ast.Expression):
             return walk(node.body)
         if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-            return node.value
+            return checked(node.value)
         if isinstance(node, ast.UnaryOp) and type(node.op) in _OPS:
             return _OPS[type(node.op)](walk(node.operand))
         if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
             left, right = walk(node.left), walk(node.right)
             if isinstance(node.op, ast.Pow) and (abs(right) > 64 or abs(left) > 1e6):
                 raise ValueError("exponent or base too large")
-            return _OPS[type(node.op)](left, right)
+            return checked(_OPS[type(node.op)](left, right))
         raise ValueError(f"unsupported syntax: {type(node).__name__}")
 
     if len(expression) > 200:
@@ -80,11 +97,15 @@ def calculate(expression: str) -> str:
     """Evaluate an arithmetic expression exactly, e.g. '(12.5 * 4) / 3' or '2 ** 10'."""
     try:
         result = evaluate(expression)
+        return (
+            f"{expression} = {result:g}"
+            if isinstance(result, float)
+            else f"{expression} = {result}"
+        )
     except ZeroDivisionError:
         raise ModelRetry("Division by zero.") from None
-    except (ValueError, SyntaxError, TypeError, OverflowError) as exc:
-        raise ModelRetry(f"Cannot evaluate {expression!r}: {exc}") from None
-    return f"{expression} = {result:g}" if isinstance(result, float) else f"{expression} = {result}"
+    except (ValueError, SyntaxError, TypeError, OverflowError, RecursionError, MemoryError) as exc:
+        raise ModelRetry(f"Cannot evaluate {expression[:200]!r}: {exc}") from None
 
 
 @toolset.tool

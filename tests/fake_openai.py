@@ -9,6 +9,9 @@ asks for one, then `data: [DONE]`.
 Per test it can be told what to say (`reply`, `tokens`), how fast (`delay` per token), to pause
 mid-reply until released (`hold_after`), and to fail: `script` is a list of `Fault`s (or None for
 a normal answer) consumed one per request, and `fault` applies to every request after that.
+Hostile upstreams are faults too: `Fault.deltas` streams chunk deltas exactly as given (text
+with lone surrogates, tool calls with absurd arguments or duplicate ids), and `Fault.endless`
+streams text for ever, ignoring the request's max_tokens, until the client hangs up.
 `side_reply` may answer some requests at once with a fixed text, outside the script, delay and
 hold (an app's background calls, e.g. writing a conversation title, then cannot eat a fault).
 `report_usage=False` sends no token usage at all, as llama.cpp's server and some other local
@@ -57,11 +60,13 @@ def split_tokens(text: str) -> list[str]:
 class Fault:
     """One way for a request to go wrong. Build with `http`, `cut`, `malformed` or `hang`."""
 
-    kind: str  # "http" | "cut" | "malformed" | "hang"
+    kind: str  # "http" | "cut" | "malformed" | "hang" | "deltas" | "endless"
     status: int = 500
     retry_after: str | None = None
     after: int = 0  # tokens streamed before a cut or malformed chunk
     message: str = "fake upstream failure"
+    chunks: tuple = ()  # for "deltas": the `delta` objects to stream, in order
+    finish: str = "stop"  # for "deltas": the finish_reason of the last chunk
 
     @classmethod
     def http(
@@ -90,6 +95,29 @@ class Fault:
         """Answer 200 with a stream that ends at once: no chunk, no [DONE]. llama.cpp's server
         does this when the prompt is longer than its context window."""
         return cls("empty")
+
+    @classmethod
+    def deltas(cls, *deltas: dict, finish: str = "stop") -> Fault:
+        """Stream these chunk deltas verbatim (JSON-encoded as Python does: a lone surrogate goes
+        out as a `\\udXXX` escape), then `finish`, a usage chunk if asked for, and [DONE]."""
+        return cls("deltas", chunks=tuple(deltas), finish=finish)
+
+    @classmethod
+    def tool_calls(cls, *calls: tuple[str, str, str]) -> Fault:
+        """One response calling tools: (id, name, raw JSON arguments) each, in one chunk each."""
+        return cls.deltas(
+            *(
+                {"tool_calls": [{"index": i, "id": cid, "type": "function",
+                                 "function": {"name": name, "arguments": args}}]}
+                for i, (cid, name, args) in enumerate(calls)
+            ),
+            finish="tool_calls",
+        )  # fmt: skip
+
+    @classmethod
+    def endless(cls) -> Fault:
+        """Stream the reply's words over and over, never stopping, whatever max_tokens says."""
+        return cls("endless")
 
     @classmethod
     def hang(cls) -> Fault:
@@ -469,6 +497,20 @@ class FakeOpenAI:
             record.completed = True
             return
         await _write_chunk(writer, chunk({"role": "assistant", "content": ""}))
+        finish = "stop"
+        if fault is not None and fault.kind == "deltas":
+            pieces, finish = [], fault.finish
+            for delta in fault.chunks:
+                await _write_chunk(writer, chunk(delta))
+                record.tokens_sent += 1
+        elif fault is not None and fault.kind == "endless":
+            for piece in itertools.cycle(pieces):
+                if watch.done():
+                    record.disconnected = True
+                    return
+                await _write_chunk(writer, chunk({"content": piece}))
+                record.tokens_sent += 1
+                await asyncio.sleep(delay)  # at least yield, so a hang-up is noticed
         for i, piece in enumerate(pieces):
             if fault is not None and i == fault.after and fault.kind in ("cut", "malformed"):
                 if fault.kind == "malformed":
@@ -489,9 +531,9 @@ class FakeOpenAI:
         if watch.done():
             record.disconnected = True
             return
-        await _write_chunk(writer, chunk({}, "stop"))
+        await _write_chunk(writer, chunk({}, finish))
         if self.report_usage and (body.get("stream_options") or {}).get("include_usage"):
-            usage = _usage(body, len(pieces))
+            usage = _usage(body, max(len(pieces), record.tokens_sent))
             await _write_chunk(writer, chunk(None, usage=usage))
         await _write_chunk(writer, b"data: [DONE]\n\n")
         if self.done_linger:
