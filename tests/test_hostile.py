@@ -96,7 +96,12 @@ def test_a_hostile_model_reply_ends_cleanly_and_the_next_turn_works(
     assert "Kept words." in turns[-2]["reply_text"] or says != "not valid Unicode"
     # What the model was sent next is valid: its history holds the first exchange.
     history = replies(fake)[-1].texts("user")
-    assert "Compute something" in history and "And now?" in history
+    assert "And now?" in history
+    # The first exchange is in it, unless it alone is past the history budget (a megabyte of
+    # arguments, four times): then the reply says it was left out.
+    assert "Compute something" in history or turns[-1]["reply_text"].startswith(
+        "*Earlier messages were left out"
+    )
 
 
 def test_duplicate_tool_call_ids_end_cleanly(app: LiveApp, fake: FakeOpenAI):
