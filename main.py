@@ -28,7 +28,7 @@ from chat.security import SecurityMiddleware, server_error
 from chat.slow_clients import protocol_class
 from chat.store import ChatStore, load_messages
 from components.head import Head
-from web import api, auth, chat, pages, views
+from web import api, auth, chat, pages, responses
 
 log = logging.getLogger("chat")
 # Reachable without signing in when AUTH=password.
@@ -115,9 +115,9 @@ def create_app(settings: Settings | None = None, *, model: Model | None = None) 
             )
         ],
         exception_handlers={
-            404: views.not_found,
+            404: responses.not_found,
             500: server_error,
-            sqlite3.OperationalError: views.busy,
+            sqlite3.OperationalError: responses.busy,
         },
     )
     app.hdrs = _SharedHead(app.hdrs)  # after __init__, which turns it into a list
