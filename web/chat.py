@@ -4,6 +4,10 @@ The store and rendering never run on the event loop: read-only handlers are plai
 in a worker thread by FastHTML), and the handlers that also start or follow runs (which live on
 the loop) do their store work through `off_loop`. A user's sends are serialized by a lock, so
 the checks made before committing still hold when the reply starts.
+
+Why this module is long: send, regenerate and edit share the send lock, the commit and the
+start of a run, and the stream answers for the runs they start; the stream (live and stored
+replay) is the part that could move to a module of its own.
 """
 
 from __future__ import annotations

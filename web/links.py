@@ -28,6 +28,7 @@ TITLE = "/c/{cid}/title"
 EXPORT_MD = "/c/{cid}/export.md"
 EXPORT_JSON = "/c/{cid}/export.json"
 IMPORT = "/import"
+HEALTH = "/health"
 
 # Sending and streaming (web/chat.py)
 SEND = "/send"

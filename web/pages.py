@@ -218,7 +218,7 @@ async def import_json(req: Request, file: UploadFile | None = None):
     return RedirectResponse(url, status_code=303)
 
 
-@ar("/health", methods=["get"])
+@ar(links.HEALTH, methods=["get"])
 async def health(req: Request):
     """Liveness: 200 with JSON."""
     cfg = settings(req)
