@@ -154,3 +154,12 @@ def test_routes_are_registered_at_link_templates(module):
     if module == "web.api":  # the JSON API's paths are its own, linked from no page
         return
     assert literal == []
+
+
+def test_readme_lists_every_web_module():
+    """The README's layout block names each module of web/, and no module that is gone."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index("\nweb/ ") : readme.index("\ncomponents/ ")]
+    listed = {line.split()[0] for line in block.splitlines()[2:] if line.startswith("  ")}
+    on_disk = {p.name for p in (ROOT / "web").glob("*.py") if p.stem != "__init__"}
+    assert listed == on_disk
