@@ -28,11 +28,11 @@ from chat.security import SecurityMiddleware, server_error
 from chat.slow_clients import protocol_class
 from chat.store import ChatStore, load_messages
 from components.head import Head
-from web import api, auth, chat, pages, views
+from web import api, auth, chat, links, pages, responses
 
 log = logging.getLogger("chat")
 # Reachable without signing in when AUTH=password.
-PUBLIC_PATHS = {"/login", "/signup", "/health"}
+PUBLIC_PATHS = {links.LOGIN, links.SIGNUP, links.HEALTH}
 ROOT = Path(__file__).parent
 
 
@@ -86,7 +86,7 @@ def create_app(settings: Settings | None = None, *, model: Model | None = None) 
             req.scope["uid"] = None
             if req.url.path in PUBLIC_PATHS:
                 return None
-            login = f"/login?next={quote(req.url.path)}"
+            login = f"{links.LOGIN}?next={quote(req.url.path)}"
             if req.headers.get("hx-request") == "true":
                 return Response(status_code=204, headers={"HX-Redirect": login})
             return RedirectResponse(login, status_code=303)
@@ -115,9 +115,9 @@ def create_app(settings: Settings | None = None, *, model: Model | None = None) 
             )
         ],
         exception_handlers={
-            404: views.not_found,
+            404: responses.not_found,
             500: server_error,
-            sqlite3.OperationalError: views.busy,
+            sqlite3.OperationalError: responses.busy,
         },
     )
     app.hdrs = _SharedHead(app.hdrs)  # after __init__, which turns it into a list

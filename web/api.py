@@ -26,7 +26,7 @@ from chat import untrusted
 from chat.runs import describe_error
 from chat.tools import ToolDeps
 from chat.transcript import to_json
-from web.views import client_addr, runs, settings, store, uid
+from web.request import client_addr, runs, settings, store, uid
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,9 @@ from starlette.responses import RedirectResponse
 from chat import accounts
 from chat.accounts import SignInRefused
 from components.auth import AuthPage
-from web.views import full_page, settings, store
+from web import links
+from web.request import settings, store
+from web.responses import full_page
 
 ar = APIRouter()
 
@@ -37,7 +39,7 @@ def _start_session(session, user: dict) -> None:
     session["sv"] = user.get("session_version") or 0
 
 
-@ar("/login", methods=["get"])
+@ar(links.LOGIN, methods=["get"])
 async def login_page(req: Request, next: str = "/"):
     """The sign-in form."""
     return AuthPage(
@@ -48,7 +50,7 @@ async def login_page(req: Request, next: str = "/"):
     )
 
 
-@ar("/login", methods=["post"])
+@ar(links.LOGIN, methods=["post"])
 async def login(req: Request, session, username: str = "", password: str = "", next: str = "/"):
     """Check the password; on success start a fresh session for the account."""
     address = req.client.host if req.client else "unknown"
@@ -73,7 +75,7 @@ async def login(req: Request, session, username: str = "", password: str = "", n
     return RedirectResponse(_safe_next(next), status_code=303)
 
 
-@ar("/signup", methods=["get"])
+@ar(links.SIGNUP, methods=["get"])
 async def signup_page(req: Request):
     """The sign-up form (redirects to sign-in when sign-up is closed)."""
     if not settings(req).signup_open:
@@ -81,7 +83,7 @@ async def signup_page(req: Request):
     return AuthPage(mode="signup", action=signup.to(), other_url=login_page.to())
 
 
-@ar("/signup", methods=["post"])
+@ar(links.SIGNUP, methods=["post"])
 async def signup(req: Request, session, username: str = "", password: str = ""):
     """Create an account and sign in."""
     if not settings(req).signup_open:
@@ -102,7 +104,7 @@ async def signup(req: Request, session, username: str = "", password: str = ""):
     return RedirectResponse("/", status_code=303)
 
 
-@ar("/logout", methods=["post"])
+@ar(links.LOGOUT, methods=["post"])
 async def logout(req: Request, session):
     """Sign out: this session, and any copy of its cookie, stops working."""
     if user_id := session.get("user"):

@@ -4,6 +4,10 @@ The store and rendering never run on the event loop: read-only handlers are plai
 in a worker thread by FastHTML), and the handlers that also start or follow runs (which live on
 the loop) do their store work through `off_loop`. A user's sends are serialized by a lock, so
 the checks made before committing still hold when the reply starts.
+
+Why this module is long: send, regenerate and edit share the send lock, the commit and the
+start of a run, and the stream answers for the runs they start; the stream (live and stored
+replay) is the part that could move to a module of its own.
 """
 
 from __future__ import annotations
@@ -34,25 +38,12 @@ from components.messages import (
     safe_html_markup,
     tail_markup,
 )
-from web.views import (
-    BUSY,
-    check_message,
-    error_fragment,
-    export_links,
-    html,
-    is_htmx,
-    load_json,
-    messages_view,
-    not_found,
-    off_loop,
-    reply_body,
-    runs,
-    settings,
-    sidebar,
-    store,
-    turn_links,
-    uid,
-)
+from web import links as urls
+from web.links import export_links, turn_links
+from web.request import is_htmx, off_loop, owned_turn, runs, settings, store, uid
+from web.responses import BUSY, error_fragment, html
+from web.sending import check_message
+from web.views import load_json, messages_view, reply_body, sidebar
 
 ar = APIRouter()
 
@@ -60,14 +51,6 @@ ar = APIRouter()
 def normalize(msg: str) -> str:
     """Browsers send line breaks as CRLF; the textarea (and its maxlength) counts one each."""
     return msg.replace("\r\n", "\n").replace("\r", "\n")
-
-
-def _owned_turn(req: Request, cid: str, tid: int) -> tuple[dict, dict] | None:
-    conv = store(req).conversation(cid, uid(req))
-    turn = store(req).turn(tid, uid(req)) if conv else None
-    if conv is None or turn is None or turn["conversation_id"] != cid:
-        return None
-    return conv, turn
 
 
 def _send_lock(req: Request) -> asyncio.Lock:
@@ -100,7 +83,7 @@ async def _start(
     return turn
 
 
-@ar("/send", methods=["post"])
+@ar(urls.SEND, methods=["post"])
 async def send(
     req: Request,
     msg: str = "",
@@ -129,8 +112,6 @@ async def send(
 
 
 async def _send(req: Request, msg: str, cid: str, model: str, persona: str, models: list[str]):
-    from web.pages import conversation
-
     conv = await off_loop(store(req).conversation, cid, uid(req)) if cid else None
     if cid and conv is None:
         return error_fragment("That conversation does not exist.", 404)
@@ -147,7 +128,7 @@ async def _send(req: Request, msg: str, cid: str, model: str, persona: str, mode
         await off_loop(store(req).set_head, conv["id"], turns[0]["id"])
     else:
         turns = [await _start(req, conv, msg)]
-    url = conversation.to(cid=conv["id"])
+    url = urls.conversation(conv["id"])
     if not is_htmx(req):
         return RedirectResponse(url, status_code=303)
     return await off_loop(_sent, req, conv, turns, created, url)
@@ -212,10 +193,10 @@ def _export_links(cid: str):
 
 
 def _show_url(turn: dict) -> str:
-    return show.to(cid=turn["conversation_id"], tid=turn["id"])
+    return urls.url(urls.SHOW, cid=turn["conversation_id"], tid=turn["id"])
 
 
-@ar("/c/{cid}/turns/{tid}/stream", methods=["get"])
+@ar(urls.STREAM, methods=["get"])
 async def stream(req: Request, cid: str, tid: int):
     """Attach to a reply: replay what it has produced so far, then follow it live.
 
@@ -224,10 +205,7 @@ async def stream(req: Request, cid: str, tid: int):
     # The run first, then the row: a run that ends meanwhile has saved its row before it is
     # dropped, so a missing run never meets a row still marked as streaming.
     run = runs(req).get(tid)
-    owned = await off_loop(_owned_turn, req, cid, tid)
-    if owned is None:
-        return not_found(req)
-    conv, turn = owned
+    conv, turn = await off_loop(owned_turn, req, cid, tid)
     try:
         start = max(0, int(req.headers.get("last-event-id") or 0))
     except ValueError:
@@ -245,10 +223,8 @@ async def stream(req: Request, cid: str, tid: int):
 
 def _title_refresh(turn: dict, status: str):
     """After a first exchange completes, fetch the title the model is writing for it."""
-    from web.pages import title
-
     if turn["parent_id"] is None and status == "complete":
-        return TitleRefresh(title.to(cid=turn["conversation_id"]))
+        return TitleRefresh(urls.url(urls.TITLE, cid=turn["conversation_id"]))
     return None
 
 
@@ -325,24 +301,20 @@ def _stored_blocks(turn: dict, start: int) -> str:
     return sse.event("blocks", to_xml(swap))
 
 
-@ar("/c/{cid}/turns/{tid}/stop", methods=["post"])
+@ar(urls.STOP, methods=["post"])
 async def stop(req: Request, cid: str, tid: int):
     """Stop a reply; what it produced so far is kept and saved as stopped."""
-    if await off_loop(_owned_turn, req, cid, tid) is None:
-        return not_found(req)
+    await off_loop(owned_turn, req, cid, tid)
     runs(req).stop(tid)
     return Response(status_code=204)
 
 
-@ar("/c/{cid}/turns/{tid}/regenerate", methods=["post"])
+@ar(urls.REGENERATE, methods=["post"])
 async def regenerate(req: Request, cid: str, tid: int):
     """Answer the same message again, as a new version of the exchange (also: Retry)."""
     try:
         async with _send_lock(req):
-            owned = await off_loop(_owned_turn, req, cid, tid)
-            if owned is None:
-                return not_found(req)
-            conv, turn = owned
+            conv, turn = await off_loop(owned_turn, req, cid, tid)
             if (problem := check_message(req, turn["user_text"], cid=cid)) is not None:
                 return problem
             await _start(req, conv, turn["user_text"], parent_id=turn["parent_id"])
@@ -355,50 +327,39 @@ def _current_view(req: Request, cid: str) -> tuple:
     return messages_view(req, store(req).conversation(cid, uid(req)))
 
 
-@ar("/c/{cid}/turns/{tid}/edit", methods=["get"])
+@ar(urls.EDIT, methods=["get"])
 def edit_form(req: Request, cid: str, tid: int):
     """The in-place form to edit a sent message."""
-    owned = _owned_turn(req, cid, tid)
-    if owned is None:
-        return not_found(req)
-    _, turn = owned
-    links = turn_links(turn, store(req).siblings(cid, [turn["parent_id"]]))
-    return EditForm(turn, links, max_chars=settings(req).max_message_chars)
+    _, turn = owned_turn(req, cid, tid)
+    controls = turn_links(turn, store(req).siblings(cid, [turn["parent_id"]]))
+    return EditForm(turn, controls, max_chars=settings(req).max_message_chars)
 
 
-@ar("/c/{cid}/turns/{tid}/user", methods=["get"])
+@ar(urls.USER_MESSAGE, methods=["get"])
 def user_message(req: Request, cid: str, tid: int):
     """A sent message as shown in the list (used to cancel an edit)."""
-    owned = _owned_turn(req, cid, tid)
-    if owned is None:
-        return not_found(req)
-    _, turn = owned
+    _, turn = owned_turn(req, cid, tid)
     return UserMessage(turn, turn_links(turn, store(req).siblings(cid, [turn["parent_id"]])))
 
 
-@ar("/c/{cid}/turns/{tid}/edit", methods=["post"])
+@ar(urls.EDIT, methods=["post"])
 async def edit(req: Request, cid: str, tid: int, msg: str = ""):
     """Send an edited message as a new version of the exchange; the old one is kept."""
     msg = normalize(msg)
     try:
         async with _send_lock(req):
-            owned = await off_loop(_owned_turn, req, cid, tid)
-            if owned is None:
-                return not_found(req)
+            conv, turn = await off_loop(owned_turn, req, cid, tid)
             if (problem := check_message(req, msg, cid=cid)) is not None:
                 return problem
-            conv, turn = owned
             await _start(req, conv, msg, parent_id=turn["parent_id"])
     except sqlite3.OperationalError:
         return error_fragment(BUSY, 503)
     return await off_loop(_current_view, req, cid)
 
 
-@ar("/c/{cid}/turns/{tid}/show", methods=["post"])
+@ar(urls.SHOW, methods=["post"])
 def show(req: Request, cid: str, tid: int):
     """Show another version of an exchange (and the newest conversation that follows it)."""
-    owned = _owned_turn(req, cid, tid)
-    if owned is None:
-        return not_found(req)
+    owned_turn(req, cid, tid)
     store(req).set_head(cid, store(req).newest_leaf(tid))
     return messages_view(req, store(req).conversation(cid, uid(req)))

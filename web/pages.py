@@ -27,113 +27,91 @@ from components.sidebar import (
     RenameForm,
     SearchResults,
 )
-from web.views import (
+from web import links
+from web.links import conv_links
+from web.request import (
     client_addr,
-    conv_links,
-    error_fragment,
     is_htmx,
-    later_page,
-    not_found,
+    missing,
     off_loop,
-    page,
+    owned_conversation,
+    owned_turn,
     runs,
     settings,
     store,
     uid,
-    window,
-    window_at,
 )
+from web.responses import error_fragment
+from web.views import later_page, page, window, window_at
 
 ar = APIRouter()
 
 
-def _conv(req: Request, cid: str) -> dict | None:
-    return store(req).conversation(cid, uid(req))
-
-
-@ar("/", methods=["get"])
+@ar(links.INDEX, methods=["get"])
 def index(req: Request):
     """A new chat."""
     return page(req, None)
 
 
-@ar("/c/{cid}", methods=["get"])
+@ar(links.CONVERSATION, methods=["get"])
 def conversation(req: Request, cid: str, at: int | None = None):
     """A conversation. With `at`, a page of the branch that holds that turn (a search result)."""
-    conv = _conv(req, cid)
-    if conv is None:
-        return not_found(req)
-    if at is not None:
-        turn = store(req).turn(at, uid(req))
-        if turn is None or turn["conversation_id"] != cid:
-            return not_found(req)
-        conv = {**conv, "head_turn_id": store(req).newest_leaf(at)}
-        return page(req, conv, items=window_at(req, conv, turn))
-    return page(req, conv)
+    if at is None:
+        return page(req, owned_conversation(req, cid))
+    conv, turn = owned_turn(req, cid, at)
+    conv = {**conv, "head_turn_id": store(req).newest_leaf(at)}
+    return page(req, conv, items=window_at(req, conv, turn))
 
 
-@ar("/c/{cid}/older", methods=["get"])
+@ar(links.OLDER, methods=["get"])
 def older(req: Request, cid: str, before: int):
     """The page of messages before turn `before` on the shown branch."""
-    conv = _conv(req, cid)
-    first = store(req).turn(before, uid(req)) if conv else None
-    if conv is None or first is None or first["conversation_id"] != cid:
-        return not_found(req)
+    conv, first = owned_turn(req, cid, before)
     if first["parent_id"] is None:
         return Div(id="earlier")
     return Div(*window(req, conv, first["parent_id"]), id="earlier-page", cls="earlier-page")
 
 
-@ar("/c/{cid}/newer", methods=["get"])
+@ar(links.NEWER, methods=["get"])
 def newer(req: Request, cid: str, after: int | None = None):
     """The page of messages after turn `after`, on the branch shown for it (opened at a turn)."""
-    conv = _conv(req, cid)
-    last = store(req).turn(after, uid(req)) if conv and after is not None else None
-    if conv is None or last is None or last["conversation_id"] != cid:
-        return not_found(req)
+    conv, last = owned_turn(req, cid, after)
     conv = {**conv, "head_turn_id": store(req).newest_leaf(after)}
     return Div(*later_page(req, conv, last), id="later-page", cls="later-page")
 
 
-@ar("/search", methods=["get"])
+@ar(links.SEARCH, methods=["get"])
 def search(req: Request, q: str = ""):
     """Search the user's messages (SQLite FTS5); each result links to its message."""
     results = store(req).search(uid(req), q[:200]) if q.strip() else []
     urls = [
-        conversation.to(cid=r["conversation_id"], at=r["turn_id"]) + f"#turn-{r['turn_id']}"
+        links.conversation(r["conversation_id"], at=r["turn_id"]) + f"#turn-{r['turn_id']}"
         for r in results
     ]
     return SearchResults(q, results, urls)
 
 
-@ar("/c/{cid}/item", methods=["get"])
+@ar(links.ITEM, methods=["get"])
 def item(req: Request, cid: str):
     """A conversation's entry in the sidebar (used to cancel a rename)."""
-    conv = _conv(req, cid)
-    if conv is None:
-        return not_found(req)
-    return ConversationLink(conv, conv_links(cid))
+    return ConversationLink(owned_conversation(req, cid), conv_links(cid))
 
 
-@ar("/c/{cid}/rename", methods=["get"])
+@ar(links.RENAME, methods=["get"])
 def rename_form(req: Request, cid: str):
     """The in-place rename form."""
-    conv = _conv(req, cid)
-    if conv is None:
-        return not_found(req)
-    return RenameForm(conv, conv_links(cid))
+    return RenameForm(owned_conversation(req, cid), conv_links(cid))
 
 
-@ar("/c/{cid}/rename", methods=["post"])
+@ar(links.RENAME, methods=["post"])
 def rename(req: Request, cid: str, title: str = ""):
     """Rename a conversation."""
-    if _conv(req, cid) is None:
-        return not_found(req)
+    owned_conversation(req, cid)
     title = " ".join(title.split())[:200]
     if not title:
         return error_fragment("A title cannot be empty.", 422, target=f"#rename-{cid}")
     store(req).rename(cid, uid(req), title)
-    conv = _conv(req, cid)
+    conv = owned_conversation(req, cid)
     return (
         ConversationLink(conv, conv_links(cid)),
         H1(title, id="chat-title", hx_swap_oob="true") if _is_current(req, cid) else None,
@@ -144,32 +122,29 @@ def _is_current(req: Request, cid: str) -> bool:
     return req.headers.get("hx-current-url", "").split("?")[0].endswith(f"/c/{cid}")
 
 
-@ar("/c/{cid}/delete", methods=["post"])
+@ar(links.DELETE, methods=["post"])
 def delete(req: Request, cid: str):
     """Delete a conversation; the list offers Undo until the page changes."""
-    conv = _conv(req, cid)
-    if conv is None or not store(req).delete(cid, uid(req)):
-        return not_found(req)
+    conv = owned_conversation(req, cid)
+    if not store(req).delete(cid, uid(req)):
+        raise missing()
     return DeletedItem(conv, conv_links(cid))
 
 
-@ar("/c/{cid}/restore", methods=["post"])
+@ar(links.RESTORE, methods=["post"])
 def restore(req: Request, cid: str):
     """Undo a deletion."""
     if not store(req).restore(cid, uid(req)):
-        return not_found(req)
-    return ConversationLink(_conv(req, cid), conv_links(cid))
+        raise missing()
+    return ConversationLink(owned_conversation(req, cid), conv_links(cid))
 
 
-@ar("/c/{cid}/title", methods=["get"])
+@ar(links.TITLE, methods=["get"])
 async def title(req: Request, cid: str):
     """The conversation's title once the model has written it, as out-of-band updates."""
-    if await off_loop(_conv, req, cid) is None:
-        return not_found(req)
+    await off_loop(owned_conversation, req, cid)
     await runs(req).wait_title(cid)
-    conv = await off_loop(_conv, req, cid)
-    if conv is None:
-        return not_found(req)
+    conv = await off_loop(owned_conversation, req, cid)
     li = ConversationLink(conv, conv_links(cid), current=True)
     li.attrs["hx-swap-oob"] = "true"
     heading = H1(conv["title"], id="chat-title", hx_swap_oob="true")
@@ -186,12 +161,10 @@ def _filename(title: str, ext: str) -> str:
 EXPORT_PAGE = 200
 
 
-@ar("/c/{cid}/export.md", methods=["get"])
+@ar(links.EXPORT_MD, methods=["get"])
 def export_md(req: Request, cid: str):
     """Download the shown branch as Markdown."""
-    conv = _conv(req, cid)
-    if conv is None:
-        return not_found(req)
+    conv = owned_conversation(req, cid)
     pages = store(req).branch_pages(conv["head_turn_id"], EXPORT_PAGE)
     return StreamingResponse(
         (chunk.encode() for chunk in markdown_chunks(conv["title"], pages)),
@@ -200,12 +173,10 @@ def export_md(req: Request, cid: str):
     )
 
 
-@ar("/c/{cid}/export.json", methods=["get"])
+@ar(links.EXPORT_JSON, methods=["get"])
 def export_json(req: Request, cid: str):
     """Download the shown branch as pydantic-ai messages (ModelMessagesTypeAdapter JSON)."""
-    conv = _conv(req, cid)
-    if conv is None:
-        return not_found(req)
+    conv = owned_conversation(req, cid)
     pages = store(req).branch_pages(conv["head_turn_id"], EXPORT_PAGE)
     name = _filename(conv["title"], "json")
     return StreamingResponse(
@@ -215,7 +186,7 @@ def export_json(req: Request, cid: str):
     )
 
 
-@ar("/import", methods=["post"])
+@ar(links.IMPORT, methods=["post"])
 async def import_json(req: Request, file: UploadFile | None = None):
     """Import an exported JSON file as a new conversation; a bad file changes nothing."""
     target = "#import-error"
@@ -241,13 +212,13 @@ async def import_json(req: Request, file: UploadFile | None = None):
         )
     title = (file.filename or "Imported").rsplit(".", 1)[0][:80] or "Imported"
     conv = store(req).import_conversation(uid(req), f"Imported: {title}", turns)
-    url = conversation.to(cid=conv["id"])
+    url = links.conversation(conv["id"])
     if is_htmx(req):
         return Response(status_code=204, headers={"HX-Redirect": url})
     return RedirectResponse(url, status_code=303)
 
 
-@ar("/health", methods=["get"])
+@ar(links.HEALTH, methods=["get"])
 async def health(req: Request):
     """Liveness: 200 with JSON."""
     cfg = settings(req)

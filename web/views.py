@@ -1,29 +1,21 @@
-"""Helpers shared by the routes: who is asking, and how the app's state becomes components."""
+"""View assembly: how stored conversations become components (messages, pages of a branch,
+the sidebar, the whole chat page), with the rendered-HTML cache that makes them cheap."""
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
-from functools import partial
-from typing import TypeVar
 
 from fastcore.xml import FT
-from fasthtml.common import H1, A, Body, Div, Html, P, Response, Title, to_xml
-from fasthtml.common import Head as HtmlHead
-from starlette.concurrency import run_in_threadpool
+from fasthtml.common import Title
 from starlette.requests import Request
 
-from chat.config import Settings
 from chat.markdown import RENDER_BUDGET, RENDER_VERSION, plain, render
 from chat.reply import segments
-from chat.runs import RunManager
-from chat.storage import Store
 from chat.store import load_messages
 from components.auth import SignOut
 from components.composer import Composer
-from components.head import Head
-from components.layout import ExportLinks, Page, Welcome
+from components.layout import Page, Welcome
 from components.messages import (
     AssistantMessage,
     ConversationUsage,
@@ -34,191 +26,19 @@ from components.messages import (
     TurnLinks,
     UserMessage,
 )
-from components.sidebar import ConvLinks, Sidebar
-
-T = TypeVar("T")
+from components.sidebar import Sidebar
+from web import links
+from web.links import conv_links, export_links, turn_links, url
+from web.request import runs, settings, store, uid
 
 # Rendering a page's replies may take this long in all; the rest are shown as plain text (and
 # not cached as such: the next view renders them properly).
 PAGE_RENDER_BUDGET = 2.0
 
 
-async def off_loop(fn: Callable[..., T], *args, **kwargs) -> T:
-    """Run blocking work (the store, big renders) in the request thread pool, not on the loop.
-
-    Handlers that only read and render are plain `def`s, which FastHTML already runs there;
-    this is for the async handlers and streams that also need the loop (runs, waiting).
-    """
-    return await run_in_threadpool(partial(fn, *args, **kwargs))
-
-
-def store(req: Request) -> Store:
-    """The app's store (the SQLite ChatStore unless a fork swaps it)."""
-    return req.app.state.store
-
-
-def runs(req: Request) -> RunManager:
-    """The app's RunManager."""
-    return req.app.state.runs
-
-
-def settings(req: Request) -> Settings:
-    """The app's Settings."""
-    return req.app.state.settings
-
-
-def uid(req: Request) -> str:
-    """The identity of the browser (or account) making the request."""
-    return req.scope["uid"]
-
-
-def client_addr(req: Request) -> str:
-    """The client's address for the limits (X-Forwarded-For only from TRUSTED_PROXIES)."""
-    peer = req.client.host if req.client else None
-    return req.app.state.limits.address(peer, req.headers.get("x-forwarded-for"))
-
-
-def is_htmx(req: Request) -> bool:
-    """True for requests made by htmx rather than by plain navigation."""
-    return req.headers.get("hx-request") == "true"
-
-
-def html(fragment, status: int = 200, headers: dict | None = None) -> Response:
-    """An HTML fragment response."""
-    return Response(to_xml(fragment), status_code=status, headers=headers, media_type="text/html")
-
-
-def full_page(parts: tuple, status: int) -> Response:
-    """A whole HTML document with our head, for answers that are not 200 (404, 401, ...)."""
-    title, *body = parts
-    doc = Html(HtmlHead(title, *Head()), Body(*body), lang="en")
-    return Response(to_xml(doc), status_code=status, media_type="text/html")
-
-
-def not_found(req: Request, exc: Exception | None = None) -> Response:
-    """404 for anything missing or not yours: the two are deliberately indistinguishable."""
-    if is_htmx(req):
-        return html(P("Not found.", cls="error"), 404)
-    body = Div(
-        H1("Not found"),
-        P("There is nothing here, or it belongs to someone else."),
-        A("Start a new chat", href="/"),
-        cls="not-found",
-    )
-    return full_page((Title("Not found · Agent chat"), body), 404)
-
-
-BUSY = "The server is busy saving other changes. Try again in a moment."
-
-
-def busy(req: Request, exc: Exception | None = None) -> Response:
-    """503 when the database cannot take a write (locked past its busy timeout, or read-only).
-
-    Writes wait in a worker thread, so this costs the one request, not the server; what it was
-    asked to change is unchanged.
-    """
-    if is_htmx(req):
-        return error_fragment(BUSY, 503)
-    body = Div(H1("Busy"), P(BUSY), A("Back to the chats", href="/"), cls="not-found")
-    return full_page((Title("Busy · Agent chat"), body), 503)
-
-
-def error_fragment(message: str, status: int, target: str = "#composer-error") -> Response:
-    """A message shown in `target`; the request changed nothing and the typed text stays."""
-    return html(
-        P(message, cls="error"),
-        status,
-        {"HX-Retarget": target, "HX-Reswap": "innerHTML"},
-    )
-
-
-def check_message(
-    req: Request, msg: str, replies: int = 1, cid: str | None = None
-) -> Response | None:
-    """Why a message cannot be sent (as an error response), or None if it can.
-
-    With `cid`, a reply still being written in that conversation refuses it too: the new turn's
-    history would lack that reply. Called last before committing: a message that passes (and
-    only one that passes) has been counted against the limits.
-    """
-    limit = settings(req).max_message_chars
-    if not msg.strip():
-        return error_fragment("Type a message before sending.", 422)
-    if len(msg) > limit:
-        return error_fragment(
-            f"That message is {len(msg):,} characters; the limit is {limit:,}. "
-            "Shorten it and send again.",
-            413,
-        )
-    if not runs(req).accepting:
-        return error_fragment("The server is restarting. Send again in a moment.", 503)
-    if cid is not None and runs(req).streaming_in(cid):
-        return error_fragment("Wait for the reply to finish, or stop it, before sending.", 409)
-    refused = req.app.state.limits.check_send(
-        uid(req),
-        client_addr(req),
-        running=runs(req).running(uid(req)),
-        total_running=len(runs(req).runs),
-        count=replies,
-    )
-    if refused:
-        response = error_fragment(refused.message, refused.status)
-        response.headers.update(refused.headers)
-        return response
-    return None
-
-
 def load_json(raw: str | None) -> dict | None:
     """Parse a JSON column that may be empty."""
     return json.loads(raw) if raw else None
-
-
-# Links ------------------------------------------------------------------------------------
-
-
-def turn_links(turn: dict, siblings: dict[int | None, list[int]]) -> TurnLinks:
-    """Every URL a turn's controls need, with its place among its versions."""
-    from web import chat
-
-    cid, tid = turn["conversation_id"], turn["id"]
-    group = siblings.get(turn["parent_id"]) or [tid]
-    i = group.index(tid) if tid in group else 0
-    return TurnLinks(
-        stream=chat.stream.to(cid=cid, tid=tid),
-        stop=chat.stop.to(cid=cid, tid=tid),
-        regenerate=chat.regenerate.to(cid=cid, tid=tid),
-        edit_form=chat.edit_form.to(cid=cid, tid=tid),
-        edit=chat.edit.to(cid=cid, tid=tid),
-        user=chat.user_message.to(cid=cid, tid=tid),
-        prev=chat.show.to(cid=cid, tid=group[i - 1]) if i > 0 else None,
-        next=chat.show.to(cid=cid, tid=group[i + 1]) if i + 1 < len(group) else None,
-        version=i + 1,
-        versions=len(group),
-    )
-
-
-def conv_links(cid: str) -> ConvLinks:
-    """Every URL a conversation's sidebar controls need."""
-    from web import pages
-
-    return ConvLinks(
-        open=pages.conversation.to(cid=cid),
-        rename_form=pages.rename_form.to(cid=cid),
-        rename=pages.rename.to(cid=cid),
-        delete=pages.delete.to(cid=cid),
-        restore=pages.restore.to(cid=cid),
-        item=pages.item.to(cid=cid),
-    )
-
-
-def export_links(cid: str) -> FT:
-    """The conversation's Markdown and JSON download links."""
-    from web import pages
-
-    return ExportLinks(pages.export_md.to(cid=cid), pages.export_json.to(cid=cid))
-
-
-# Views ------------------------------------------------------------------------------------
 
 
 def _uses_tools(turn: dict) -> bool:
@@ -334,15 +154,11 @@ def later_page(req: Request, conv: dict, after: dict) -> tuple:
 
 
 def _earlier(conv: dict, turns: list[dict]) -> FT:
-    from web import pages
-
-    return LoadEarlier(pages.older.to(cid=conv["id"], before=turns[0]["id"]))
+    return LoadEarlier(url(links.OLDER, cid=conv["id"], before=turns[0]["id"]))
 
 
 def _later(conv: dict, turns: list[dict]) -> FT:
-    from web import pages
-
-    return LoadLater(pages.newer.to(cid=conv["id"], after=turns[-1]["id"]))
+    return LoadLater(url(links.NEWER, cid=conv["id"], after=turns[-1]["id"]))
 
 
 def messages_view(req: Request, conv: dict) -> tuple:
@@ -359,15 +175,11 @@ def sidebar(req: Request, current: str | None) -> FT:
 def _account(req: Request) -> FT | None:
     if settings(req).auth != "password":
         return None
-    from web.auth import logout
-
-    return SignOut(logout.to(), req.scope.get("session", {}).get("username", ""))
+    return SignOut(links.LOGOUT, req.scope.get("session", {}).get("username", ""))
 
 
 def page(req: Request, conv: dict | None, *, items: tuple | None = None) -> tuple:
     """A whole chat page, for a conversation or for a new chat."""
-    from web import chat, pages
-
     cfg = settings(req)
     cid = conv["id"] if conv else None
     if items is None:
@@ -381,7 +193,7 @@ def page(req: Request, conv: dict | None, *, items: tuple | None = None) -> tupl
             sidebar=sidebar(req, cid),
             messages=items,
             composer=Composer(
-                chat.send.to(),
+                links.SEND,
                 cid,
                 max_chars=cfg.max_message_chars,
                 choices=cfg.choices,
@@ -392,9 +204,9 @@ def page(req: Request, conv: dict | None, *, items: tuple | None = None) -> tupl
             model=model,
             usage=ConversationUsage(store(req).usage_total(cid) if cid else None),
             account=_account(req),
-            new_url=pages.index.to(),
-            search_url=pages.search.to(),
-            import_url=pages.import_json.to(),
+            new_url=links.INDEX,
+            search_url=links.SEARCH,
+            import_url=links.IMPORT,
             export=export_links(cid) if cid else None,
         ),
     )
