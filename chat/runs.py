@@ -4,6 +4,11 @@ POSTing a message starts a `Run`; the SSE endpoint only ever attaches to one. Th
 model text as it arrives (coalesced to at most one update per `stream_tick`), keeps the finished
 blocks and the current tail, and wakes its followers. Any number of followers (tabs, reloads,
 reconnects) read the same state, so one message always means exactly one model call.
+
+Why this module is long: it is one state machine. Driving the model, turning its events
+into blocks, pacing updates under load, flushing partial text and finishing (with retried
+saves) all read and write the same `Run`; the parts with a job of their own live in
+chat/errors.py, chat/outcome.py and chat/titles.py.
 """
 
 from __future__ import annotations
@@ -17,17 +22,12 @@ from dataclasses import dataclass, field
 
 from pydantic_ai import Agent, CancellationToken, UsageLimits
 from pydantic_ai.exceptions import (
-    ModelAPIError,
-    ModelHTTPError,
     RunCancelled,
-    UnexpectedModelBehavior,
-    UsageLimitExceeded,
 )
 from pydantic_ai.messages import (
     FunctionToolCallEvent,
     FunctionToolResultEvent,
     ModelMessage,
-    ModelMessagesTypeAdapter,
     ModelRequest,
     ModelResponse,
     PartDeltaEvent,
@@ -39,13 +39,33 @@ from pydantic_ai.messages import (
 from pydantic_ai.models import Model
 
 from chat import budget
-from chat.agent import ModelUnavailable, make_title, resolve_model, short_title
+from chat.agent import resolve_model
 from chat.config import Settings
+from chat.errors import (
+    OUTPUT_LIMIT,
+    UNSAVED,
+    FirstTokenTimeout,
+    InvalidOutput,
+    OutputLimitReached,
+    StalledError,
+    describe_error,
+    expected,
+)
 from chat.markdown import StreamRenderer
+from chat.outcome import (
+    clean,
+    has_text,
+    salvage,
+    storable,
+    text_of,
+    usage_of,
+    valid_text,
+)
 from chat.personas import load_personas
 from chat.reply import ToolView
 from chat.storage import Store
-from chat.store import INTERRUPTED, dump_messages, load_messages
+from chat.store import INTERRUPTED
+from chat.titles import Titles
 from chat.tools import ToolDeps
 
 log = logging.getLogger(__name__)
@@ -53,8 +73,6 @@ log = logging.getLogger(__name__)
 # Up to this many replies at once, each updates every `stream_tick`; beyond, updates (and reads
 # from the model) slow down in proportion, so the CPU they share goes further.
 _SHARED_TICK = 8
-# How long a conversation's title waits for the server to be less busy before it is made anyway.
-_TITLE_PATIENCE = 60.0
 # The stream-side output cap estimates tokens from characters. Real text averages about four
 # characters a token; counting six makes the estimate low, so a reply the provider would allow
 # under `max_tokens` is never cut short here: this cap only catches a provider that ignores it.
@@ -63,14 +81,6 @@ _CHARS_PER_TOKEN = 6
 # doubling up to the maximum.
 _SAVE_RETRY_FIRST = 0.5
 _SAVE_RETRY_MAX = 30.0
-UNSAVED = (
-    "This reply could not be saved yet (the database is not writable). It is kept and will be "
-    "saved as soon as the database can be written again."
-)
-OUTPUT_LIMIT = (
-    "The reply reached this site's length limit per reply (MAX_OUTPUT_TOKENS) and was stopped "
-    "there. The text above is kept."
-)
 
 
 @dataclass
@@ -88,22 +98,6 @@ class ToolUpdate:
 
 
 Item = Block | ToolView | ToolUpdate
-
-
-class StalledError(Exception):
-    """The model sent nothing for longer than the stall timeout."""
-
-
-class FirstTokenTimeout(StalledError):
-    """The model did not start its reply within the first-token timeout."""
-
-
-class InvalidOutput(Exception):
-    """The model sent text that is not valid Unicode (e.g. a lone UTF-16 surrogate)."""
-
-
-class OutputLimitReached(Exception):
-    """The reply grew past MAX_OUTPUT_TOKENS although the request asked the model to stop."""
 
 
 @dataclass(eq=False)
@@ -194,7 +188,7 @@ class RunManager:
         # Replies that ended but could not be saved yet: kept in memory while the save is retried.
         self.unsaved: dict[int, Run] = {}
         self._retries: dict[int, asyncio.Task] = {}
-        self.titles: dict[str, asyncio.Task] = {}
+        self.titles = Titles(store, busy=lambda: len(self.runs) > _SHARED_TICK)
         self.personas = load_personas()
         self.accepting = True
 
@@ -334,7 +328,7 @@ class RunManager:
             result = events.result
             if result is not None:
                 messages = result.new_messages()
-                run.usage = _usage(result.usage, run)
+                run.usage = usage_of(result.usage, run.started, run.first_token_at)
             status = "complete"
         except RunCancelled as exc:
             messages = exc.new_messages() or messages
@@ -347,59 +341,28 @@ class RunManager:
                 status, error = "interrupted", INTERRUPTED
         except OutputLimitReached:
             status, error = "stopped", OUTPUT_LIMIT
-            messages = _salvage(events, messages)
+            messages = salvage(events, messages)
         except asyncio.CancelledError:
             status, error = "interrupted", INTERRUPTED
-            messages = _salvage(events, messages)
+            messages = salvage(events, messages)
             raise
         except Exception as exc:
             error = describe_error(exc)
-            log.warning("reply %s failed: %s", run.turn_id, error, exc_info=not _expected(exc))
-            messages = _salvage(events, messages)
+            log.warning("reply %s failed: %s", run.turn_id, error, exc_info=not expected(exc))
+            messages = salvage(events, messages)
         finally:
             self._finish(run, status, error, messages)
             if status == "complete" and turn["parent_id"] is None:
                 try:
-                    self._start_title(run, turn)
+                    self.titles.start(
+                        self._model(run.model_name),
+                        run.conversation_id,
+                        run.owner,
+                        turn["user_text"],
+                        run.renderer.source,
+                    )
                 except Exception:  # a title is a nicety; the reply is saved already
                     log.exception("could not start naming conversation %s", run.conversation_id)
-
-    def _start_title(self, run: Run, turn: dict) -> None:
-        """Name the conversation after its first exchange, in the background."""
-        cid = run.conversation_id
-        conv = self.store.conversation(cid, run.owner)
-        if cid in self.titles or conv is None or conv["title"] != short_title(turn["user_text"]):
-            return  # already being named, or named already (by the model or by the user)
-
-        async def title() -> None:
-            # A title is a nicety (the first words of the message stand in for it): while the
-            # server is busy with replies, it waits its turn, for up to a minute.
-            loop = asyncio.get_running_loop()
-            until = loop.time() + _TITLE_PATIENCE
-            while len(self.runs) > _SHARED_TICK and loop.time() < until:
-                await asyncio.sleep(0.5)
-            try:
-                new = await asyncio.wait_for(
-                    make_title(self._model(run.model_name), turn["user_text"], run.renderer.source),
-                    timeout=30,
-                )
-            except Exception as exc:
-                log.info("no title for %s: %s", cid, exc)
-                return
-            conv = self.store.conversation(cid, run.owner)
-            # Only replace the provisional title; a name the user chose is kept.
-            if conv and conv["title"] == short_title(turn["user_text"]) and new:
-                self.store.set_title(cid, new)
-
-        task = asyncio.create_task(title(), name=f"title-{cid}")
-        self.titles[cid] = task
-        task.add_done_callback(lambda _: self.titles.pop(cid, None))
-
-    async def wait_title(self, cid: str, timeout: float = 20.0) -> None:
-        """Wait (bounded) for a conversation's title to be written, if one is being made."""
-        task = self.titles.get(cid)
-        if task is not None:
-            await asyncio.wait([task], timeout=timeout)
 
     def _on_event(self, run: Run, event: object) -> None:
         if isinstance(event, FunctionToolCallEvent):
@@ -424,7 +387,7 @@ class RunManager:
         elif isinstance(event, PartDeltaEvent) and isinstance(event.delta, TextPartDelta):
             text = event.delta.content_delta
         if text:
-            if not _valid_text(text):
+            if not valid_text(text):
                 raise InvalidOutput
             if run.first_token_at is None:
                 run.first_token_at = time.monotonic()
@@ -538,15 +501,15 @@ class RunManager:
             if run._save_handle is not None:
                 run._save_handle.cancel()
                 run._save_handle = None
-            text = _clean(run.renderer.source or _text_of(messages))
-            if status != "complete" and text and not _has_text(messages):
+            text = clean(run.renderer.source or text_of(messages))
+            if status != "complete" and text and not has_text(messages):
                 # Keep the partial reply in the history, so the next turn sees what the user saw.
                 messages = [*messages, ModelResponse(parts=[TextPart(content=text)])]
             record = dict(
                 tid=run.turn_id,
                 status=status,
                 reply_text=text,
-                messages=_storable(messages),
+                messages=storable(messages),
                 error=error,
                 usage=run.usage,
             )
@@ -607,164 +570,3 @@ class RunManager:
             self._retries.pop(run.turn_id, None)
             if run.pending is None or loop.time() >= until:
                 self.unsaved.pop(run.turn_id, None)
-
-
-def _salvage(events, fallback: list[ModelMessage]) -> list[ModelMessage]:
-    """The messages a failed run produced, if it got far enough to have any."""
-    if events is None:
-        return fallback
-    try:
-        return events.new_messages() or fallback
-    except Exception:
-        return fallback
-
-
-def _valid_text(text: str) -> bool:
-    """False for text that cannot be encoded as UTF-8 (lone surrogates): unstorable, unshowable."""
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _clean(text: str) -> str:
-    """`text` with anything UTF-8 cannot encode replaced by U+FFFD."""
-    return (
-        text
-        if _valid_text(text)
-        else text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-    )
-
-
-def _storable(messages: list[ModelMessage]) -> list[ModelMessage]:
-    """`messages`, with every string made encodable, so a hostile reply can still be saved."""
-    try:
-        dump_messages(messages)
-        return messages
-    except ValueError:  # e.g. a lone surrogate in text or tool arguments
-        raw = dump_messages_lossy(messages)
-        return load_messages(raw)
-
-
-def dump_messages_lossy(messages: list[ModelMessage]) -> str:
-    """Serialize messages, replacing what UTF-8 cannot encode instead of failing."""
-    data = ModelMessagesTypeAdapter.dump_python(list(messages), mode="python")
-    return ModelMessagesTypeAdapter.dump_json(
-        ModelMessagesTypeAdapter.validate_python(_scrub(data))
-    ).decode()
-
-
-def _scrub(value):
-    if isinstance(value, str):
-        return _clean(value)
-    if isinstance(value, dict):
-        return {_scrub(k): _scrub(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(_scrub(v) for v in value)
-    return value
-
-
-def _text_of(messages: list[ModelMessage]) -> str:
-    """The reply text in `messages` (for replies whose text was never streamed)."""
-    return "\n\n".join(
-        p.content
-        for m in messages
-        if isinstance(m, ModelResponse)
-        for p in m.parts
-        if isinstance(p, TextPart) and p.content
-    )
-
-
-def _has_text(messages: list[ModelMessage]) -> bool:
-    return any(
-        isinstance(m, ModelResponse) and any(isinstance(p, TextPart) and p.content for p in m.parts)
-        for m in messages
-    )
-
-
-def _usage(usage, run: Run) -> dict:
-    """Token counts from the provider, and timing measured here.
-
-    Some servers (llama.cpp's, several local ones) send no usage in a stream; pydantic-ai then
-    counts zero of both. A reply always has a prompt, so that is "not reported" (None), never a
-    real zero to show or to add to a total.
-    """
-    end = time.monotonic()
-    first = run.first_token_at
-    streaming = end - first if first else 0.0
-    reported = bool(usage.input_tokens or usage.output_tokens)
-    output = usage.output_tokens if reported else None
-    return {
-        "input_tokens": usage.input_tokens if reported else None,
-        "output_tokens": output,
-        "requests": usage.requests,
-        "tool_calls": usage.tool_calls,
-        "seconds": round(end - run.started, 3),
-        "first_token_seconds": round(first - run.started, 3) if first else None,
-        "tokens_per_second": round(output / streaming, 1) if output and streaming > 0 else None,
-    }
-
-
-def _expected(exc: Exception) -> bool:
-    return isinstance(
-        exc, ModelAPIError | UsageLimitExceeded | ModelUnavailable | StalledError | InvalidOutput
-    )
-
-
-_OVERFLOW_MARKS = ("context_length_exceeded", "maximum context length", "context window")
-
-
-def _context_overflow(exc: Exception) -> bool:
-    """An HTTP 400 that says the prompt does not fit the model's context window (OpenAI, vLLM,
-    llama.cpp and others word it in one of a few ways)."""
-    if not isinstance(exc, ModelHTTPError) or exc.status_code != 400:
-        return False
-    said = f"{exc.message} {exc.body}".lower()
-    return any(mark in said for mark in _OVERFLOW_MARKS)
-
-
-def describe_error(exc: Exception) -> str:
-    """A message for the user: what went wrong and what to do, never a traceback or a key."""
-    if isinstance(exc, ModelUnavailable):
-        return str(exc)
-    if isinstance(exc, FirstTokenTimeout):
-        return (
-            "The model did not start its reply in time (FIRST_TOKEN_TIMEOUT), so it was ended. "
-            "Try again, or try a shorter conversation."
-        )
-    if isinstance(exc, StalledError):
-        return "The model stopped sending the reply, so it was ended. Try again."
-    if isinstance(exc, InvalidOutput):
-        return "The model sent text that is not valid Unicode, so the reply was ended. Try again."
-    if isinstance(exc, UsageLimitExceeded):
-        return (
-            "The reply was stopped because it reached this site's usage limit per reply "
-            "(MAX_OUTPUT_TOKENS / MAX_MODEL_REQUESTS)."
-        )
-    if _context_overflow(exc):
-        return (
-            "The conversation is too long for this model's context window. Start a new "
-            "conversation, or give the model server a larger context (llama.cpp: --n_ctx)."
-        )
-    if isinstance(exc, ModelHTTPError):
-        code = exc.status_code
-        if code in (401, 403):
-            return f"The model service rejected the credentials (HTTP {code}). Check the API key."
-        if code == 404:
-            return "The model service does not know this model (HTTP 404). Check MODEL."
-        if code == 429:
-            return "The model service is rate limiting requests (HTTP 429). Try again shortly."
-        return f"The model service answered with an error (HTTP {code}). Try again."
-    if isinstance(exc, ModelAPIError):
-        return "The model service could not be reached or broke off the reply. Try again."
-    if isinstance(exc, UnexpectedModelBehavior) and "without content" in str(exc):
-        # llama.cpp's server answers a prompt longer than its context with an empty stream.
-        return (
-            "The model ended its reply without sending anything. A local model server does "
-            "this when the conversation is longer than its context window (llama.cpp: --n_ctx): "
-            "start a new conversation, or give the server a larger context."
-        )
-    if isinstance(exc, UnexpectedModelBehavior):
-        return "The model sent a reply that could not be understood. Try again."
-    return "Something went wrong while generating this reply. Try again."

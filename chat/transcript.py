@@ -10,7 +10,6 @@ from pydantic_ai.messages import (
     ModelMessagesTypeAdapter,
     ModelRequest,
     ModelResponse,
-    TextPart,
     UserPromptPart,
 )
 
@@ -97,8 +96,7 @@ def split_turns(raw: bytes, max_turns: int = MAX_IMPORT_TURNS) -> list[dict]:
             raise ImportError_("The history must start with a user message.")
         turns[-1]["messages"].append(message)
         if isinstance(message, ModelResponse):
-            text = "".join(p.content for p in message.parts if isinstance(p, TextPart))
-            if text:
+            if text := message.text:
                 sep = "\n\n" if turns[-1]["reply_text"] else ""
                 turns[-1]["reply_text"] += sep + text
     if not turns:

@@ -1,4 +1,8 @@
-"""Messages: the user's (always escaped) and the assistant's (sanitized HTML), live or stored."""
+"""Messages: the user's (always escaped) and the assistant's (sanitized HTML), live or stored.
+
+Why this module is long: every piece of a message (user, reply, footer, tool call, versions,
+usage, compare columns) is a small component here, and they compose one another.
+"""
 
 from __future__ import annotations
 

@@ -17,8 +17,9 @@ from pydantic_ai.messages import (
 
 from chat.agent import build_agent
 from chat.config import Settings
+from chat.errors import describe_error
 from chat.markdown import render
-from chat.runs import Run, RunManager, describe_error
+from chat.runs import Run, RunManager
 from chat.store import ChatStore
 from tests.conftest import ModelBroke, ScriptedModel, reply_texts, user_prompts
 
@@ -436,7 +437,7 @@ async def test_titles_wait_while_the_server_is_busy_with_replies(store, settings
 
         release.set()
         await eventually(lambda: len(title_calls) >= 1, "a title request")
-        await m.wait_title(first["conversation_id"])
+        await m.titles.wait(first["conversation_id"])
         assert store.conversation(first["conversation_id"], "alice")["title"] == "A model title"
     finally:
         release.set()

@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from chat import untrusted
-from chat.runs import describe_error
+from chat.errors import describe_error
 from chat.tools import ToolDeps
 from chat.transcript import to_json
 from web.request import client_addr, runs, settings, store, uid

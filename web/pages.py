@@ -143,7 +143,7 @@ def restore(req: Request, cid: str):
 async def title(req: Request, cid: str):
     """The conversation's title once the model has written it, as out-of-band updates."""
     await off_loop(owned_conversation, req, cid)
-    await runs(req).wait_title(cid)
+    await runs(req).titles.wait(cid)
     conv = await off_loop(owned_conversation, req, cid)
     li = ConversationLink(conv, conv_links(cid), current=True)
     li.attrs["hx-swap-oob"] = "true"
@@ -211,7 +211,7 @@ async def import_json(req: Request, file: UploadFile | None = None):
             f"Could not import {file.filename or 'that file'}: {exc}", 422, target
         )
     title = (file.filename or "Imported").rsplit(".", 1)[0][:80] or "Imported"
-    conv = store(req).import_conversation(uid(req), f"Imported: {title}", turns)
+    conv = await off_loop(store(req).import_conversation, uid(req), f"Imported: {title}", turns)
     url = links.conversation(conv["id"])
     if is_htmx(req):
         return Response(status_code=204, headers={"HX-Redirect": url})
