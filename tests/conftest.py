@@ -137,6 +137,23 @@ def iter_sse(lines: Iterable[str]) -> Iterator[Event]:
             eid = value
 
 
+HX = {"HX-Request": "true"}
+
+
+def send(client, msg: str = "hi", **data):
+    """POST the composer form the way htmx does; the answer must be 200."""
+    r = client.post("/send", data={"msg": msg, **data}, headers=HX)
+    assert r.status_code == 200, r.text
+    return r
+
+
+def stream(client, html: str) -> list[Event]:
+    """Follow the reply stream that the answer `html` connects to, to its end."""
+    url = re.search(r'sse-connect="([^"]+)"', html).group(1)
+    with client.stream("GET", url) as r:
+        return parse_sse(b"".join(r.iter_bytes()).decode())
+
+
 def parse_sse(body: str) -> list[Event]:
     """Every event in a whole text/event-stream body."""
     return list(iter_sse(body.replace("\r\n", "\n").replace("\r", "\n").split("\n")))

@@ -18,7 +18,7 @@ from starlette.testclient import TestClient
 from chat.agent import INSTRUCTIONS
 from chat.config import Settings
 from chat.personas import load_personas
-from tests.conftest import parse_html, parse_sse
+from tests.conftest import HX, parse_html, parse_sse, send, stream
 from tests.fake_openai import FakeOpenAI, Fault
 from tests.live import (  # noqa: F401  (fixtures are used by name)
     HtmxClient,
@@ -27,8 +27,6 @@ from tests.live import (  # noqa: F401  (fixtures are used by name)
     fake_server_fixture,
     running_app,
 )
-
-HX = {"HX-Request": "true"}
 
 
 @pytest.fixture
@@ -48,18 +46,6 @@ def app_client(settings):
     yield make
     for client in clients:
         client.__exit__(None, None, None)
-
-
-def send(client, msg="hi", **data):
-    r = client.post("/send", data={"msg": msg, **data}, headers=HX)
-    assert r.status_code == 200, r.text
-    return r
-
-
-def stream(client, html: str) -> list:
-    url = re.search(r'sse-connect="([^"]+)"', html).group(1)
-    with client.stream("GET", url) as r:
-        return parse_sse(b"".join(r.iter_bytes()).decode())
 
 
 def tool_model(name: str, args: dict, seen: list | None = None) -> FunctionModel:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 
 from fasthtml.common import to_xml
 from pydantic_ai.messages import ModelRequest, ToolReturnPart
@@ -16,24 +15,9 @@ from pydantic_ai.models.function import AgentInfo, DeltaToolCall, FunctionModel
 
 from chat.agent import INSTRUCTIONS
 from components.messages import ConversationUsage, Usage
-from tests.conftest import parse_html, parse_sse
+from tests.conftest import parse_html, send, stream
 from tests.fake_openai import FakeOpenAI, Fault
 from tests.live import HtmxClient, running_app, text_of, title_reply
-
-HX = {"HX-Request": "true"}
-
-
-def send(client, msg: str = "hi"):
-    r = client.post("/send", data={"msg": msg}, headers=HX)
-    assert r.status_code == 200, r.text
-    return r
-
-
-def stream(client, html: str) -> list:
-    url = re.search(r'sse-connect="([^"]+)"', html).group(1)
-    with client.stream("GET", url) as r:
-        return parse_sse(b"".join(r.iter_bytes()).decode())
-
 
 # No usage in the stream ----------------------------------------------------------------------
 
