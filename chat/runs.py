@@ -563,6 +563,7 @@ class RunManager:
             log.exception("reply %s could not be finished cleanly", run.turn_id)
             status = "failed" if status == "complete" else status
             error = error or describe_error(RuntimeError())
+            self._save_plainly(run, status, error)
         finally:
             run.error = error
             run.status = status
@@ -572,6 +573,23 @@ class RunManager:
                 run.publish()
             except Exception:
                 log.exception("could not wake the followers of reply %s", run.turn_id)
+
+    def _save_plainly(self, run: Run, status: str, error: str | None) -> None:
+        """Last resort when finishing failed other than on the database (a bug, messages that
+        will not serialize): store the text as plain messages, so the turn does not stay
+        'streaming' until the next restart and the next turn's history still has it."""
+        try:
+            text = _clean(run.renderer.source)
+            messages: list[ModelMessage] = [
+                ModelRequest(parts=[UserPromptPart(content=run.user_text)])
+            ]
+            if text:
+                messages.append(ModelResponse(parts=[TextPart(content=text)]))
+            self.store.finish_turn(
+                run.turn_id, status=status, reply_text=text, messages=messages, error=error
+            )
+        except Exception:
+            log.exception("reply %s could not be saved; the next start marks it", run.turn_id)
 
     def _try_save(self, record: dict) -> bool:
         """Save a finished reply; False if the database cannot be written now (retry later)."""
