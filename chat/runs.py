@@ -67,6 +67,12 @@ UNSAVED = (
     "This reply could not be saved yet (the database is not writable). It is kept and will be "
     "saved as soon as the database can be written again."
 )
+# After `save_retry_for` the retries stop; the reply stays shown (from memory) with this note,
+# and one last save is tried at shutdown.
+NOT_SAVED = (
+    "This reply could not be saved: the database was not writable. It is shown here until the "
+    "server restarts; copy what you need from it."
+)
 OUTPUT_LIMIT = (
     "The reply reached this site's length limit per reply (MAX_OUTPUT_TOKENS) and was stopped "
     "there. The text above is kept."
@@ -386,10 +392,13 @@ class RunManager:
             except Exception as exc:
                 log.info("no title for %s: %s", cid, exc)
                 return
-            conv = self.store.conversation(cid, run.owner)
-            # Only replace the provisional title; a name the user chose is kept.
-            if conv and conv["title"] == short_title(turn["user_text"]) and new:
-                self.store.set_title(cid, new)
+            try:
+                conv = self.store.conversation(cid, run.owner)
+                # Only replace the provisional title; a name the user chose is kept.
+                if conv and conv["title"] == short_title(turn["user_text"]) and new:
+                    self.store.set_title(cid, new)
+            except sqlite3.Error as exc:  # the database is busy or not writable: keep the old
+                log.info("no title for %s: %s", cid, exc)
 
         task = asyncio.create_task(title(), name=f"title-{cid}")
         self.titles[cid] = task
@@ -614,16 +623,20 @@ class RunManager:
                     return
                 if loop.time() >= until:
                     log.error(
-                        "gave up saving reply %s after %.0f s; it stays marked streaming and is "
-                        "marked interrupted at the next start",
+                        "gave up saving reply %s after %.0f s; shutdown tries once more, else "
+                        "the next start marks it interrupted",
                         run.turn_id,
                         self.settings.save_retry_for,
                     )
+                    # Still shown from memory (`get`), now saying it is not stored.
+                    first = run.pending["error"]
+                    run.error = f"{first} {NOT_SAVED}" if first else NOT_SAVED
+                    run.publish()
                     return
                 delay = min(delay * 2, _SAVE_RETRY_MAX)
         finally:
             self._retries.pop(run.turn_id, None)
-            if run.pending is None or loop.time() >= until:
+            if run.pending is None:
                 self.unsaved.pop(run.turn_id, None)
 
 
