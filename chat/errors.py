@@ -15,6 +15,12 @@ UNSAVED = (
     "This reply could not be saved yet (the database is not writable). It is kept and will be "
     "saved as soon as the database can be written again."
 )
+# After `save_retry_for` the retries stop; the reply stays shown (from memory) with this note,
+# and one last save is tried at shutdown.
+NOT_SAVED = (
+    "This reply could not be saved: the database was not writable. It is shown here until the "
+    "server restarts; copy what you need from it."
+)
 OUTPUT_LIMIT = (
     "The reply reached this site's length limit per reply (MAX_OUTPUT_TOKENS) and was stopped "
     "there. The text above is kept."

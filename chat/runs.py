@@ -42,6 +42,7 @@ from chat import budget
 from chat.agent import resolve_model
 from chat.config import Settings
 from chat.errors import (
+    NOT_SAVED,
     OUTPUT_LIMIT,
     UNSAVED,
     FirstTokenTimeout,
@@ -526,6 +527,7 @@ class RunManager:
             log.exception("reply %s could not be finished cleanly", run.turn_id)
             status = "failed" if status == "complete" else status
             error = error or describe_error(RuntimeError())
+            self._save_plainly(run, status, error)
         finally:
             run.error = error
             run.status = status
@@ -535,6 +537,23 @@ class RunManager:
                 run.publish()
             except Exception:
                 log.exception("could not wake the followers of reply %s", run.turn_id)
+
+    def _save_plainly(self, run: Run, status: str, error: str | None) -> None:
+        """Last resort when finishing failed other than on the database (a bug, messages that
+        will not serialize): store the text as plain messages, so the turn does not stay
+        'streaming' until the next restart and the next turn's history still has it."""
+        try:
+            text = clean(run.renderer.source)
+            messages: list[ModelMessage] = [
+                ModelRequest(parts=[UserPromptPart(content=run.user_text)])
+            ]
+            if text:
+                messages.append(ModelResponse(parts=[TextPart(content=text)]))
+            self.store.finish_turn(
+                run.turn_id, status=status, reply_text=text, messages=messages, error=error
+            )
+        except Exception:
+            log.exception("reply %s could not be saved; the next start marks it", run.turn_id)
 
     def _try_save(self, record: dict) -> bool:
         """Save a finished reply; False if the database cannot be written now (retry later)."""
@@ -559,14 +578,18 @@ class RunManager:
                     return
                 if loop.time() >= until:
                     log.error(
-                        "gave up saving reply %s after %.0f s; it stays marked streaming and is "
-                        "marked interrupted at the next start",
+                        "gave up saving reply %s after %.0f s; shutdown tries once more, else "
+                        "the next start marks it interrupted",
                         run.turn_id,
                         self.settings.save_retry_for,
                     )
+                    # Still shown from memory (`get`), now saying it is not stored.
+                    first = run.pending["error"]
+                    run.error = f"{first} {NOT_SAVED}" if first else NOT_SAVED
+                    run.publish()
                     return
                 delay = min(delay * 2, _SAVE_RETRY_MAX)
         finally:
             self._retries.pop(run.turn_id, None)
-            if run.pending is None or loop.time() >= until:
+            if run.pending is None:
                 self.unsaved.pop(run.turn_id, None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from collections.abc import Callable
 
 from pydantic_ai.models import Model
@@ -43,10 +44,13 @@ class Titles:
             except Exception as exc:
                 log.info("no title for %s: %s", cid, exc)
                 return
-            conv = self.store.conversation(cid, owner)
-            # Only replace the provisional title; a name the user chose is kept.
-            if conv and conv["title"] == short_title(user_text) and new:
-                self.store.set_title(cid, new)
+            try:
+                conv = self.store.conversation(cid, owner)
+                # Only replace the provisional title; a name the user chose is kept.
+                if conv and conv["title"] == short_title(user_text) and new:
+                    self.store.set_title(cid, new)
+            except sqlite3.Error as exc:  # the database is busy or not writable: keep the old
+                log.info("no title for %s: %s", cid, exc)
 
         task = asyncio.create_task(title(), name=f"title-{cid}")
         self.tasks[cid] = task
