@@ -7,7 +7,7 @@ heaviest thing each route allows.
 One app (fresh SQLite file, the fake model on loopback) and two users. The prober sends
 `GET /health` one after another on one keep-alive connection, 20 ms apart, for the whole run.
 The heavy user, phase by phase: imports the largest conversation the import allows (just under
-MAX_IMPORT_BYTES, thousands of turns), opens it at its first turn (`?at=`, a search hit),
+MAX_IMPORT_BYTES and MAX_IMPORT_TURNS), opens it at its first turn (`?at=`, a search hit),
 sends messages into it (its whole history goes to the model), gets a reply of pathological
 Markdown (live, then reopened from storage), searches, and exports it. Each phase is bounded in
 count and time. Printed: per phase, /health p50/p95/p99/max and how long the heavy requests
@@ -193,9 +193,17 @@ async def scenario(base: str, fake_url: str, turns: int, limit: int) -> dict:
 def main(argv: list[str] | None = None) -> None:
     """Start the fake model and the app, run the phases, print the table, save JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--turns", type=int, default=20_000, help="turns in the import (at most)")
+    parser.add_argument(
+        "--turns",
+        type=int,
+        help="turns in the import (default: as many as MAX_IMPORT_TURNS allows)",
+    )
     args = parser.parse_args(argv)
+    from chat.config import Settings
     from chat.transcript import MAX_IMPORT_BYTES
+
+    # The heaviest import the app accepts: as many turns as its default cap, within its size cap.
+    args.turns = args.turns or Settings().max_import_turns
 
     rev = _git("rev-parse", "--short", "HEAD")
     print(f"app at {rev}")
