@@ -49,19 +49,22 @@ def big_export(turns: int, limit: int) -> bytes:
         UserPromptPart,
     )
 
-    def build(n: int) -> bytes:
+    def build(n: int, pad: int = 0) -> bytes:
         messages = []
+        filler = "and more words about it " * (pad // 24)
         for i in range(n):
             messages.append(ModelRequest(parts=[UserPromptPart(content=f"Question {i} about x")]))
-            text = f"Answer {i}: **bold**, `code` and a [link](https://example.org/{i})."
+            text = f"Answer {i}: **bold**, `code` and a [link](https://example.org/{i}). {filler}"
             messages.append(ModelResponse(parts=[TextPart(content=text)]))
         return ModelMessagesTypeAdapter.dump_json(messages)
 
     raw = build(turns)
-    while len(raw) > limit:  # shrink until it fits
+    while len(raw) > limit:  # too many turns for the size cap: fewer, until it fits
         turns = int(turns * limit / len(raw) * 0.98)
         raw = build(turns)
-    return raw
+    # Fewer turns than the size cap allows: make each reply longer, up to the cap.
+    pad = int((limit - len(raw)) / turns * 0.97)
+    return build(turns, pad) if pad >= 24 else raw
 
 
 class Prober:
