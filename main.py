@@ -28,7 +28,7 @@ from chat.security import SecurityMiddleware, server_error
 from chat.slow_clients import protocol_class
 from chat.store import ChatStore, load_messages
 from components.head import Head
-from web import api, auth, chat, links, pages, responses
+from web import api, auth, chat, links, pages, responses, stream
 
 log = logging.getLogger("chat")
 # Reachable without signing in when AUTH=password.
@@ -125,6 +125,7 @@ def create_app(settings: Settings | None = None, *, model: Model | None = None) 
     app.mount("/static", StaticFiles(directory=ROOT / "static"), name="static")
     pages.ar.to_app(app)
     chat.ar.to_app(app)
+    stream.ar.to_app(app)
     auth.ar.to_app(app)
     api.ar.to_app(app)
     return app

@@ -19,7 +19,7 @@ from chat.config import SecretKeyError, Settings, load_or_create_secret
 from chat.security import SECURITY_HEADERS
 from chat.store import ChatStore
 from tests.live import running_app
-from web import api, auth, chat, pages
+from web import api, auth, chat, pages, stream
 
 HX = {"HX-Request": "true"}
 
@@ -119,7 +119,7 @@ def test_a_crash_answers_a_plain_page_with_the_security_headers(settings, https)
 def _int_routes() -> list[tuple[object, list[str]]]:
     """Every route function in web/ with int parameters, and the names of those parameters."""
     found = []
-    for module in (pages, chat, api, auth):
+    for module in (pages, chat, stream, api, auth):
         for fn in vars(module).values():
             if not callable(getattr(fn, "to", None)):
                 continue

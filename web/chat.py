@@ -1,49 +1,38 @@
-"""Sending messages and streaming replies: send, stream, stop, regenerate, edit, versions.
+"""Sending messages: send, stop, regenerate, edit, versions.
 
 The store and rendering never run on the event loop: read-only handlers are plain `def`s (run
 in a worker thread by FastHTML), and the handlers that also start or follow runs (which live on
 the loop) do their store work through `off_loop`. A user's sends are serialized by a lock, so
 the checks made before committing still hold when the reply starts.
 
-Why this module is long: send, regenerate and edit share the send lock, the commit and the
-start of a run, and the stream answers for the runs they start; the stream (live and stored
-replay) is the part that could move to a module of its own.
+Send, regenerate and edit share the send lock, the commit and the start of a run; the stream
+that follows the runs they start is web/stream.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator
 from zlib import crc32
 
-from fasthtml.common import H1, APIRouter, Div, Input, Response, Title, to_xml
+from fasthtml.common import H1, APIRouter, Div, Input, Response, Title
 from pydantic_ai.messages import ModelRequest, UserPromptPart
-from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import RedirectResponse
 
-from chat import sse
 from chat.agent import short_title
-from chat.runs import Block, Run, ToolUpdate
 from components.messages import (
     AssistantMessage,
     CompareColumns,
-    ConversationUsage,
     EditForm,
-    ReplyFooter,
-    TitleRefresh,
-    ToolCall,
     UserMessage,
-    safe_html_markup,
-    tail_markup,
 )
 from web import links as urls
 from web.links import export_links, turn_links
 from web.request import is_htmx, off_loop, owned_turn, runs, settings, store, uid
 from web.responses import BUSY, error_fragment, html
 from web.sending import check_message
-from web.views import load_json, messages_view, reply_body, sidebar
+from web.views import messages_view, sidebar
 
 ar = APIRouter()
 
@@ -194,111 +183,6 @@ def _export_links(cid: str):
 
 def _show_url(turn: dict) -> str:
     return urls.url(urls.SHOW, cid=turn["conversation_id"], tid=turn["id"])
-
-
-@ar(urls.STREAM, methods=["get"])
-async def stream(req: Request, cid: str, tid: int):
-    """Attach to a reply: replay what it has produced so far, then follow it live.
-
-    Never starts a model call. A finished reply is served from the database.
-    """
-    # The run first, then the row: a run that ends meanwhile has saved its row before it is
-    # dropped, so a missing run never meets a row still marked as streaming.
-    run = runs(req).get(tid)
-    conv, turn = await off_loop(owned_turn, req, cid, tid)
-    try:
-        start = max(0, int(req.headers.get("last-event-id") or 0))
-    except ValueError:
-        start = 0
-    links = turn_links(turn, await off_loop(store(req).siblings, cid, [turn["parent_id"]]))
-    chunks = _live(req, run, turn, links, start) if run else _stored(req, turn, links, start)
-    limits, who = req.app.state.limits, uid(req)
-    if not limits.open_stream(who):
-        return Response("Too many open streams: close some tabs.", status_code=429)
-    response = sse.event_stream(chunks, accept_encoding=req.headers.get("accept-encoding", ""))
-    # Runs when the stream ends or the client goes away, so the slot is always given back.
-    response.background = BackgroundTask(limits.close_stream, who)
-    return response
-
-
-def _title_refresh(turn: dict, status: str):
-    """After a first exchange completes, fetch the title the model is writing for it."""
-    if turn["parent_id"] is None and status == "complete":
-        return TitleRefresh(urls.url(urls.TITLE, cid=turn["conversation_id"]))
-    return None
-
-
-async def _live(req: Request, run: Run, turn: dict, links, start: int) -> AsyncIterator[str]:
-    heartbeat = settings(req).heartbeat
-    async for kind, data in run.follow(start_block=start, heartbeat=heartbeat):
-        if kind == "items":
-            new, total = data
-            yield sse.event("blocks", "".join(_item_markup(i) for i in new), id=str(total))
-        elif kind == "tail":
-            yield sse.event("tail", " " if run.done else tail_markup(data))
-        elif kind == "ping":
-            yield sse.comment()
-        else:
-            conv, spent = await off_loop(_conv_and_usage, req, run.conversation_id, run.owner)
-            footer = ReplyFooter(
-                run.turn_id,
-                run.status,
-                links=links,
-                error=run.error,
-                usage=run.usage,
-                model=run.model_name,
-                last=bool(conv and conv["head_turn_id"] == run.turn_id),
-                copy=bool(run.renderer.source),
-                extra=_title_refresh(turn, run.status),
-            )
-            total = ConversationUsage(spent, oob=True)
-            yield sse.event("end", to_xml((*footer, total)))
-            yield sse.event("done", run.status)
-
-
-def _conv_and_usage(req: Request, cid: str, owner: str) -> tuple[dict | None, dict]:
-    return store(req).conversation(cid, owner), store(req).usage_total(cid)
-
-
-def _item_markup(item) -> str:
-    """A new item of a live reply: a finished block, a tool call, or a tool call's update."""
-    if isinstance(item, Block):
-        return safe_html_markup(item.html)
-    if isinstance(item, ToolUpdate):
-        return to_xml(ToolCall(item.tool, oob=True))
-    return to_xml(ToolCall(item))
-
-
-async def _stored(req: Request, turn: dict, links, start: int) -> AsyncIterator[str]:
-    if turn["status"] == "streaming":  # no run is generating it any more: it was cut off
-        turn = {**turn, "status": "interrupted", "error": "This reply was interrupted."}
-    conv = await off_loop(store(req).conversation, turn["conversation_id"], uid(req))
-    blocks = await off_loop(_stored_blocks, turn, start)
-    yield blocks
-    yield sse.event("tail", " ")
-    footer = ReplyFooter(
-        turn["id"],
-        turn["status"],
-        links=links,
-        error=turn["error"],
-        usage=load_json(turn["usage"]),
-        model=turn["model"],
-        last=conv is not None and conv["head_turn_id"] == turn["id"],
-        copy=bool(turn["reply_text"]),
-        extra=_title_refresh(turn, turn["status"]),
-    )
-    yield sse.event("end", to_xml(footer) or " ")
-    yield sse.event("done", turn["status"])
-
-
-def _stored_blocks(turn: dict, start: int) -> str:
-    """A stored reply as its one `blocks` event (rendering it may take a while: off the loop)."""
-    chunk = reply_body(turn)
-    if start == 0:
-        return sse.event("blocks", to_xml(chunk) or " ", id="1")
-    # The client already holds some live blocks: replace them all at once.
-    swap = Div(*chunk, cls="md", id=f"md-{turn['id']}", hx_swap_oob="true")
-    return sse.event("blocks", to_xml(swap))
 
 
 @ar(urls.STOP, methods=["post"])
