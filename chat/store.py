@@ -193,6 +193,30 @@ class ChatStore:
             self.db["conversations"].insert(row)
         return row
 
+    # AG-UI threads (web/agui.py): a client-chosen thread id names the conversation.
+    def claim_conversation(
+        self, cid: str, owner: str, *, model: str | None = None, persona: str | None = None
+    ) -> dict | None:
+        """Create the empty conversation `cid` for `owner`; None if that id is taken already
+        (by anyone, deleted or not), so a thread id never reaches someone else's conversation."""
+        stamp = now()
+        row = {
+            "id": cid,
+            "owner": owner,
+            "title": "",
+            "model": model,
+            "persona": persona,
+            "head_turn_id": None,
+            "created_at": stamp,
+            "updated_at": stamp,
+        }
+        try:
+            with self.db.conn:
+                self.db["conversations"].insert(row)
+        except sqlite3.IntegrityError:
+            return None
+        return row
+
     def conversation(self, cid: str, owner: str) -> dict | None:
         """The conversation `cid` if `owner` owns it, else None."""
         rows = self.db.execute(
