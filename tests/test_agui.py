@@ -293,3 +293,14 @@ def test_a_page_conversation_continues_over_ag_ui(make_client, scripted, setting
     r = post(client, run_input(cid, user("From AG-UI")))
     assert streamed_text(events(r.text)) == "Reply 3"
     assert model.prompts[-1] == ["From the page", "From AG-UI"]
+
+
+def test_shutdown_ends_running_replies_as_interrupted(make_client, scripted, settings):
+    model = scripted(["Half ", "way", " never"], pause_after=2)
+    client = make_client(model)
+    t, out = _run_in_thread(client, run_input(thread_id(), user("Go")))
+    wait(client, model.paused)
+    client.portal.call(client.app.state.agui_runs.stop_all)  # what SIGTERM does (main.py)
+    t.join(10)
+    assert streamed_text(events(out["response"].text)) == "Half way"
+    assert rows(settings, "select status, reply_text from turns") == [("interrupted", "Half way")]
