@@ -304,3 +304,25 @@ def test_shutdown_ends_running_replies_as_interrupted(make_client, scripted, set
     t.join(10)
     assert streamed_text(events(out["response"].text)) == "Half way"
     assert rows(settings, "select status, reply_text from turns") == [("interrupted", "Half way")]
+
+
+def test_tool_calls_stream_as_ag_ui_events_and_are_saved(make_client, settings):
+    from pydantic_ai.messages import ToolCallPart, ToolReturnPart
+
+    from tests.test_agent_features import tool_model
+
+    client = make_client(tool_model("calculate", {"expression": "6*7"}))
+    thread = thread_id()
+    evs = events(post(client, run_input(thread, user("What is 6*7?"))).text)
+    types = [e["type"] for e in evs]
+    assert {"TOOL_CALL_START", "TOOL_CALL_ARGS", "TOOL_CALL_END", "TOOL_CALL_RESULT"} <= set(types)
+    (result,) = [e for e in evs if e["type"] == "TOOL_CALL_RESULT"]
+    assert "42" in result["content"]
+    assert streamed_text(evs) == "The tool said: 6*7 = 42"
+    ((raw, usage),) = rows(settings, "select messages, usage from turns")
+    parts = [p for m in ModelMessagesTypeAdapter.validate_json(raw) for p in m.parts]
+    assert any(isinstance(p, ToolCallPart) and p.tool_name == "calculate" for p in parts)
+    assert any(isinstance(p, ToolReturnPart) and "42" in str(p.content) for p in parts)
+    assert json.loads(usage)["requests"] == 2
+    page = parse_html(client.get(f"/c/{thread}").text)
+    assert "calculate" in page.find("details", id="tool-call-1").text
