@@ -158,15 +158,19 @@ class ThreadRun:
         finally:
             self._disarm()
             if self.outcome is None:
-                self._end("stopped", None, [request])  # the client went away: `settle` saves
+                self.settle_as("stopped", None)  # the client went away: `settle` saves
             else:
                 await self.save()
 
-    async def settle(self) -> None:
-        """Save the turn if `record` could not (the client left before or while it ran)."""
+    def settle_as(self, status: str, error: str | None) -> None:
+        """Decide how the reply ended, if `record` has not (it never ran, or was cut off)."""
         if self.outcome is None:
             request = ModelRequest(parts=[UserPromptPart(content=self.turn["user_text"])])
-            self._end("stopped", None, [request])
+            self._end(status, error, [request])
+
+    async def settle(self) -> None:
+        """Save the turn if `record` could not (the client left before or while it ran)."""
+        self.settle_as("stopped", None)
         await self.save()
 
     async def save(self) -> None:

@@ -326,3 +326,20 @@ def test_tool_calls_stream_as_ag_ui_events_and_are_saved(make_client, settings):
     assert json.loads(usage)["requests"] == 2
     page = parse_html(client.get(f"/c/{thread}").text)
     assert "calculate" in page.find("details", id="tool-call-1").text
+
+
+def test_a_reply_that_cannot_start_is_a_clear_error_and_saved_as_failed(
+    make_client, scripted, settings, monkeypatch
+):
+    import chat.agui_turns
+
+    def unreadable(*args, **kwargs):
+        raise sqlite3.OperationalError("disk I/O error at /secret/path")
+
+    monkeypatch.setattr(chat.agui_turns, "history", unreadable)
+    model = scripted(["never"])
+    client = make_client(model)
+    r = post(client, run_input(thread_id(), user("Hello")))
+    assert r.status_code == 503 and "secret" not in r.text and "Try again" in r.json()["error"]
+    assert rows(settings, "select user_text, status from turns") == [("Hello", "failed")]
+    assert model.calls == []

@@ -267,6 +267,11 @@ async def _stream(req: Request, run: ThreadRun, adapter: _Adapter, model, person
             cancellation_token=run.token,
         )
         response = adapter.streaming_response(adapter.transform_stream(run.record(events)))
+    except Exception as exc:  # before any event (the history could not be read): say so
+        log.warning("ag-ui reply %s could not start: %r", run.turn["id"], exc)
+        run.settle_as("failed", describe_error(exc))
+        await finished()
+        return _error(describe_error(exc), 503)
     except BaseException:
         await finished()
         raise
