@@ -4,8 +4,8 @@
   caller's conversations (created on first use; someone else's is a 404), the run's new user
   message is committed as its next turn, and the reply streams as AG-UI events while it is
   saved as the page saves its replies. The server's stored history is what the model sees.
-- POST /api/ag-ui/{thread_id}/stop: Stop; the model call ends, the text so far is kept. A
-  client that aborts its request (HttpAgent.abortRun) stops the reply the same way.
+- POST /api/ag-ui/{cid}/stop (cid: the thread id): Stop; the model call ends, the text so far
+  is kept. A client that aborts its request (HttpAgent.abortRun) stops the reply the same way.
 
 The deciding and saving is chat/agui_turns.py; this module reads the request and answers.
 """
@@ -290,10 +290,11 @@ def _titles(req: Request, model):
     return name
 
 
-@ar("/ag-ui/{thread_id}/stop", methods=["post"])
-async def agui_stop(req: Request, thread_id: str):
-    """Stop the reply running in the caller's thread; the text so far is saved as stopped."""
-    conv = await off_loop(store(req).conversation, thread_id, uid(req))
+@ar("/ag-ui/{cid}/stop", methods=["post"])
+async def agui_stop(req: Request, cid: str):
+    """Stop the reply running in the caller's thread (its id is the conversation's): the text
+    so far is saved as stopped."""
+    conv = await off_loop(store(req).conversation, cid, uid(req))
     if conv is None:
         return _error("Not found.", 404)
     stopped = await _thread_runs(req).stop(conv["id"])
