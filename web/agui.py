@@ -153,15 +153,13 @@ def _body_cap(req: Request) -> int:
 
 
 def _thread_runs(req: Request) -> ThreadRuns:
-    live = getattr(req.app.state, "agui_runs", None)
-    if live is None:
-        live = req.app.state.agui_runs = ThreadRuns()
-    return live
+    if getattr(req.app.state, "agui_runs", None) is None:
+        req.app.state.agui_runs = ThreadRuns()
+    return req.app.state.agui_runs
 
 
 def _send_lock(req: Request) -> asyncio.Lock:
-    """The user's send lock, shared with the page's sends (the same striped locks): from the
-    checks to the committed turn, no other send of the same user passes the same checks."""
+    """The user's send lock (the page's striped locks): checks and commit, one send at a time."""
     locks = getattr(req.app.state, "send_locks", None)
     if locks is None:
         locks = req.app.state.send_locks = [asyncio.Lock() for _ in range(64)]
