@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import sqlite3
@@ -314,3 +315,15 @@ def test_regenerate_answers_the_stored_message_again(make_client, scripted):
     body = {**_chat("g", "ignored"), "trigger": "regenerate-message", "messageId": "a0"}
     assert deltas(client.post("/api/chat", json=body).text) == "ok"
     assert model.prompts == [["Question"], ["Question"]]
+
+
+def test_a_silent_reply_stream_sends_heartbeat_comments(make_client, scripted):
+    model = scripted(["Slow ", "start"], pause_after=1)
+    client = make_client(model, heartbeat=0.05)
+    client.get("/")
+    reply = _in_thread(client, model, lambda: client.post("/api/chat", json=_chat("h", "Go")))
+    client.portal.call(asyncio.sleep, 0.3)  # the model is silent for a while
+    client.portal.call(model.resume.set)
+    r = reply.result(timeout=10)
+    assert ": ping" in r.text and deltas(r.text) == "Slow start"
+    assert chunks(r.text)[-1]["type"] == "finish"

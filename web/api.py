@@ -15,9 +15,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import warnings
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 
 from fasthtml.common import APIRouter
 from pydantic import ValidationError
@@ -41,9 +43,39 @@ log = logging.getLogger(__name__)
 ar = APIRouter(prefix="/api")
 
 
+@dataclass
 class _ReplyStream(VercelAIEventStream):
     """The protocol's event stream for a reply followed from its run, with the page's words for
-    how it ended: an exception's text (an upstream body, a URL, a key) stays in the server log."""
+    how it ended: an exception's text (an upstream body, a URL, a key) stays in the server log,
+    and a comment line after `heartbeat` seconds of silence, so proxies keep the stream open
+    while the model reads a long prompt or a tool runs."""
+
+    heartbeat: float = 15.0
+
+    async def encode_stream(self, stream: AsyncIterator[BaseChunk]) -> AsyncIterator[str]:
+        """The library's encoding, with a heartbeat comment whenever the reply is silent."""
+        chunks = aiter(stream)
+        pending: asyncio.Future | None = None
+        try:
+            while True:
+                if pending is None:
+                    pending = asyncio.ensure_future(anext(chunks))
+                done, _ = await asyncio.wait({pending}, timeout=self.heartbeat)
+                if not done:
+                    yield ": ping\n\n"
+                    continue
+                task, pending = pending, None
+                try:
+                    chunk = task.result()
+                except StopAsyncIteration:
+                    return
+                yield self.encode_event(chunk)
+        finally:
+            # The client went away (or the stream ended): stop following the run.
+            if pending is not None:
+                pending.cancel()
+                await asyncio.gather(pending, return_exceptions=True)
+            await chunks.aclose()
 
     async def on_error(self, error: Exception) -> AsyncIterator[BaseChunk]:
         """Stopped replies end with an abort; failed ones with the reply's generic message."""
@@ -99,7 +131,7 @@ def _chat_request(req: Request, run_input: RequestData) -> ChatRequest:
 
 def _reply_response(req: Request, run: Run, who: Caller | None = None) -> Response:
     """The protocol stream of a reply, from its start; gives back `who`'s stream slot at the end."""
-    events = _ReplyStream(accept=req.headers.get("accept"))
+    events = _ReplyStream(accept=req.headers.get("accept"), heartbeat=settings(req).heartbeat)
     chunks = events.transform_stream(reply_events(run, heartbeat=settings(req).heartbeat))
     response = events.streaming_response(chunks)
     response.headers["Cache-Control"] = "no-cache"
