@@ -31,6 +31,7 @@ from pydantic_ai.messages import ModelMessage, ModelRequest, UserPromptPart
 from chat import untrusted
 from chat.agent import short_title
 from chat.config import Settings
+from chat.limits import Limiter
 from chat.runs import Run, RunManager
 from chat.storage import Store
 from chat.transcript import ImportError_, split_turns, turns_of
@@ -38,7 +39,8 @@ from chat.transcript import ImportError_, split_turns, turns_of
 # The database could not take a write in time (locked past its busy timeout, or read-only).
 BUSY = "The server is busy saving other changes. Try again in a moment."
 NO_CONVERSATION = "That conversation does not exist."
-# A client's chat id longer than this is refused (ids are stored hashed, but logged and compared).
+# A client's chat id longer than this is refused: it is hashed into a conversation id, but a
+# megabyte of id is no one's chat.
 MAX_CHAT_ID = 200
 _LOCKS = 64
 
@@ -97,10 +99,6 @@ def normalize(text: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-async def _to_thread(fn: Callable, *args, **kwargs):
-    return await asyncio.to_thread(fn, *args, **kwargs)
-
-
 class ChatService:
     """The rules of the chat, over a store, the run manager and the limits."""
 
@@ -108,10 +106,10 @@ class ChatService:
         self,
         store: Store,
         runs: RunManager,
-        limits,
+        limits: Limiter,
         settings: Settings,
         *,
-        off_loop: Callable[..., Awaitable] = _to_thread,
+        off_loop: Callable[..., Awaitable] = asyncio.to_thread,
     ):
         self.store = store
         self.runs = runs
@@ -192,8 +190,8 @@ class ChatService:
             conv, turn = await self.off_loop(self._owned_turn, who, cid, tid)
             self._check_text(turn["user_text"])
             await self._admit(who, 1, cid)
-            turn, _ = await self._start(who, conv, turn["user_text"], parent_id=turn["parent_id"])
-            return turn
+            new, _ = await self._start(who, conv, turn["user_text"], parent_id=turn["parent_id"])
+            return new
 
     async def regenerate_chat(self, who: Caller, chat_id: str) -> Sent:
         """Answer a client-named chat's latest message again (the AI SDK's regenerate)."""
@@ -214,8 +212,8 @@ class ChatService:
             conv, turn = await self.off_loop(self._owned_turn, who, cid, tid)
             self._check_text(text)
             await self._admit(who, 1, cid)
-            turn, _ = await self._start(who, conv, text, parent_id=turn["parent_id"])
-            return turn
+            new, _ = await self._start(who, conv, text, parent_id=turn["parent_id"])
+            return new
 
     # Stopping and following -----------------------------------------------------------------
 
