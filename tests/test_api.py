@@ -327,3 +327,39 @@ def test_a_silent_reply_stream_sends_heartbeat_comments(make_client, scripted):
     r = reply.result(timeout=10)
     assert ": ping" in r.text and deltas(r.text) == "Slow start"
     assert chunks(r.text)[-1]["type"] == "finish"
+
+
+def test_tool_calls_stream_in_order_with_the_text_around_them(make_client):
+    from pydantic_ai.messages import ModelRequest, ToolReturnPart
+    from pydantic_ai.models.function import AgentInfo, DeltaToolCall, FunctionModel
+
+    from chat.agent import INSTRUCTIONS
+
+    async def fn(messages, info: AgentInfo):
+        if INSTRUCTIONS not in (info.instructions or ""):
+            yield "Title"
+            return
+        last = messages[-1]
+        done = [p for p in getattr(last, "parts", []) if isinstance(p, ToolReturnPart)]
+        if isinstance(last, ModelRequest) and done:
+            yield f"It is {done[0].content}."
+            return
+        yield "Let me work it out. "
+        yield {0: DeltaToolCall(name="calculate", json_args='{"expression": "6*7"}')}
+        yield {0: DeltaToolCall(tool_call_id="call-7")}
+
+    client = make_client(FunctionModel(stream_function=fn))
+    r = client.post("/api/chat", json=_chat("tools", "What is 6*7?"))
+    kinds = [
+        c["type"]
+        for c in chunks(r.text)
+        if c["type"] in ("text-delta", "tool-input-available", "tool-output-available")
+    ]
+    assert kinds[0] == "text-delta" and kinds[-1] == "text-delta"
+    assert kinds.index("tool-input-available") < kinds.index("tool-output-available")
+    assert "text-delta" not in kinds[kinds.index("tool-input-available") :][:2]
+    call = next(c for c in chunks(r.text) if c["type"] == "tool-input-available")
+    assert (call["toolName"], call["input"]) == ("calculate", {"expression": "6*7"})
+    result = next(c for c in chunks(r.text) if c["type"] == "tool-output-available")
+    assert "42" in str(result["output"]) and result["toolCallId"] == call["toolCallId"]
+    assert "Let me work it out." in deltas(r.text) and "It is 6*7 = 42." in deltas(r.text)
