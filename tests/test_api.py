@@ -283,6 +283,8 @@ def test_a_running_api_reply_refuses_a_second_message_and_can_be_resumed(make_cl
         client.portal.call(model.resume.set)
     assert r.status_code == 200 and r.headers["x-vercel-ai-ui-message-stream"] == "v1"
     assert deltas(r.text) == "Written while you were away."  # from the start
+    assert chunks(r.text)[0] == chunks(first.result(timeout=10).text)[0]  # the same message id
+    assert chunks(r.text)[0]["messageId"].startswith("turn-")
     assert chunks(r.text)[-1]["type"] == "finish"
     assert deltas(first.result(timeout=10).text) == "Written while you were away."
     assert client.get("/api/chat/away/stream").status_code == 204  # finished: nothing to resume

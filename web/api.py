@@ -131,7 +131,12 @@ def _chat_request(req: Request, run_input: RequestData) -> ChatRequest:
 
 def _reply_response(req: Request, run: Run, who: Caller | None = None) -> Response:
     """The protocol stream of a reply, from its start; gives back `who`'s stream slot at the end."""
-    events = _ReplyStream(accept=req.headers.get("accept"), heartbeat=settings(req).heartbeat)
+    events = _ReplyStream(
+        accept=req.headers.get("accept"),
+        # The same id however often the reply is resumed, so a client keeps one message for it.
+        server_message_id=f"turn-{run.turn_id}",
+        heartbeat=settings(req).heartbeat,
+    )
     chunks = events.transform_stream(reply_events(run, heartbeat=settings(req).heartbeat))
     response = events.streaming_response(chunks)
     response.headers["Cache-Control"] = "no-cache"
