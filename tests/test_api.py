@@ -365,3 +365,16 @@ def test_tool_calls_stream_in_order_with_the_text_around_them(make_client):
     result = next(c for c in chunks(r.text) if c["type"] == "tool-output-available")
     assert "42" in str(result["output"]) and result["toolCallId"] == call["toolCallId"]
     assert "Let me work it out." in deltas(r.text) and "It is 6*7 = 42." in deltas(r.text)
+
+
+def test_resuming_takes_a_stream_slot_like_a_page_stream(make_client, scripted):
+    model = scripted(["one ", "two"], pause_after=1)
+    client = make_client(model, open_streams=0)
+    client.get("/")
+    first = _in_thread(client, model, lambda: client.post("/api/chat", json=_chat("full", "Go")))
+    try:
+        refused = client.get("/api/chat/full/stream")
+        assert refused.status_code == 429 and "Too many open streams" in refused.json()["error"]
+    finally:
+        client.portal.call(model.resume.set)
+    assert deltas(first.result(timeout=10).text) == "one two"

@@ -351,3 +351,13 @@ async def test_reply_events_end_with_the_generic_error_or_a_stop(service):
     await svc.stop(BOB, sent.conversation["id"], sent.turns[0]["id"])
     text, ended = await following
     assert text == "kept " and isinstance(ended, ReplyStopped)
+
+
+async def test_a_chat_deleted_on_the_page_stays_deleted(service, store):
+    svc = service(ScriptedModel(["ok"]))
+    sent = await svc.send_chat(ALICE, ChatRequest("gone", "hello"))
+    await finished(svc, sent)
+    assert store.delete(sent.conversation["id"], "alice")
+    with pytest.raises(NotFound):
+        await svc.send_chat(ALICE, ChatRequest("gone", "still there?"))
+    assert store.conversations("alice") == []
