@@ -51,10 +51,12 @@ async def reply_events(run: Run, *, heartbeat: float = 15.0) -> AsyncIterator[Ag
         source = run.renderer.source
         if len(source) > sent:
             delta, sent = source[sent:], len(source)
-            if part is None:
+            if part is None and index:  # the blank line the page puts between parts, left out
+                delta = delta.lstrip("\n")
+            if delta and part is None:
                 part, index = index, index + 1
                 yield PartStartEvent(index=part, part=TextPart(content=delta))
-            else:
+            elif delta:
                 yield PartDeltaEvent(index=part, delta=TextPartDelta(content_delta=delta))
         if kind == "items":
             new, _ = data
