@@ -25,10 +25,12 @@ from chat.config import Settings
 from chat.limits import Limiter
 from chat.runs import RunManager
 from chat.security import SecurityMiddleware, server_error
+from chat.service import ChatService
 from chat.slow_clients import protocol_class
 from chat.store import ChatStore, load_messages
 from components.head import Head
 from web import agui, api, auth, chat, links, pages, responses, stream
+from web.request import off_loop
 
 log = logging.getLogger("chat")
 # Reachable without signing in when AUTH=password.
@@ -67,6 +69,9 @@ def create_app(settings: Settings | None = None, *, model: Model | None = None) 
         except ModelUnavailable as exc:
             log.warning("%s", exc)
         app.state.limits = Limiter.from_settings(settings)
+        app.state.chat = ChatService(
+            store, app.state.runs, app.state.limits, settings, off_loop=off_loop
+        )
         try:
             yield
         finally:

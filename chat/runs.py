@@ -201,6 +201,10 @@ class RunManager:
         """How many of `owner`'s replies are being generated now."""
         return sum(1 for run in self.runs.values() if run.owner == owner)
 
+    def total_running(self) -> int:
+        """How many replies are being generated now, over all users."""
+        return len(self.runs)
+
     def get(self, turn_id: int) -> Run | None:
         """The run for a turn while it is generating, or ended but not saved yet."""
         return self.runs.get(turn_id) or self.unsaved.get(turn_id)

@@ -20,7 +20,12 @@ class Store(Protocol):
 
     # Conversations
     def create_conversation(
-        self, owner: str, *, model: str | None = None, persona: str | None = None
+        self,
+        owner: str,
+        *,
+        model: str | None = None,
+        persona: str | None = None,
+        cid: str | None = None,
     ) -> dict: ...
     def claim_conversation(
         self, cid: str, owner: str, *, model: str | None = None, persona: str | None = None
@@ -36,7 +41,9 @@ class Store(Protocol):
     def purge_deleted(self, before: str) -> int: ...
     def usage_total(self, cid: str) -> dict: ...
     def search(self, owner: str, query: str, limit: int = 30) -> list[dict]: ...
-    def import_conversation(self, owner: str, title: str, turns: list[dict]) -> dict: ...
+    def import_conversation(
+        self, owner: str, title: str, turns: list[dict], *, cid: str | None = None
+    ) -> dict: ...
 
     # Turns and branches
     def add_turn(

@@ -175,12 +175,17 @@ class ChatStore:
     # Conversations -------------------------------------------------------------------------
 
     def create_conversation(
-        self, owner: str, *, model: str | None = None, persona: str | None = None
+        self,
+        owner: str,
+        *,
+        model: str | None = None,
+        persona: str | None = None,
+        cid: str | None = None,
     ) -> dict:
-        """Create an empty conversation owned by `owner`."""
+        """Create an empty conversation owned by `owner` (with id `cid`, else a new one)."""
         stamp = now()
         row = {
-            "id": new_id(),
+            "id": cid or new_id(),
             "owner": owner,
             "title": "",
             "model": model,
@@ -636,9 +641,11 @@ class ChatStore:
         keys = ("turn_id", "conversation_id", "title", "created_at", "snippet")
         return [dict(zip(keys, row, strict=True)) for row in rows]
 
-    def import_conversation(self, owner: str, title: str, turns: list[dict]) -> dict:
+    def import_conversation(
+        self, owner: str, title: str, turns: list[dict], *, cid: str | None = None
+    ) -> dict:
         """Create a conversation from finished turns (user_text, reply_text, messages)."""
-        conv = self.create_conversation(owner)
+        conv = self.create_conversation(owner, cid=cid)
         self.set_title(conv["id"], title)
         parent = None
         with self.db.conn:

@@ -79,7 +79,13 @@ def split_turns(raw: bytes, max_turns: int = MAX_IMPORT_TURNS) -> list[dict]:
             "This is not a pydantic-ai message history (ModelMessagesTypeAdapter JSON): "
             f"{first.get('msg', 'invalid')}{' at ' + where if where else ''}."
         ) from None
-    # The file is someone's claim about a conversation: it keeps text and paired tool calls,
+    return turns_of(messages, max_turns)
+
+
+def turns_of(messages: list[ModelMessage], max_turns: int = MAX_IMPORT_TURNS) -> list[dict]:
+    """Outside history (a file, an API client's) cleaned and cut into turns, each starting at
+    a user prompt."""
+    # It is someone's claim about a conversation: it keeps text and paired tool calls,
     # nothing that would make the server fetch, reference or obey anything.
     messages = untrusted.clean(messages)
     turns: list[dict] = []

@@ -1,58 +1,99 @@
-"""An API for other front ends (React, mobile), behind the same identity and limits.
+"""An API for other front ends (React, mobile), on the same conversations, identity and limits.
 
-- POST /api/chat: the Vercel AI SDK data stream protocol (`useChat`), by pydantic-ai's own
-  VercelAIAdapter, for the same agent, tools and model. The client holds the history, so that
-  history is untrusted: it is rebuilt as plain text and paired tool calls (chat/untrusted.py).
+- POST /api/chat: a Vercel AI SDK chat request (`useChat`, the UI message stream protocol).
+  It goes through the chat service like a page's send: the message is committed to the chat's
+  conversation (the SDK's chat `id` names it; see `ChatService.send_chat`) and its reply runs as
+  a server-owned run, streamed back by pydantic-ai's `VercelAIEventStream`. The client's history
+  is untrusted: a known conversation's stored history is used, and a new chat's history is
+  cleaned (chat/untrusted.py) before it is stored.
+- POST /api/chat/{id}/stop: stop the reply being written in that chat (saved as stopped).
+- GET /api/chat/{id}/stream: the SDK's `reconnectToStream`: 204 when nothing is being written,
+  else the running reply's stream from its start.
 - GET /api/conversations: the caller's conversations (JSON).
 - GET /api/conversations/{cid}: one conversation's shown branch as pydantic-ai messages.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import warnings
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 
 from fasthtml.common import APIRouter
-from pydantic_ai import UsageLimits
+from pydantic import ValidationError
 from pydantic_ai.messages import ModelMessage
 from pydantic_ai.ui.vercel_ai import VercelAIAdapter, VercelAIEventStream
-from pydantic_ai.ui.vercel_ai.response_types import BaseChunk, ErrorChunk
-from starlette.background import BackgroundTasks
+from pydantic_ai.ui.vercel_ai.request_types import RegenerateMessage, RequestData, TextUIPart
+from pydantic_ai.ui.vercel_ai.response_types import AbortChunk, BaseChunk
+from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from chat import untrusted
+from chat.api_stream import ReplyFailed, ReplyStopped, reply_events
 from chat.errors import describe_error
-from chat.tools import ToolDeps
+from chat.runs import Run
+from chat.service import Caller, ChatRequest, Refused
 from chat.transcript import to_json
-from web.request import client_addr, runs, settings, store, uid
+from web.request import caller, chat_service, off_loop, runs, settings, store, uid
 
 log = logging.getLogger(__name__)
 
 ar = APIRouter(prefix="/api")
 
 
-class _GenericErrors(VercelAIEventStream):
-    """The protocol's event stream, with the page's error messages: an exception's text (an
-    upstream body, a URL, a key) stays in the server log."""
+@dataclass
+class _ReplyStream(VercelAIEventStream):
+    """The protocol's event stream for a reply followed from its run, with the page's words for
+    how it ended: an exception's text (an upstream body, a URL, a key) stays in the server log,
+    and a comment line after `heartbeat` seconds of silence, so proxies keep the stream open
+    while the model reads a long prompt or a tool runs."""
+
+    heartbeat: float = 15.0
+
+    async def encode_stream(self, stream: AsyncIterator[BaseChunk]) -> AsyncIterator[str]:
+        """The library's encoding, with a heartbeat comment whenever the reply is silent."""
+        chunks = aiter(stream)
+        pending: asyncio.Future | None = None
+        try:
+            while True:
+                if pending is None:
+                    pending = asyncio.ensure_future(anext(chunks))
+                done, _ = await asyncio.wait({pending}, timeout=self.heartbeat)
+                if not done:
+                    yield ": ping\n\n"
+                    continue
+                task, pending = pending, None
+                try:
+                    chunk = task.result()
+                except StopAsyncIteration:
+                    return
+                yield self.encode_event(chunk)
+        finally:
+            # The client went away (or the stream ended): stop following the run.
+            if pending is not None:
+                pending.cancel()
+                await asyncio.gather(pending, return_exceptions=True)
+            await chunks.aclose()
 
     async def on_error(self, error: Exception) -> AsyncIterator[BaseChunk]:
-        """The library's error events, with a message for the user in place of the exception's."""
-        log.warning("api reply failed: %r", error)
+        """Stopped replies end with an abort; failed ones with the reply's generic message."""
+        if isinstance(error, ReplyStopped):
+            yield AbortChunk(reason="The reply was stopped.")
+            return
+        if not isinstance(error, ReplyFailed):
+            log.warning("api reply stream failed: %r", error)
+            error = ReplyFailed(describe_error(error))
         async for chunk in super().on_error(error):
-            yield (
-                ErrorChunk(error_text=describe_error(error))
-                if isinstance(chunk, ErrorChunk)
-                else chunk
-            )
+            yield chunk
 
 
 class _Adapter(VercelAIAdapter):
-    """pydantic-ai's Vercel AI adapter, stricter about what the client sends and says back."""
+    """pydantic-ai's Vercel AI adapter, used to read a request's messages, and stricter."""
 
     def sanitize_messages(self, messages: Sequence[ModelMessage], **kwargs) -> list[ModelMessage]:
-        """The library's sanitising, then our whitelist (chat/untrusted.py) on top."""
+        """The library's sanitising (our whitelist, chat/untrusted.py, follows in the service)."""
         # The library warns about each part it strips; what a client sends is its own business
         # and the whitelist drops more anyway, so that is a debug line, not a warning per request.
         with warnings.catch_warnings(record=True) as caught:
@@ -60,79 +101,111 @@ class _Adapter(VercelAIAdapter):
             sanitized = super().sanitize_messages(messages, **kwargs)
         for warning in caught:
             log.debug("client history: %s", warning.message)
-        return untrusted.clean(sanitized)
-
-    def build_event_stream(self) -> _GenericErrors:
-        """The Vercel AI event stream with generic error messages."""
-        return _GenericErrors(
-            self.run_input,
-            accept=self.accept,
-            sdk_version=self.sdk_version,
-            server_message_id=self.server_message_id,
-            manage_system_prompt=self.manage_system_prompt,
-        )
+        return sanitized
 
 
 def _error(message: str, status: int, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+def _refused(refusal: Refused) -> JSONResponse:
+    return _error(refusal.message, refusal.status, refusal.headers)
+
+
+def _chat_request(req: Request, run_input: RequestData) -> ChatRequest:
+    """The new message and the history before it, as the client tells them (blocking: CPU)."""
+    messages = run_input.messages
+    if not messages or messages[-1].role != "user":
+        raise Refused("The last message must be the user's new message.", 422)
+    text = "\n\n".join(p.text for p in messages[-1].parts if isinstance(p, TextUIPart))
+    history: list[ModelMessage] = []
+    if len(messages) > 1:
+        adapter = _Adapter(agent=runs(req).agent, run_input=run_input)
+        try:
+            history = adapter.sanitize_messages(adapter.load_messages(messages[:-1]))
+        except Exception as exc:  # a claim we cannot even read: refused, nothing stored
+            log.info("unreadable api chat history: %r", exc)
+            raise Refused("The chat's earlier messages could not be read.", 422) from None
+    return ChatRequest(run_input.id, text, history)
+
+
+def _reply_response(req: Request, run: Run, who: Caller | None = None) -> Response:
+    """The protocol stream of a reply, from its start; gives back `who`'s stream slot at the end."""
+    events = _ReplyStream(
+        accept=req.headers.get("accept"),
+        # The same id however often the reply is resumed, so a client keeps one message for it.
+        server_message_id=f"turn-{run.turn_id}",
+        heartbeat=settings(req).heartbeat,
+    )
+    chunks = events.transform_stream(reply_events(run, heartbeat=settings(req).heartbeat))
+    response = events.streaming_response(chunks)
+    response.headers["Cache-Control"] = "no-cache"
+    response.headers["X-Accel-Buffering"] = "no"
+    if who is not None:
+        response.background = BackgroundTask(chat_service(req).close_stream, who)
+    return response
+
+
 @ar("/chat", methods=["post"])
 async def api_chat(req: Request):
-    """Run the agent for a Vercel AI SDK chat request and stream its protocol events."""
-    cfg, manager, limits, who = settings(req), runs(req), req.app.state.limits, uid(req)
-    if not manager.accepting:
-        return _error("The server is restarting.", 503)
-    if len(await req.body()) > cfg.max_message_chars * 4 + 100_000:
+    """Send a Vercel AI SDK chat's new message (or regenerate its last reply); stream the reply."""
+    body = await req.body()
+    if len(body) > settings(req).max_message_chars * 4 + 100_000:
         return _error("The request is too large.", 413)
-    refused = limits.check_send(
-        who,
-        client_addr(req),
-        running=manager.running(who),
-        total_running=len(manager.runs),
-    )
-    if refused:
-        return _error(refused.message, refused.status, refused.headers)
     try:
-        model = manager.model_for(cfg.default_model)
-    except Exception as exc:  # a model that cannot start: say so, as the page does
-        log.warning("api model unavailable: %r", exc)
-        return _error(describe_error(exc), 503)
-    # Counted as running until the stream ends, however it ends, like a page's reply.
-    limits.api_started(who)
+        run_input = _Adapter.build_run_input(body)
+    except ValidationError:
+        return _error("That is not a chat request (the Vercel AI SDK's UI messages).", 422)
+    service, who = chat_service(req), caller(req)
     try:
-        response = await _Adapter.dispatch_request(
-            req,
-            agent=manager.agent,
-            model=model,
-            deps=ToolDeps(store(req), who),
-            usage_limits=UsageLimits(
-                request_limit=cfg.request_limit, output_tokens_limit=cfg.output_tokens_limit
-            ),
-            model_settings={"max_retries": cfg.model_retries},
-        )
-    except BaseException:
-        await limits.api_finished(who)
-        raise
-    tasks = BackgroundTasks([response.background] if response.background else [])
-    tasks.add_task(limits.api_finished, who)
-    response.background = tasks
-    return response
+        if isinstance(run_input, RegenerateMessage):
+            sent = await service.regenerate_chat(who, run_input.id)
+        else:
+            chat = await off_loop(_chat_request, req, run_input)
+            sent = await service.send_chat(who, chat)
+    except Refused as refusal:
+        return _refused(refusal)
+    return _reply_response(req, sent.runs[0])
+
+
+@ar("/chat/{chat_id}/stop", methods=["post"])
+async def api_chat_stop(req: Request, chat_id: str):
+    """Stop the reply being written in a chat; what it wrote is kept, saved as stopped."""
+    try:
+        await chat_service(req).stop_chat(caller(req), chat_id)
+    except Refused as refusal:
+        return _refused(refusal)
+    return Response(status_code=204)
+
+
+@ar("/chat/{chat_id}/stream", methods=["get"])
+async def api_chat_stream(req: Request, chat_id: str):
+    """Resume a chat's reply (the AI SDK's `reconnectToStream`): 204 if none is being written."""
+    service, who = chat_service(req), caller(req)
+    try:
+        run = await service.running_reply(who, chat_id)
+    except Refused:  # a chat never sent here has nothing to resume, like one that finished
+        run = None
+    if run is None:
+        return Response(status_code=204)
+    if not await service.open_stream(who):
+        return _error("Too many open streams: close some tabs.", 429)
+    return _reply_response(req, run, who)
 
 
 @ar("/conversations", methods=["get"])
 async def api_conversations(req: Request):
     """The caller's conversations, most recently active first."""
     keys = ("id", "title", "model", "persona", "created_at", "updated_at")
-    convs = store(req).conversations(uid(req))
+    convs = await off_loop(store(req).conversations, uid(req))
     return JSONResponse({"conversations": [{k: c[k] for k in keys} for c in convs]})
 
 
 @ar("/conversations/{cid}", methods=["get"])
 async def api_conversation(req: Request, cid: str):
     """One conversation's shown branch as pydantic-ai messages (ModelMessagesTypeAdapter)."""
-    conv = store(req).conversation(cid, uid(req))
+    conv = await off_loop(store(req).conversation, cid, uid(req))
     if conv is None:
         return _error("Not found.", 404)
-    body = to_json(store(req).branch(conv["head_turn_id"]))
+    body = await off_loop(lambda: to_json(store(req).branch(conv["head_turn_id"])))
     return Response(body, media_type="application/json")

@@ -1,26 +1,20 @@
 """Sending messages: send, stop, regenerate, edit, versions.
 
-The store and rendering never run on the event loop: read-only handlers are plain `def`s (run
-in a worker thread by FastHTML), and the handlers that also start or follow runs (which live on
-the loop) do their store work through `off_loop`. A user's sends are serialized by a lock, so
-the checks made before committing still hold when the reply starts.
-
-Send, regenerate and edit share the send lock, the commit and the start of a run; the stream
-that follows the runs they start is web/stream.py.
+Thin adapters over the chat service (chat/service.py), which holds the rules (what may be sent,
+when, by whom) and the user's send lock: a handler parses the form, calls the service and
+renders the answer, or the service's refusal as an inline error. Store work and rendering never
+run on the event loop: read-only handlers are plain `def`s (run in a worker thread by FastHTML),
+and the async ones render through `off_loop`. The stream that follows the runs these start is
+web/stream.py.
 """
 
 from __future__ import annotations
 
-import asyncio
-import sqlite3
-from zlib import crc32
-
 from fasthtml.common import H1, APIRouter, Div, Input, Response, Title
-from pydantic_ai.messages import ModelRequest, UserPromptPart
 from starlette.requests import Request
 from starlette.responses import RedirectResponse
 
-from chat.agent import short_title
+from chat.service import NotFound, Refused, Sent
 from components.messages import (
     AssistantMessage,
     CompareColumns,
@@ -29,47 +23,28 @@ from components.messages import (
 )
 from web import links as urls
 from web.links import export_links, turn_links
-from web.request import is_htmx, off_loop, owned_turn, runs, settings, store, uid
-from web.responses import BUSY, error_fragment, html
-from web.sending import check_message
+from web.request import (
+    caller,
+    chat_service,
+    is_htmx,
+    missing,
+    off_loop,
+    owned_turn,
+    settings,
+    store,
+    uid,
+)
+from web.responses import error_fragment, html
 from web.views import messages_view, sidebar
 
 ar = APIRouter()
 
 
-def normalize(msg: str) -> str:
-    """Browsers send line breaks as CRLF; the textarea (and its maxlength) counts one each."""
-    return msg.replace("\r\n", "\n").replace("\r", "\n")
-
-
-def _send_lock(req: Request) -> asyncio.Lock:
-    """The user's send lock: from the checks before a send to its run having started, no other
-    send of the same user may pass the same checks (the commit in between runs in a thread).
-    Striped, so there are never more than 64, however many users."""
-    locks = getattr(req.app.state, "send_locks", None)
-    if locks is None:
-        locks = req.app.state.send_locks = [asyncio.Lock() for _ in range(64)]
-    return locks[crc32(uid(req).encode()) % len(locks)]
-
-
-def _commit(req: Request, conv: dict, text: str, *, parent_id: int | None | str = "head") -> dict:
-    """Commit the user's message as a new turn (blocking: call it off the loop)."""
-    return store(req).add_turn(
-        conv["id"],
-        text,
-        [ModelRequest(parts=[UserPromptPart(content=text)])],
-        model=conv["model"] or settings(req).model or "demo",
-        parent_id=parent_id,
-    )
-
-
-async def _start(
-    req: Request, conv: dict, text: str, *, parent_id: int | None | str = "head"
-) -> dict:
-    """Commit the user's message, then start its reply as a server-owned run."""
-    turn = await off_loop(_commit, req, conv, text, parent_id=parent_id)
-    runs(req).start(turn, uid(req))
-    return turn
+def _refusal(refusal: Refused) -> Response:
+    """A refused send as the composer's inline error; the typed text stays."""
+    response = error_fragment(refusal.message, refusal.status)
+    response.headers.update(refusal.headers)
+    return response
 
 
 @ar(urls.SEND, methods=["post"])
@@ -86,63 +61,21 @@ async def send(
     With two or more `compare` models, one reply per model streams side by side; each is a
     version of the exchange, and the first is kept until the user keeps another.
     """
-    msg = normalize(msg)
-    cfg = settings(req)
-    models = list(dict.fromkeys(m for m in (compare or []) if m))
-    if model and model not in cfg.choices or any(m not in cfg.choices for m in models):
-        return error_fragment("That model is not offered here. Pick one from the list.", 422)
-    if persona and persona not in runs(req).personas:
-        return error_fragment("That persona does not exist. Pick one from the list.", 422)
     try:
-        async with _send_lock(req):
-            return await _send(req, msg, cid, model, persona, models)
-    except sqlite3.OperationalError:  # the write lock stayed taken past the busy timeout
-        return error_fragment(BUSY, 503)
-
-
-async def _send(req: Request, msg: str, cid: str, model: str, persona: str, models: list[str]):
-    conv = await off_loop(store(req).conversation, cid, uid(req)) if cid else None
-    if cid and conv is None:
-        return error_fragment("That conversation does not exist.", 404)
-    replies = len(models) if len(models) >= 2 else 1
-    busy = conv["id"] if conv is not None else None
-    if (problem := check_message(req, msg, replies, cid=busy)) is not None:
-        return problem
-    created = conv is None
-    persona = persona or (None if conv else next(iter(runs(req).personas)))
-    conv = await off_loop(_prepare, req, conv, msg, model or None, persona)
-    if len(models) >= 2:
-        parent = conv["head_turn_id"]
-        turns = [await _start(req, {**conv, "model": m}, msg, parent_id=parent) for m in models]
-        await off_loop(store(req).set_head, conv["id"], turns[0]["id"])
-    else:
-        turns = [await _start(req, conv, msg)]
-    url = urls.conversation(conv["id"])
+        sent = await chat_service(req).send(
+            caller(req), msg, cid=cid or None, model=model, persona=persona, compare=compare or ()
+        )
+    except Refused as refusal:
+        return _refusal(refusal)
+    url = urls.conversation(sent.conversation["id"])
     if not is_htmx(req):
         return RedirectResponse(url, status_code=303)
-    return await off_loop(_sent, req, conv, turns, created, url)
+    return await off_loop(_sent, req, sent, url)
 
 
-def _prepare(req: Request, conv: dict | None, msg: str, model: str | None, persona: str | None):
-    """Create the conversation, or switch its model and persona, before the message is sent."""
-    if conv is None:
-        conv = store(req).create_conversation(
-            uid(req), model=model or settings(req).default_model, persona=persona
-        )
-        conv["title"] = short_title(msg)
-        store(req).set_title(conv["id"], conv["title"])
-        return conv
-    if model and model != conv["model"]:
-        store(req).set_model(conv["id"], model)
-        conv["model"] = model
-    if persona and persona != conv["persona"]:
-        store(req).set_persona(conv["id"], persona)
-        conv["persona"] = persona
-    return conv
-
-
-def _sent(req: Request, conv: dict, turns: list[dict], created: bool, url: str):
+def _sent(req: Request, sent: Sent, url: str):
     """The answer to a send: the user's message, the streaming replies, and side updates."""
+    conv, turns, created = sent.conversation, sent.turns, sent.created
     siblings = store(req).siblings(conv["id"], {t["parent_id"] for t in turns})
     links = [turn_links(t, siblings) for t in turns]
     if len(turns) == 1:
@@ -188,8 +121,10 @@ def _show_url(turn: dict) -> str:
 @ar(urls.STOP, methods=["post"])
 async def stop(req: Request, cid: str, tid: int):
     """Stop a reply; what it produced so far is kept and saved as stopped."""
-    await off_loop(owned_turn, req, cid, tid)
-    runs(req).stop(tid)
+    try:
+        await chat_service(req).stop(caller(req), cid, tid)
+    except NotFound:
+        raise missing() from None
     return Response(status_code=204)
 
 
@@ -197,13 +132,11 @@ async def stop(req: Request, cid: str, tid: int):
 async def regenerate(req: Request, cid: str, tid: int):
     """Answer the same message again, as a new version of the exchange (also: Retry)."""
     try:
-        async with _send_lock(req):
-            conv, turn = await off_loop(owned_turn, req, cid, tid)
-            if (problem := check_message(req, turn["user_text"], cid=cid)) is not None:
-                return problem
-            await _start(req, conv, turn["user_text"], parent_id=turn["parent_id"])
-    except sqlite3.OperationalError:
-        return error_fragment(BUSY, 503)
+        await chat_service(req).regenerate(caller(req), cid, tid)
+    except NotFound:
+        raise missing() from None
+    except Refused as refusal:
+        return _refusal(refusal)
     return await off_loop(_current_view, req, cid)
 
 
@@ -229,15 +162,12 @@ def user_message(req: Request, cid: str, tid: int):
 @ar(urls.EDIT, methods=["post"])
 async def edit(req: Request, cid: str, tid: int, msg: str = ""):
     """Send an edited message as a new version of the exchange; the old one is kept."""
-    msg = normalize(msg)
     try:
-        async with _send_lock(req):
-            conv, turn = await off_loop(owned_turn, req, cid, tid)
-            if (problem := check_message(req, msg, cid=cid)) is not None:
-                return problem
-            await _start(req, conv, msg, parent_id=turn["parent_id"])
-    except sqlite3.OperationalError:
-        return error_fragment(BUSY, 503)
+        await chat_service(req).edit(caller(req), cid, tid, msg)
+    except NotFound:
+        raise missing() from None
+    except Refused as refusal:
+        return _refusal(refusal)
     return await off_loop(_current_view, req, cid)
 
 

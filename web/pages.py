@@ -14,13 +14,8 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, StreamingResponse
 
-from chat.transcript import (
-    MAX_IMPORT_BYTES,
-    ImportError_,
-    json_chunks,
-    markdown_chunks,
-    split_turns,
-)
+from chat.service import Refused
+from chat.transcript import MAX_IMPORT_BYTES, json_chunks, markdown_chunks
 from components.sidebar import (
     ConversationLink,
     DeletedItem,
@@ -30,7 +25,8 @@ from components.sidebar import (
 from web import links
 from web.links import conv_links
 from web.request import (
-    client_addr,
+    caller,
+    chat_service,
     is_htmx,
     missing,
     off_loop,
@@ -192,26 +188,16 @@ async def import_json(req: Request, file: UploadFile | None = None):
     target = "#import-error"
     if file is None or not isinstance(file, UploadFile):
         return error_fragment("Choose a .json file to import.", 422, target=target)
-    # An import costs what a message does (parsing, then its history goes to the model): the
-    # same per-minute limits, counted before the work, whether or not the file is good.
     try:
-        refused = req.app.state.limits.check_import(uid(req), client_addr(req))
-        if refused:
-            response = error_fragment(refused.message, refused.status, target)
-            response.headers.update(refused.headers)
-            return response
         raw = await file.read(MAX_IMPORT_BYTES + 1)
     finally:
         await file.close()  # its spooled temporary file, now rather than at garbage collection
     try:
-        # Validating megabytes of JSON is CPU work: off the event loop, like other big work.
-        turns = await off_loop(split_turns, raw, settings(req).max_import_turns)
-    except ImportError_ as exc:
-        return error_fragment(
-            f"Could not import {file.filename or 'that file'}: {exc}", 422, target
-        )
-    title = (file.filename or "Imported").rsplit(".", 1)[0][:80] or "Imported"
-    conv = await off_loop(store(req).import_conversation, uid(req), f"Imported: {title}", turns)
+        conv = await chat_service(req).import_file(caller(req), raw, file.filename or "")
+    except Refused as refusal:
+        response = error_fragment(refusal.message, refusal.status, target)
+        response.headers.update(refusal.headers)
+        return response
     url = links.conversation(conv["id"])
     if is_htmx(req):
         return Response(status_code=204, headers={"HX-Redirect": url})

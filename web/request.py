@@ -17,6 +17,7 @@ from starlette.requests import Request
 
 from chat.config import Settings
 from chat.runs import RunManager
+from chat.service import Caller, ChatService
 from chat.storage import Store
 
 T = TypeVar("T")
@@ -55,6 +56,16 @@ def client_addr(req: Request) -> str:
     """The client's address for the limits (X-Forwarded-For only from TRUSTED_PROXIES)."""
     peer = req.client.host if req.client else None
     return req.app.state.limits.address(peer, req.headers.get("x-forwarded-for"))
+
+
+def chat_service(req: Request) -> ChatService:
+    """The app's chat service: the rules every front end's sends go through."""
+    return req.app.state.chat
+
+
+def caller(req: Request) -> Caller:
+    """Who is asking, as the chat service counts them: identity and client address."""
+    return Caller(uid(req), client_addr(req))
 
 
 def is_htmx(req: Request) -> bool:

@@ -1,0 +1,98 @@
+"""A running reply as pydantic-ai stream events, for protocol adapters (the Vercel AI SDK's).
+
+`reply_events` is the one place that follows a run for an API client: it replays the reply from
+its start and then follows it live, as the text deltas and tool calls pydantic-ai's UI event
+streams (`pydantic_ai.ui.vercel_ai.VercelAIEventStream`) turn into their protocol. It ends as
+the reply ends: complete, or by raising `ReplyStopped` / `ReplyFailed` with the reply's own
+(generic) message, which the event stream reports as an abort or an error.
+
+Today it reads the in-process run (its text source and items); a shared run log (one log per
+reply, replayable from any process) replaces that source without changing what is yielded.
+Text and tool calls are yielded in the order the follower sees them: a tool call is placed after
+all text that had arrived when this follower woke, which is exact while it keeps up with the run.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+from pydantic_ai.messages import (
+    AgentStreamEvent,
+    FunctionToolCallEvent,
+    FunctionToolResultEvent,
+    PartDeltaEvent,
+    PartEndEvent,
+    PartStartEvent,
+    TextPart,
+    TextPartDelta,
+    ToolCallPart,
+    ToolReturnPart,
+)
+
+from chat.reply import ToolView
+from chat.runs import Run, ToolUpdate
+
+
+class ReplyStopped(Exception):
+    """The reply was stopped (Stop, or the output limit): what it wrote so far is kept."""
+
+
+class ReplyFailed(Exception):
+    """The reply ended with an error; the message is the one the page shows, never a trace."""
+
+
+async def reply_events(run: Run, *, heartbeat: float = 15.0) -> AsyncIterator[AgentStreamEvent]:
+    """The reply of `run` from its start as pydantic-ai events, following it until it ends."""
+    sent = 0  # characters of the reply's text already yielded
+    part: int | None = None  # index of the open text part, if one is open
+    index = 0
+    async for kind, data in run.follow(heartbeat=heartbeat):
+        source = run.renderer.source
+        if len(source) > sent:
+            delta, sent = source[sent:], len(source)
+            if part is None and index:  # the blank line the page puts between parts, left out
+                delta = delta.lstrip("\n")
+            if delta and part is None:
+                part, index = index, index + 1
+                yield PartStartEvent(index=part, part=TextPart(content=delta))
+            elif delta:
+                yield PartDeltaEvent(index=part, delta=TextPartDelta(content_delta=delta))
+        if kind == "items":
+            new, _ = data
+            for item in new:
+                if isinstance(item, ToolView):
+                    if part is not None:
+                        yield PartEndEvent(index=part, part=TextPart(content=""))
+                        part = None
+                    yield FunctionToolCallEvent(part=_call(item), args_valid=True)
+                elif isinstance(item, ToolUpdate):
+                    yield FunctionToolResultEvent(part=_result(item.tool))
+        elif kind == "end":
+            if part is not None:
+                yield PartEndEvent(index=part, part=TextPart(content=""))
+            if run.status == "stopped" and not run.error:
+                raise ReplyStopped("stopped")
+            if run.status != "complete":
+                raise ReplyFailed(run.error or "The reply ended early.")
+            return
+
+
+def _call(view: ToolView) -> ToolCallPart:
+    try:
+        args = json.loads(view.args) if view.args else {}
+    except ValueError:  # shortened for display, or not JSON at all: passed on as text
+        args = {"arguments": view.args}
+    if not isinstance(args, dict):
+        args = {"arguments": args}
+    return ToolCallPart(tool_name=view.name, args=args, tool_call_id=view.id)
+
+
+def _result(view: ToolView) -> ToolReturnPart:
+    outcome = view.outcome if view.outcome in ("success", "failed", "denied", "retried") else None
+    return ToolReturnPart(
+        tool_name=view.name,
+        content=view.result or "",
+        tool_call_id=view.id,
+        outcome=outcome or "interrupted",
+    )
