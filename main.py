@@ -28,7 +28,7 @@ from chat.security import SecurityMiddleware, server_error
 from chat.slow_clients import protocol_class
 from chat.store import ChatStore, load_messages
 from components.head import Head
-from web import api, auth, chat, links, pages, responses, stream
+from web import api, attachments, auth, chat, links, pages, responses, stream
 
 log = logging.getLogger("chat")
 # Reachable without signing in when AUTH=password.
@@ -128,6 +128,7 @@ def create_app(settings: Settings | None = None, *, model: Model | None = None) 
     stream.ar.to_app(app)
     auth.ar.to_app(app)
     api.ar.to_app(app)
+    attachments.ar.to_app(app)
     return app
 
 

@@ -20,6 +20,7 @@ from pydantic_ai.messages import ModelRequest, UserPromptPart
 from starlette.requests import Request
 from starlette.responses import RedirectResponse
 
+from chat import attachments
 from chat.agent import short_title
 from components.messages import (
     AssistantMessage,
@@ -52,22 +53,27 @@ def _send_lock(req: Request) -> asyncio.Lock:
     return locks[crc32(uid(req).encode()) % len(locks)]
 
 
-def _commit(req: Request, conv: dict, text: str, *, parent_id: int | None | str = "head") -> dict:
+def _commit(
+    req: Request, conv: dict, text: str, *, parent_id: int | None | str = "head", files=()
+) -> dict:
     """Commit the user's message as a new turn (blocking: call it off the loop)."""
-    return store(req).add_turn(
+    turn = store(req).add_turn(
         conv["id"],
         text,
         [ModelRequest(parts=[UserPromptPart(content=text)])],
         model=conv["model"] or settings(req).model or "demo",
         parent_id=parent_id,
     )
+    if files:  # attachments: listed with the turn, the pending ones bound to it
+        attachments.bind(store(req), turn, uid(req), files)
+    return turn
 
 
 async def _start(
-    req: Request, conv: dict, text: str, *, parent_id: int | None | str = "head"
+    req: Request, conv: dict, text: str, *, parent_id: int | None | str = "head", files=()
 ) -> dict:
     """Commit the user's message, then start its reply as a server-owned run."""
-    turn = await off_loop(_commit, req, conv, text, parent_id=parent_id)
+    turn = await off_loop(_commit, req, conv, text, parent_id=parent_id, files=files)
     runs(req).start(turn, uid(req))
     return turn
 
@@ -80,6 +86,7 @@ async def send(
     model: str = "",
     persona: str = "",
     compare: list[str] | None = None,
+    att: list[str] | None = None,
 ):
     """Commit a message, start its reply, answer with both messages (the reply streams).
 
@@ -95,15 +102,33 @@ async def send(
         return error_fragment("That persona does not exist. Pick one from the list.", 422)
     try:
         async with _send_lock(req):
-            return await _send(req, msg, cid, model, persona, models)
+            return await _send(req, msg, cid, model, persona, models, att or [])
     except sqlite3.OperationalError:  # the write lock stayed taken past the busy timeout
         return error_fragment(BUSY, 503)
 
 
-async def _send(req: Request, msg: str, cid: str, model: str, persona: str, models: list[str]):
+async def _send(req: Request, msg: str, cid: str, model: str, persona: str, models, att):
     conv = await off_loop(store(req).conversation, cid, uid(req)) if cid else None
     if cid and conv is None:
         return error_fragment("That conversation does not exist.", 404)
+    # Attachments: the composer's files, checked before the message is counted or committed.
+    to = (
+        models
+        if len(models) >= 2
+        else [model or (conv or {}).get("model") or settings(req).default_model]
+    )
+    try:
+        files = await off_loop(
+            attachments.claim,
+            store(req),
+            runs(req),
+            uid(req),
+            att,
+            to,
+            settings(req).max_attachments,
+        )
+    except attachments.AttachmentError as exc:
+        return error_fragment(str(exc), exc.status)
     replies = len(models) if len(models) >= 2 else 1
     busy = conv["id"] if conv is not None else None
     if (problem := check_message(req, msg, replies, cid=busy)) is not None:
@@ -113,10 +138,13 @@ async def _send(req: Request, msg: str, cid: str, model: str, persona: str, mode
     conv = await off_loop(_prepare, req, conv, msg, model or None, persona)
     if len(models) >= 2:
         parent = conv["head_turn_id"]
-        turns = [await _start(req, {**conv, "model": m}, msg, parent_id=parent) for m in models]
+        turns = [
+            await _start(req, {**conv, "model": m}, msg, parent_id=parent, files=files)
+            for m in models
+        ]
         await off_loop(store(req).set_head, conv["id"], turns[0]["id"])
     else:
-        turns = [await _start(req, conv, msg)]
+        turns = [await _start(req, conv, msg, files=files)]
     url = urls.conversation(conv["id"])
     if not is_htmx(req):
         return RedirectResponse(url, status_code=303)
@@ -201,7 +229,8 @@ async def regenerate(req: Request, cid: str, tid: int):
             conv, turn = await off_loop(owned_turn, req, cid, tid)
             if (problem := check_message(req, turn["user_text"], cid=cid)) is not None:
                 return problem
-            await _start(req, conv, turn["user_text"], parent_id=turn["parent_id"])
+            files = attachments.refs(turn)
+            await _start(req, conv, turn["user_text"], parent_id=turn["parent_id"], files=files)
     except sqlite3.OperationalError:
         return error_fragment(BUSY, 503)
     return await off_loop(_current_view, req, cid)
@@ -235,7 +264,7 @@ async def edit(req: Request, cid: str, tid: int, msg: str = ""):
             conv, turn = await off_loop(owned_turn, req, cid, tid)
             if (problem := check_message(req, msg, cid=cid)) is not None:
                 return problem
-            await _start(req, conv, msg, parent_id=turn["parent_id"])
+            await _start(req, conv, msg, parent_id=turn["parent_id"], files=attachments.refs(turn))
     except sqlite3.OperationalError:
         return error_fragment(BUSY, 503)
     return await off_loop(_current_view, req, cid)
