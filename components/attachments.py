@@ -65,6 +65,7 @@ def AttachmentChip(file: dict, *, url: str, remove_url: str) -> FT:
             hx_post=remove_url,
             hx_target="closest .att-chip",
             hx_swap="outerHTML",
+            hx_disabled_elt="this",  # not the form's "find button.send", inherited otherwise
         ),
         cls="att-chip",
         role="listitem",
