@@ -211,6 +211,17 @@ def unsupported(files: Sequence[dict], profile) -> str | None:
     return None
 
 
+def add_imported(store, owner: str, conv: dict, turns: list[dict]) -> None:
+    """Store the files of an imported conversation (`turns` from transcript.split_turns) with
+    the turns the store made of them."""
+    if not any(t.get("files") for t in turns):
+        return
+    made = store.branch(conv["head_turn_id"])
+    for row, turn in zip(made, turns, strict=True):
+        if turn.get("files"):
+            store.add_turn_attachments(row["id"], owner, turn["files"])
+
+
 def bind(store, turn: dict, owner: str, files: Sequence[dict]) -> None:
     """List `files` as `turn`'s (binding those still pending to it), in the store and in `turn`."""
     store.bind_attachments(turn["id"], owner, files)
@@ -229,7 +240,8 @@ def note(file: dict) -> TextContent:
     )
 
 
-def _ref_of(item) -> dict | None:
+def ref_of(item) -> dict | None:
+    """The file a note stands for (its metadata), if `item` is one of our notes."""
     if isinstance(item, TextContent) and isinstance(item.metadata, dict):
         file = item.metadata.get("attachment")
         if isinstance(file, dict) and {"id", "name", "media_type"} <= set(file):
@@ -274,7 +286,7 @@ def rehydrate(store, owner: str, history: list[ModelMessage], profile) -> list[M
         for part in message.parts:
             if isinstance(part, UserPromptPart) and not isinstance(part.content, str):
                 for item in part.content:
-                    if (file := _ref_of(item)) and not unsupported([file], profile):
+                    if (file := ref_of(item)) and not unsupported([file], profile):
                         wanted.append(file)
     wanted = wanted[:HISTORY_FILES]
     if not wanted:
@@ -296,7 +308,7 @@ def _expand(part, data: dict[str, bytes], ids: set[str]):
         return part
     content: list = []
     for item in part.content:
-        file = _ref_of(item)
+        file = ref_of(item)
         if file and file["id"] in ids:
             content += _content(file, data[file["id"]])
         else:
@@ -330,7 +342,7 @@ def _shrink(part):
     for item in part.content:
         if isinstance(item, BinaryContent):
             continue  # its note, just before it, stays
-        if (file := _ref_of(item)) and item.metadata.get("inline"):
+        if (file := ref_of(item)) and item.metadata.get("inline"):
             item = note(file)
         content.append(item)
     return replace(part, content=content)

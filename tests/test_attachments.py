@@ -3,6 +3,7 @@ binding on send, what reached the model, how files are served, stored, exported 
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import sqlite3
@@ -13,6 +14,7 @@ import pytest
 from pydantic_ai.messages import BinaryContent, ModelRequest, TextContent, UserPromptPart
 from pydantic_ai.models.function import FunctionModel
 from pydantic_ai.profiles import ModelProfile
+from starlette.testclient import TestClient
 
 from chat.attachments import HISTORY_FILES, AttachmentError, sniff
 from tests.conftest import HX, parse_html, send, stream
@@ -389,3 +391,100 @@ def other_browser_factory():
         return other
 
     return make
+
+
+# Exports and imports ------------------------------------------------------------------------
+
+
+def _conversation_with_files(client) -> str:
+    """Send a message with an image and a PDF; the conversation's URL."""
+    image = uploaded(client, PNG, "cat.png")
+    doc = uploaded(client, PDF, "report.pdf")
+    r = send(client, "Look at these", att=[image, doc])
+    stream(client, r.text)
+    return r.headers["HX-Push-Url"]
+
+
+def test_the_markdown_export_lists_the_files(make_client, scripted):
+    client = vision(make_client, scripted(["Seen."]))
+    url = _conversation_with_files(client)
+    md = client.get(url + "/export.md").text
+    assert "- Attached: cat.png (image/png, " in md
+    assert "- Attached: report.pdf (application/pdf, " in md
+
+
+def test_the_json_export_carries_the_files_and_imports_whole(make_client, scripted):
+    client = vision(make_client, scripted(["Seen."]))
+    url = _conversation_with_files(client)
+    exported = client.get(url + "/export.json").content
+    items = json.loads(exported)[0]["parts"][0]["content"]
+    binaries = [i for i in items if isinstance(i, dict) and i.get("kind") == "binary"]
+    assert [(b["media_type"], b["data"]) for b in binaries] == [
+        ("image/png", base64.b64encode(PNG).decode()),
+        ("application/pdf", base64.b64encode(PDF).decode()),
+    ]
+
+    other = TestClient(client.app)
+    other.portal = client.portal
+    r = other.post(
+        "/import", files={"file": ("chat.json", exported, "application/json")}, headers=HX
+    )
+    assert r.status_code == 204, r.text
+    page = parse_html(other.get(r.headers["HX-Redirect"]).text)
+    user = page.find(data_role="user")
+    src = user.find("img", **{"class": "msg-thumb"}).attrs["src"]
+    assert other.get(src).content == PNG
+    assert "report.pdf" in user.find("a", **{"class": "att-chip file-chip"}).text
+    assert client.get(src).status_code == 404  # the importer's copy is theirs alone
+
+
+def test_an_import_resniffs_files_and_holds_them_to_the_limits(make_client, scripted, settings):
+    client = vision(make_client, scripted(["Ok."]), max_attachment_bytes=100)
+    history = [
+        {
+            "kind": "request",
+            "parts": [
+                {
+                    "part_kind": "user-prompt",
+                    "content": [
+                        "hello",
+                        {
+                            "kind": "binary",
+                            "media_type": "image/png",
+                            "data": base64.b64encode(SVG).decode(),
+                        },
+                        {
+                            "kind": "binary",
+                            "media_type": "image/png",
+                            "data": base64.b64encode(png(40, 40)).decode(),
+                        },
+                        {
+                            "kind": "binary",
+                            "media_type": "text/html",
+                            "data": base64.b64encode(PNG).decode(),
+                        },
+                        {
+                            "kind": "binary",
+                            "media_type": "image/png",
+                            "data": base64.b64encode(PNG).decode(),
+                        },
+                        {"kind": "image-url", "url": "http://169.254.169.254/latest/meta-data"},
+                    ],
+                }
+            ],
+        },
+        {"kind": "response", "parts": [{"part_kind": "text", "content": "hi"}]},
+    ]
+    r = client.post(
+        "/import",
+        files={"file": ("h.json", json.dumps(history).encode(), "application/json")},
+        headers=HX,
+    )
+    assert r.status_code == 204, r.text
+    with sqlite3.connect(settings.db_path) as db:
+        kept = db.execute("select media_type, data from attachments").fetchall()
+        raw = db.execute("select messages from turns").fetchone()[0]
+    # Only the real PNG within the limit that is what it claims is kept.
+    assert kept == [("image/png", PNG)]
+    assert "169.254" not in raw
+    assert raw.count("left out") == 4  # the SVG, the big PNG, the PNG called HTML, the URL

@@ -14,6 +14,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, StreamingResponse
 
+from chat.attachments import add_imported
 from chat.transcript import (
     MAX_IMPORT_BYTES,
     ImportError_,
@@ -180,7 +181,8 @@ def export_json(req: Request, cid: str):
     pages = store(req).branch_pages(conv["head_turn_id"], EXPORT_PAGE)
     name = _filename(conv["title"], "json")
     return StreamingResponse(
-        json_chunks(pages),
+        # With each attachment's bytes (the owner's only), read a page at a time.
+        json_chunks(pages, files=lambda ids: store(req).attachment_data(uid(req), ids)),
         media_type="application/json",
         headers={"Content-Disposition": f'attachment; filename="{name}"'},
     )
@@ -205,13 +207,21 @@ async def import_json(req: Request, file: UploadFile | None = None):
         await file.close()  # its spooled temporary file, now rather than at garbage collection
     try:
         # Validating megabytes of JSON is CPU work: off the event loop, like other big work.
-        turns = await off_loop(split_turns, raw, settings(req).max_import_turns)
+        cfg = settings(req)
+        turns = await off_loop(
+            split_turns,
+            raw,
+            cfg.max_import_turns,
+            max_file_bytes=cfg.max_attachment_bytes,  # attachments: an upload's limits
+            max_files=cfg.max_attachments,
+        )
     except ImportError_ as exc:
         return error_fragment(
             f"Could not import {file.filename or 'that file'}: {exc}", 422, target
         )
     title = (file.filename or "Imported").rsplit(".", 1)[0][:80] or "Imported"
     conv = await off_loop(store(req).import_conversation, uid(req), f"Imported: {title}", turns)
+    await off_loop(add_imported, store(req), uid(req), conv, turns)
     url = links.conversation(conv["id"])
     if is_htmx(req):
         return Response(status_code=204, headers={"HX-Redirect": url})
