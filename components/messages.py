@@ -124,6 +124,7 @@ def EditForm(turn: dict, links: TurnLinks, *, max_chars: int) -> FT:
     tid = turn["id"]
     return Article(
         Form(
+            MessageFiles(links.files),  # an edit is sent with the same files
             Label("Edit message", fr=f"edit-{tid}", cls="visually-hidden"),
             Textarea(
                 turn["user_text"],

@@ -488,3 +488,47 @@ def test_an_import_resniffs_files_and_holds_them_to_the_limits(make_client, scri
     assert kept == [("image/png", PNG)]
     assert "169.254" not in raw
     assert raw.count("left out") == 4  # the SVG, the big PNG, the PNG called HTML, the URL
+
+
+def test_a_reply_whose_model_cannot_read_its_files_fails_saying_so(
+    make_client, scripted, monkeypatch
+):
+    model = scripted(["Seen."])
+    client = vision(make_client, model)
+    aid = uploaded(client, PNG, "x.png")
+    r = send(client, "look", att=[aid])
+    stream(client, r.text)
+    url = r.headers["HX-Push-Url"]
+    # The conversation's model no longer takes images (switched, or its profile corrected).
+    blind = property(lambda self: ModelProfile(supports_image_input=False))
+    monkeypatch.setattr(FunctionModel, "profile", blind)
+
+    # A new message: the earlier image stays a note, the reply goes on without it.
+    cid = url.rsplit("/", 1)[1]
+    stream(client, send(client, "and now?", cid=cid).text)
+    seen = model.calls[-1]
+    assert not [
+        i
+        for m in seen
+        if isinstance(m, ModelRequest)
+        for p in m.parts
+        if isinstance(p, UserPromptPart) and not isinstance(p.content, str)
+        for i in p.content
+        if isinstance(i, BinaryContent)
+    ]
+    assert "[Attached file: x.png (image/png" in json.dumps(
+        [str(p.content) for m in seen for p in m.parts if isinstance(p, UserPromptPart)]
+    )
+
+    # Regenerating the message with the image: the reply fails with a clear message, and the
+    # message keeps its text and its file.
+    tid = parse_html(client.get(url).text).find_all(data_role="user")[0].attrs["id"][5:]
+    calls = len(model.calls)
+    again = client.post(f"/c/{cid}/turns/{tid}/regenerate", headers=HX)
+    if "sse-connect" in again.text:  # still running when the view was made
+        stream(client, again.text)
+    shown = parse_html(client.get(url).text)
+    alerts = [a.text for a in shown.find_all(role="alert")]
+    assert any("The model vision cannot read images" in a for a in alerts), alerts
+    assert shown.find("img", **{"class": "msg-thumb"})
+    assert len(model.calls) == calls  # the model was never asked
