@@ -261,7 +261,7 @@ def test_text_files_reach_the_model_as_text_with_their_name(make_client, scripte
 def test_the_stored_history_holds_notes_not_file_bytes(make_client, scripted, settings):
     model = scripted(["Seen."])
     client = vision(make_client, model)
-    big = png(200, 200)
+    big = PNG + bytes(range(256)) * 200  # 50 KB that do not compress away
     aid = uploaded(client, big, "big.png")
     stream(client, send(client, "Look", att=[aid]).text)
     with sqlite3.connect(settings.db_path) as db:
