@@ -532,3 +532,24 @@ def test_a_reply_whose_model_cannot_read_its_files_fails_saying_so(
     assert any("The model vision cannot read images" in a for a in alerts), alerts
     assert shown.find("img", **{"class": "msg-thumb"})
     assert len(model.calls) == calls  # the model was never asked
+
+
+def test_erasing_a_conversation_erases_its_files_and_stale_pending_ones_go(
+    make_client, scripted, settings
+):
+    client = vision(make_client, scripted(["Ok."]))
+    aid = uploaded(client, PNG, "x.png")
+    r = send(client, "look", att=[aid])
+    stream(client, r.text)
+    cid = r.headers["HX-Push-Url"].rsplit("/", 1)[1]
+    store = client.app.state.store
+    assert store.erase(cid)
+    with sqlite3.connect(settings.db_path) as db:
+        assert db.execute("select count(*) from attachments").fetchone()[0] == 0
+    # A file uploaded and never sent is dropped at that user's next upload after a day.
+    old = uploaded(client, b"old", "old.txt")
+    with sqlite3.connect(settings.db_path) as db:
+        db.execute("update attachments set created_at = '2000-01-01T00:00:00.000+00:00'")
+    uploaded(client, b"new", "new.txt")
+    assert client.get(f"/attachments/{old}").status_code == 404
+    assert pending_count(settings) == 1
