@@ -219,7 +219,7 @@ def test_screenshots_of_attachments(browser, app, fake, size, scheme):
     kw = {**(PHONE if size == "phone" else {}), "color_scheme": scheme}
     with browsing(browser, app, **kw) as w:
         page = w.page
-        attach_by_button(page, "diagram.png", png(64, 40, (60, 160, 90)), "image/png")
+        attach_by_button(page, "diagram.png", png(320, 200, (60, 160, 90)), "image/png")
         attach_by_button(page, "quarterly report.pdf", PDF, "application/pdf")
         expect(chips(page)).to_have_count(2)
         send_text(page, "Here is the diagram and the report. What stands out?")
@@ -228,4 +228,12 @@ def test_screenshots_of_attachments(browser, app, fake, size, scheme):
         expect(chips(page)).to_have_count(1)
         page.wait_for_function("() => document.querySelector('.msg-thumb').naturalWidth > 0")
         shoot(page, f"attachments-{size}-{scheme}")
+        page.locator("[data-role=user] img.msg-thumb").first.click()
+        expect(page.locator("dialog.lightbox img")).to_be_visible()
+        shoot(page, f"attachments-full-size-{size}-{scheme}")
+        page.keyboard.press("Escape")
+        attach_by_button(page, "logo.svg", b"<svg></svg>", "image/svg+xml")
+        expect(page.locator("#composer-error")).to_contain_text("SVG images are not accepted")
+        shoot(page, f"attachments-refused-{size}-{scheme}")
+        w.console_errors = [e for e in w.console_errors if "415" not in e]
         w.assert_clean()
