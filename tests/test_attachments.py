@@ -553,3 +553,27 @@ def test_erasing_a_conversation_erases_its_files_and_stale_pending_ones_go(
     uploaded(client, b"new", "new.txt")
     assert client.get(f"/attachments/{old}").status_code == 404
     assert pending_count(settings) == 1
+
+
+def test_an_edit_and_a_side_by_side_send_carry_the_files(make_client, scripted):
+    model = scripted(["Ok."])
+    client = make_client(model, models=("a", "b"))
+    aid = uploaded(client, PNG, "x.png")
+    r = client.post("/send", data={"msg": "both?", "att": aid, "compare": ["a", "b"]}, headers=HX)
+    assert r.status_code == 200, r.text
+    for url in re.findall(r'sse-connect="([^"]+)"', r.text):
+        with client.stream("GET", url) as s:
+            b"".join(s.iter_bytes())
+    assert len(model.calls) == 2
+    for call in model.calls:
+        assert [i.data for i in prompt_items(call) if isinstance(i, BinaryContent)] == [PNG]
+
+    tid = re.search(r'id="turn-(\d+)"', r.text).group(1)
+    cid = r.headers["HX-Push-Url"].rsplit("/", 1)[1]
+    form = client.get(f"/c/{cid}/turns/{tid}/edit", headers=HX)
+    assert f"/attachments/{aid}" in form.text  # the edit shows the files it will send
+    edited = client.post(f"/c/{cid}/turns/{tid}/edit", data={"msg": "edited"}, headers=HX)
+    assert edited.status_code == 200
+    stream(client, edited.text)
+    assert prompt_items(model.calls[-1])[0] == "edited"
+    assert [i.data for i in prompt_items(model.calls[-1]) if isinstance(i, BinaryContent)] == [PNG]
