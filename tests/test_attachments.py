@@ -577,3 +577,33 @@ def test_an_edit_and_a_side_by_side_send_carry_the_files(make_client, scripted):
     stream(client, edited.text)
     assert prompt_items(model.calls[-1])[0] == "edited"
     assert [i.data for i in prompt_items(model.calls[-1]) if isinstance(i, BinaryContent)] == [PNG]
+
+
+def test_the_migration_makes_the_attachments_table_and_the_turns_column():
+    from chat.store import ChatStore
+
+    store = ChatStore(":memory:")
+    assert store.db["attachments"].columns_dict == {
+        "id": str,
+        "owner": str,
+        "turn_id": int,
+        "name": str,
+        "media_type": str,
+        "size": int,
+        "data": bytes,
+        "created_at": str,
+    }
+    assert store.db["turns"].columns_dict["attachments"] is str
+    (fk,) = store.db["attachments"].foreign_keys
+    assert (fk.column, fk.other_table, fk.other_column) == ("turn_id", "turns", "id")
+
+
+def test_manage_export_carries_the_files(make_client, scripted, settings, capsys):
+    import manage
+
+    client = vision(make_client, scripted(["Seen."]))
+    url = _conversation_with_files(client)
+    cid = url.rsplit("/", 1)[1]
+    assert manage.main(["--db", str(settings.db_path), "export", cid, "--format", "json"]) == 0
+    items = json.loads(capsys.readouterr().out)[0]["parts"][0]["content"]
+    assert base64.b64encode(PNG).decode() in [i.get("data") for i in items if isinstance(i, dict)]
