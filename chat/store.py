@@ -777,6 +777,14 @@ class ChatStore:
                 "update turns set attachments = ? where id = ?", [json.dumps(refs), tid]
             )
 
+    def purge_pending_attachments(self, before: str) -> int:
+        """Drop every pending (never sent) attachment uploaded before `before` (ISO time)."""
+        with self.db.conn:
+            cur = self.db.execute(
+                "delete from attachments where turn_id is null and created_at < ?", [before]
+            )
+        return cur.rowcount
+
     def attachment_data(self, owner: str, ids: Sequence[str]) -> dict[str, bytes]:
         """The bytes of those of `ids` that `owner` uploaded, by id."""
         if not ids:

@@ -607,3 +607,24 @@ def test_manage_export_carries_the_files(make_client, scripted, settings, capsys
     assert manage.main(["--db", str(settings.db_path), "export", cid, "--format", "json"]) == 0
     items = json.loads(capsys.readouterr().out)[0]["parts"][0]["content"]
     assert base64.b64encode(PNG).decode() in [i.get("data") for i in items if isinstance(i, dict)]
+
+
+def test_pending_files_a_day_old_are_dropped_at_start_up(make_client, model, settings):
+    client = make_client(model)
+    aid = uploaded(client, b"forgotten", "f.txt")
+    with sqlite3.connect(settings.db_path) as db:
+        db.execute("update attachments set created_at = '2000-01-01T00:00:00.000+00:00'")
+    client.__exit__(None, None, None)
+    restarted = make_client(model)
+    assert pending_count(settings) == 0
+    assert restarted.get(f"/attachments/{aid}").status_code == 404
+
+
+def test_a_file_name_is_a_label_and_unicode_names_download_intact(client):
+    aid = uploaded(client, b"notes", "C:\\fakepath\\f\u00eate\r\nX-Evil: 1.md")
+    served = client.get(f"/attachments/{aid}")
+    disposition = served.headers["content-disposition"]
+    assert "x-evil" not in {k.lower() for k in served.headers}
+    assert disposition.startswith('attachment; filename="f?te')  # an ASCII stand-in
+    assert "filename*=UTF-8''f%C3%AAte" in disposition and "\r" not in disposition
+    assert served.headers["content-type"] == "text/markdown; charset=utf-8"
