@@ -46,7 +46,8 @@ async def upload(req: Request):
     # over 1 MB to disk, so memory stays bounded): close it on every path.
     form = await req.form()
     try:
-        if int(req.headers.get("content-length") or 0) > limit + _ENVELOPE:
+        length = req.headers.get("content-length") or "0"
+        if not length.isdigit() or int(length) > limit + _ENVELOPE:
             return error_fragment(
                 f"That file is larger than the limit of {human_size(limit)}.", 413
             )
