@@ -267,7 +267,8 @@ def prompt(store, turn: dict, owner: str, profile) -> str | list:
     if what := unsupported(files, profile):
         raise FilesUnsupported(_cannot(turn.get("model") or "demo", what))
     data = store.attachment_data(owner, [f["id"] for f in files])
-    content: list = [turn["user_text"]]
+    # Files sent without words: no empty text part (some providers refuse one).
+    content: list = [turn["user_text"]] if turn["user_text"].strip() else []
     for file in files:
         if file["id"] in data:
             content += _content(file, data[file["id"]])

@@ -117,13 +117,16 @@ def _prompt_text(message: ModelMessage) -> str | None:
     if not isinstance(message, ModelRequest):
         return None
     texts = []
+    prompted = False
     for part in message.parts:
         if isinstance(part, UserPromptPart):
+            prompted = True
             if isinstance(part.content, str):
                 texts.append(part.content)
             else:
                 texts.extend(c for c in part.content if isinstance(c, str))
-    return "\n\n".join(texts) if texts else None
+    # A prompt of files alone (attachments) starts a turn too, with no text.
+    return "\n\n".join(texts) if texts or prompted else None
 
 
 def split_turns(

@@ -254,6 +254,27 @@
     say("Wait a moment: a file is still uploading.");
   });
 
+  // Files alone are a message too: the box is not required while the tray holds some, and
+  // Enter in an empty box sends them (the box's own Enter handler sends only text).
+  function syncRequired() {
+    const ta = document.getElementById("msg"), box = tray();
+    if (ta && box) ta.required = !box.querySelector(".att-chip");
+  }
+  function watchTray() {
+    if (tray()) new MutationObserver(syncRequired).observe(tray(), { childList: true });
+  }
+  if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", watchTray);
+  else watchTray();
+  document.addEventListener("keydown", (e) => {
+    const ta = e.target;
+    if (!ta || ta.id !== "msg" || e.key !== "Enter" || e.shiftKey || e.isComposing) return;
+    const box = tray();
+    if (!ta.value.trim() && box && box.querySelector(".att-chip:not(.uploading)")) {
+      e.preventDefault();
+      ta.form.requestSubmit();
+    }
+  });
+
   // A sent message takes its files along: the tray empties with the box.
   document.addEventListener("htmx:afterRequest", (e) => {
     if (e.target.id === "composer" && e.detail.successful && tray()) tray().textContent = "";

@@ -628,3 +628,22 @@ def test_a_file_name_is_a_label_and_unicode_names_download_intact(client):
     assert disposition.startswith('attachment; filename="f?te')  # an ASCII stand-in
     assert "filename*=UTF-8''f%C3%AAte" in disposition and "\r" not in disposition
     assert served.headers["content-type"] == "text/markdown; charset=utf-8"
+
+
+def test_files_alone_are_a_message(make_client, scripted, settings):
+    model = scripted(["Nice picture."])
+    client = vision(make_client, model)
+    assert client.post("/send", data={"msg": " "}, headers=HX).status_code == 422
+    aid = uploaded(client, PNG, "x.png")
+    r = client.post("/send", data={"msg": "", "att": aid}, headers=HX)
+    assert r.status_code == 200, r.text
+    stream(client, r.text)
+    items = prompt_items(model.calls[0])
+    assert not [i for i in items if isinstance(i, str)]  # no empty text part
+    assert [i.data for i in items if isinstance(i, BinaryContent)] == [PNG]
+    # It exports and imports as a turn of its own.
+    exported = client.get(r.headers["HX-Push-Url"] + "/export.json").content
+    r = client.post("/import", files={"file": ("c.json", exported, "application/json")}, headers=HX)
+    assert r.status_code == 204, r.text
+    page = parse_html(client.get(r.headers["HX-Redirect"]).text)
+    assert page.find(data_role="user").find("img", **{"class": "msg-thumb"})

@@ -182,7 +182,15 @@ def test_attach_by_paste(browser, app, fake):
         paste(page, "image.png", IMAGE, "image/png")
         expect(chips(page)).to_have_count(1)
         page.wait_for_function("() => document.querySelector('.att-thumb').naturalWidth > 0")
-        expect(page.get_by_role("textbox", name="Message")).to_have_value("")
+        box = page.get_by_role("textbox", name="Message")
+        expect(box).to_have_value("")
+        # Files alone are a message: Enter in the empty box sends the screenshot.
+        box.press("Enter")
+        expect(page.locator("[data-role=user] img.msg-thumb")).to_be_visible()
+        expect(chips(page)).to_have_count(0)
+        wait_reply_done(page)
+        wait_for_replies(fake, 1)
+        assert [p["type"] for p in sent_parts(fake)] == ["text", "image_url"]  # note, image
         w.assert_clean()
 
 

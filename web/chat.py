@@ -131,7 +131,7 @@ async def _send(req: Request, msg: str, cid: str, model: str, persona: str, mode
         return error_fragment(str(exc), exc.status)
     replies = len(models) if len(models) >= 2 else 1
     busy = conv["id"] if conv is not None else None
-    if (problem := check_message(req, msg, replies, cid=busy)) is not None:
+    if (problem := check_message(req, msg, replies, cid=busy, files=len(files))) is not None:
         return problem
     created = conv is None
     persona = persona or (None if conv else next(iter(runs(req).personas)))
@@ -227,9 +227,10 @@ async def regenerate(req: Request, cid: str, tid: int):
     try:
         async with _send_lock(req):
             conv, turn = await off_loop(owned_turn, req, cid, tid)
-            if (problem := check_message(req, turn["user_text"], cid=cid)) is not None:
-                return problem
             files = attachments.refs(turn)
+            problem = check_message(req, turn["user_text"], cid=cid, files=len(files))
+            if problem is not None:
+                return problem
             await _start(req, conv, turn["user_text"], parent_id=turn["parent_id"], files=files)
     except sqlite3.OperationalError:
         return error_fragment(BUSY, 503)

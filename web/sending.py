@@ -13,7 +13,7 @@ from web.responses import error_fragment
 
 
 def check_message(
-    req: Request, msg: str, replies: int = 1, cid: str | None = None
+    req: Request, msg: str, replies: int = 1, cid: str | None = None, files: int = 0
 ) -> Response | None:
     """Why a message cannot be sent (as an error response), or None if it can.
 
@@ -22,7 +22,7 @@ def check_message(
     only one that passes) has been counted against the limits.
     """
     limit = settings(req).max_message_chars
-    if not msg.strip():
+    if not msg.strip() and not files:  # files alone (attachments) are a message too
         return error_fragment("Type a message before sending.", 422)
     if len(msg) > limit:
         return error_fragment(
