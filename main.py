@@ -21,6 +21,7 @@ from starlette.staticfiles import StaticFiles
 
 from chat.accounts import ACCOUNT_PREFIX
 from chat.agent import ModelUnavailable, build_agent
+from chat.attachments import stale_before
 from chat.config import Settings
 from chat.limits import Limiter
 from chat.runs import RunManager
@@ -29,7 +30,7 @@ from chat.service import ChatService
 from chat.slow_clients import protocol_class
 from chat.store import ChatStore, load_messages
 from components.head import Head
-from web import agui, api, auth, chat, links, pages, responses, stream
+from web import agui, api, attachments, auth, chat, links, pages, responses, stream
 from web.request import off_loop
 
 log = logging.getLogger("chat")
@@ -59,6 +60,7 @@ def create_app(settings: Settings | None = None, *, model: Model | None = None) 
         if interrupted := store.mark_interrupted():
             log.warning("marked %d replies left streaming by a crash as interrupted", interrupted)
         store.purge_deleted((datetime.now(UTC) - timedelta(days=1)).isoformat())
+        store.purge_pending_attachments(stale_before())  # uploaded a day ago, never sent
         app.state.store = store
         load_messages("[]")  # builds pydantic's message validator now, not on the first message
         app.state.runs = RunManager(store, build_agent(), settings, model=model)
@@ -134,6 +136,7 @@ def create_app(settings: Settings | None = None, *, model: Model | None = None) 
     auth.ar.to_app(app)
     api.ar.to_app(app)
     agui.ar.to_app(app)
+    attachments.ar.to_app(app)
     return app
 
 

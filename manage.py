@@ -74,8 +74,12 @@ def _run(store: ChatStore, args: argparse.Namespace) -> int:
             print(f"No conversation {args.cid}.", file=sys.stderr)
             return 1
         turns = store.branch(conv["head_turn_id"])
+        # The JSON carries the attachments' bytes, as the page's export does.
+        files = lambda ids: store.attachment_data(conv["owner"], ids)  # noqa: E731
         data = (
-            to_json(turns) if args.format == "json" else to_markdown(conv["title"], turns).encode()
+            to_json(turns, files)
+            if args.format == "json"
+            else to_markdown(conv["title"], turns).encode()
         )
         if args.out:
             Path(args.out).write_bytes(data)

@@ -22,6 +22,7 @@ from pydantic_ai.messages import (
 )
 from pydantic_ai.models import Model, infer_model
 from pydantic_ai.models.function import AgentInfo, DeltaToolCall, FunctionModel
+from pydantic_ai.profiles import ModelProfile
 
 from chat.config import Settings
 from chat.tools import ToolDeps, toolset
@@ -62,12 +63,14 @@ def resolve_model(name: str | None, settings: Settings) -> Model:
 
 
 def _prompts(messages: list[ModelMessage]) -> list[str]:
+    # A prompt with files is a list: its text is the first item (chat/attachments.py).
     return [
-        part.content
+        part.content if isinstance(part.content, str) else part.content[0]
         for m in messages
         if isinstance(m, ModelRequest)
         for part in m.parts
-        if isinstance(part, UserPromptPart) and isinstance(part.content, str)
+        if isinstance(part, UserPromptPart)
+        and (isinstance(part.content, str) or part.content and isinstance(part.content[0], str))
     ]
 
 
@@ -155,7 +158,9 @@ def demo_model(settings: Settings, *, delay: float = 0.012) -> FunctionModel:
             yield piece
             await asyncio.sleep(delay)
 
-    return FunctionModel(stream_function=stream, model_name=DEMO_NAME)
+    # The demo reads no files: attaching an image or a PDF says so (chat/attachments.py).
+    profile = ModelProfile(supports_image_input=False, supports_document_input=False)
+    return FunctionModel(stream_function=stream, model_name=DEMO_NAME, profile=profile)
 
 
 def _content(part: ToolReturnPart | RetryPromptPart) -> str:

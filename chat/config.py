@@ -70,6 +70,9 @@ class Settings:
     provider_keys: tuple[str, ...] = field(default_factory=tuple)
     # OPENAI_FAST_PATHS=0 keeps the OpenAI SDK's own stream reading and request building.
     openai_fast_paths: bool = True
+    # Attachments (chat/attachments.py): the largest file accepted, and files per message.
+    max_attachment_bytes: int = 10_000_000
+    max_attachments: int = 5
 
     @property
     def demo(self) -> bool:
@@ -130,6 +133,8 @@ class Settings:
             provider_keys=tuple(k for k in PROVIDER_KEYS if env.get(k)),
             openai_fast_paths=(env.get("OPENAI_FAST_PATHS") or "1").lower()
             not in ("0", "false", "no", "off"),
+            max_attachment_bytes=int(env.get("MAX_ATTACHMENT_BYTES") or 10_000_000),
+            max_attachments=int(env.get("MAX_ATTACHMENTS") or 5),
         )
         values.update(overrides)
         # MODEL (from the environment or --model) is always among the models offered.

@@ -146,3 +146,29 @@ def m005_account_hardening(db: Database) -> None:
     db.execute("create unique index idx_users_username_nocase on users (username collate nocase)")
     db["login_failures"].create({"key": str, "at": str}, not_null={"key", "at"})
     db["login_failures"].create_index(["key", "at"])
+
+
+@migration
+def m007_attachments(db: Database) -> None:
+    """Files sent with a message (chat/attachments.py): their bytes live here, not in turns.
+
+    An attachment is uploaded before its message is sent: `turn_id` is null while it is
+    pending in the composer, then the turn it was first sent with (deleting the turn deletes
+    the bytes). `turns.attachments` lists a turn's files as JSON (id, name, media type, size),
+    so pages show them without reading any bytes, and a regenerated or edited turn can list
+    the same files again.
+    """
+    db.execute(
+        "create table attachments ("
+        "id text primary key, "
+        "owner text not null, "
+        "turn_id integer references turns(id) on delete cascade, "
+        "name text not null, "
+        "media_type text not null, "
+        "size integer not null, "
+        "data blob not null, "
+        "created_at text not null)"
+    )
+    db["attachments"].create_index(["owner", "turn_id"])
+    db["attachments"].create_index(["turn_id"])
+    db["turns"].add_column("attachments", str)

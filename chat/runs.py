@@ -38,7 +38,7 @@ from pydantic_ai.messages import (
 )
 from pydantic_ai.models import Model
 
-from chat import budget
+from chat import attachments, budget
 from chat.agent import resolve_model
 from chat.config import Settings
 from chat.errors import (
@@ -294,12 +294,16 @@ class RunManager:
                 run.renderer.feed(f"*{fitted.note}*\n\n")
                 self._schedule(run)
             model = self._model(run.model_name)
+            # The prompt's files, and earlier ones re-sent (chat/attachments.py): read off the loop.
+            prompt, history = await asyncio.to_thread(
+                attachments.model_input, self.store, turn, run.owner, history, model.profile
+            )
             model_settings = {"max_retries": cfg.model_retries}
             if cfg.output_tokens_limit:
                 # Asked of the model, per request; `_on_event` enforces it if the model ignores it.
                 model_settings["max_tokens"] = cfg.output_tokens_limit
             async with self.agent.run_stream_events(
-                turn["user_text"],
+                prompt,
                 message_history=history,
                 model=model,
                 deps=ToolDeps(self.store, run.owner),
@@ -514,7 +518,7 @@ class RunManager:
                 tid=run.turn_id,
                 status=status,
                 reply_text=text,
-                messages=storable(messages),
+                messages=storable(attachments.stored(messages)),
                 error=error,
                 usage=run.usage,
             )

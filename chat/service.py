@@ -28,7 +28,7 @@ from zlib import crc32
 
 from pydantic_ai.messages import ModelMessage, ModelRequest, UserPromptPart
 
-from chat import untrusted
+from chat import attachments, untrusted
 from chat.agent import short_title
 from chat.config import Settings
 from chat.limits import Limiter
@@ -130,11 +130,13 @@ class ChatService:
         model: str | None = None,
         persona: str | None = None,
         compare: Iterable[str] = (),
+        files: Sequence[str] = (),
     ) -> Sent:
         """Commit a message (in conversation `cid`, else a new one) and start its reply.
 
         `model` and `persona` switch the conversation's. With two or more `compare` models, one
         reply per model runs side by side, each a version of the exchange; the first is shown.
+        `files` are ids of the caller's pending attachments, bound to the new turn(s).
         """
         text = normalize(text)
         models = self._offered(model, persona, compare)
@@ -142,7 +144,21 @@ class ChatService:
             conv = await self.off_loop(self.store.conversation, cid, who.uid) if cid else None
             if cid and conv is None:
                 raise NotFound()
-            return await self._send(who, conv, text, model, persona, models)
+            # Checked before the message is counted or committed: a bad file changes nothing.
+            to = models if len(models) >= 2 else [self._model_of(conv, model)]
+            try:
+                refs = await self.off_loop(
+                    attachments.claim,
+                    self.store,
+                    self.runs,
+                    who.uid,
+                    files,
+                    to,
+                    self.settings.max_attachments,
+                )
+            except attachments.AttachmentError as exc:
+                raise Refused(str(exc), exc.status) from None
+            return await self._send(who, conv, text, model, persona, models, refs)
 
     async def send_chat(self, who: Caller, chat: ChatRequest) -> Sent:
         """Send a message into the chat a client names by its own id (created on first use)."""
@@ -167,9 +183,10 @@ class ChatService:
         model: str | None,
         persona: str | None,
         models: list[str],
+        files: Sequence[dict] = (),
     ) -> Sent:
         replies = len(models) if len(models) >= 2 else 1
-        self._check_text(text)
+        self._check_text(text, files=len(files))
         await self._admit(who, replies, conv["id"] if conv is not None else None)
         created = conv is None
         persona = persona or (None if conv else next(iter(self.runs.personas)))
@@ -177,20 +194,24 @@ class ChatService:
         if len(models) >= 2:
             parent = conv["head_turn_id"]
             started = [
-                await self._start(who, {**conv, "model": m}, text, parent_id=parent) for m in models
+                await self._start(who, {**conv, "model": m}, text, parent_id=parent, files=files)
+                for m in models
             ]
             await self.off_loop(self.store.set_head, conv["id"], started[0][0]["id"])
         else:
-            started = [await self._start(who, conv, text)]
+            started = [await self._start(who, conv, text, files=files)]
         return Sent(conv, [t for t, _ in started], created, [r for _, r in started])
 
     async def regenerate(self, who: Caller, cid: str, tid: int) -> dict:
         """Answer the same message again, as a new version of the exchange (also: Retry)."""
         async with self._held(who):
             conv, turn = await self.off_loop(self._owned_turn, who, cid, tid)
-            self._check_text(turn["user_text"])
+            files = attachments.refs(turn)
+            self._check_text(turn["user_text"], files=len(files))
             await self._admit(who, 1, cid)
-            new, _ = await self._start(who, conv, turn["user_text"], parent_id=turn["parent_id"])
+            new, _ = await self._start(
+                who, conv, turn["user_text"], parent_id=turn["parent_id"], files=files
+            )
             return new
 
     async def regenerate_chat(self, who: Caller, chat_id: str) -> Sent:
@@ -200,9 +221,12 @@ class ChatService:
             if conv is None or conv["head_turn_id"] is None:
                 raise NotFound()
             _, turn = await self.off_loop(self._owned_turn, who, conv["id"], conv["head_turn_id"])
-            self._check_text(turn["user_text"])
+            files = attachments.refs(turn)
+            self._check_text(turn["user_text"], files=len(files))
             await self._admit(who, 1, conv["id"])
-            new, run = await self._start(who, conv, turn["user_text"], parent_id=turn["parent_id"])
+            new, run = await self._start(
+                who, conv, turn["user_text"], parent_id=turn["parent_id"], files=files
+            )
             return Sent(conv, [new], runs=[run])
 
     async def edit(self, who: Caller, cid: str, tid: int, text: str) -> dict:
@@ -212,7 +236,9 @@ class ChatService:
             conv, turn = await self.off_loop(self._owned_turn, who, cid, tid)
             self._check_text(text)
             await self._admit(who, 1, cid)
-            new, _ = await self._start(who, conv, text, parent_id=turn["parent_id"])
+            new, _ = await self._start(
+                who, conv, text, parent_id=turn["parent_id"], files=attachments.refs(turn)
+            )
             return new
 
     # Stopping and following -----------------------------------------------------------------
@@ -259,14 +285,24 @@ class ChatService:
         await self._limit(who, replies=None)
         try:
             # Validating megabytes of JSON is CPU work: off the event loop, like other big work.
-            turns = await self.off_loop(split_turns, raw, self.settings.max_import_turns)
+            turns = await self.off_loop(
+                split_turns,
+                raw,
+                self.settings.max_import_turns,
+                max_file_bytes=self.settings.max_attachment_bytes,  # an upload's limits
+                max_files=self.settings.max_attachments,
+            )
         except ImportError_ as exc:
             raise Refused(f"Could not import {filename or 'that file'}: {exc}", 422) from None
         title = (filename or "Imported").rsplit(".", 1)[0][:80] or "Imported"
         with _busy_refused():
-            return await self.off_loop(
-                self.store.import_conversation, who.uid, f"Imported: {title}", turns
-            )
+            return await self.off_loop(self._import, who, f"Imported: {title}", turns)
+
+    def _import(self, who: Caller, title: str, turns: list[dict]) -> dict:
+        """Store an imported conversation and the files it carries. Blocking."""
+        conv = self.store.import_conversation(who.uid, title, turns)
+        attachments.add_imported(self.store, who.uid, conv, turns)
+        return conv
 
     # The rules -----------------------------------------------------------------------------
 
@@ -279,9 +315,9 @@ class ChatService:
             raise Refused("That persona does not exist. Pick one from the list.", 422)
         return models
 
-    def _check_text(self, text: str) -> None:
+    def _check_text(self, text: str, *, files: int = 0) -> None:
         limit = self.settings.max_message_chars
-        if not text.strip():
+        if not text.strip() and not files:  # files alone are a message too
             raise Refused("Type a message before sending.", 422)
         if len(text) > limit:
             raise Refused(
@@ -336,18 +372,37 @@ class ChatService:
                 yield
 
     async def _start(
-        self, who: Caller, conv: dict, text: str, *, parent_id: int | None | str = "head"
+        self,
+        who: Caller,
+        conv: dict,
+        text: str,
+        *,
+        parent_id: int | None | str = "head",
+        files: Sequence[dict] = (),
     ) -> tuple[dict, Run]:
         """Commit the user's message, then start its reply as a server-owned run."""
-        turn = await self.off_loop(
-            self.store.add_turn,
+        turn = await self.off_loop(self._commit, who, conv, text, parent_id, files)
+        return turn, self.runs.start(turn, who.uid)
+
+    def _commit(
+        self, who: Caller, conv: dict, text: str, parent_id: int | None | str, files
+    ) -> dict:
+        """The user's message as a new turn, its files bound to it. Blocking."""
+        turn = self.store.add_turn(
             conv["id"],
             text,
             [ModelRequest(parts=[UserPromptPart(content=text)])],
             model=conv["model"] or self.settings.model or "demo",
             parent_id=parent_id,
         )
-        return turn, self.runs.start(turn, who.uid)
+        if files:
+            attachments.bind(self.store, turn, who.uid, files)
+        return turn
+
+    def _model_of(self, conv: dict | None, model: str | None) -> str:
+        """The model a message goes to: the one picked, else the conversation's, else the
+        default."""
+        return model or (conv or {}).get("model") or self.settings.default_model
 
     def _prepare(
         self, who: Caller, conv: dict | None, text: str, model: str | None, persona: str | None
@@ -390,7 +445,12 @@ class ChatService:
         if not messages:
             return []
         try:
-            return turns_of(messages, self.settings.max_import_turns)
+            return turns_of(
+                messages,
+                self.settings.max_import_turns,
+                max_file_bytes=self.settings.max_attachment_bytes,
+                max_files=self.settings.max_attachments,
+            )
         except ImportError_ as exc:
             raise Refused(f"The chat's earlier messages were not accepted: {exc}", 422) from None
 
@@ -403,6 +463,7 @@ class ChatService:
             conv = self.store.import_conversation(who.uid, title, turns, cid=cid)
         except sqlite3.IntegrityError:  # that chat's conversation was deleted: it stays gone
             raise NotFound() from None
+        attachments.add_imported(self.store, who.uid, conv, turns)
         conv["model"] = self.settings.default_model
         self.store.set_model(cid, conv["model"])
         conv["persona"] = next(iter(self.runs.personas))

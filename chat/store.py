@@ -686,3 +686,143 @@ class ChatStore:
     def _dicts(self, table: str, rows: list[tuple]) -> list[dict]:
         cols = [c.name for c in self.db[table].columns]
         return [dict(zip(cols, row, strict=True)) for row in rows]
+
+    # Attachments (chat/attachments.py) ------------------------------------------------------
+    # Files uploaded before their message is sent (pending, `turn_id` null), then bound to the
+    # turn they were sent with. Rows hold the bytes; turns list them in `turns.attachments`.
+
+    _ATTACHMENT_META = "id, owner, turn_id, name, media_type, size, created_at"
+
+    def add_attachment(
+        self,
+        owner: str,
+        name: str,
+        media_type: str,
+        data: bytes,
+        *,
+        max_pending: int,
+        stale_before: str,
+    ) -> dict | None:
+        """Keep an uploaded file as `owner`'s pending attachment; None if `max_pending` wait.
+
+        Pending files uploaded before `stale_before` (ISO time) were never sent: they go first.
+        """
+        row = {
+            "id": new_id(),
+            "owner": owner,
+            "turn_id": None,
+            "name": name,
+            "media_type": media_type,
+            "size": len(data),
+            "created_at": now(),
+        }
+        with self.db.conn:
+            self.db.execute(
+                "delete from attachments where owner = ? and turn_id is null and created_at < ?",
+                [owner, stale_before],
+            )
+            waiting = self.db.execute(
+                "select count(*) from attachments where owner = ? and turn_id is null", [owner]
+            ).fetchone()[0]
+            if waiting >= max_pending:
+                return None
+            self.db.execute(
+                "insert into attachments (id, owner, turn_id, name, media_type, size, data, "
+                "created_at) values (?, ?, ?, ?, ?, ?, ?, ?)",
+                [*list(row.values())[:6], data, row["created_at"]],
+            )
+        return row
+
+    def attachment(self, aid: str, owner: str) -> dict | None:
+        """The attachment `aid` with its bytes (`data`) if `owner` uploaded it, else None."""
+        row = self.db.execute(
+            f"select {self._ATTACHMENT_META}, data from attachments "  # noqa: S608
+            "where id = ? and owner = ?",
+            [aid, owner],
+        ).fetchone()
+        if row is None:
+            return None
+        return dict(zip([*self._ATTACHMENT_META.split(", "), "data"], row, strict=True))
+
+    def pending_attachments(self, owner: str, ids: Sequence[str]) -> list[dict]:
+        """Those of `ids` that are `owner`'s and not sent yet (without bytes), in `ids` order."""
+        if not ids:
+            return []
+        rows = self.db.execute(
+            f"select {self._ATTACHMENT_META} from attachments "  # noqa: S608
+            f"where owner = ? and turn_id is null and id in ({', '.join('?' * len(ids))})",
+            [owner, *ids],
+        ).fetchall()
+        found = {r[0]: dict(zip(self._ATTACHMENT_META.split(", "), r, strict=True)) for r in rows}
+        return [found[i] for i in dict.fromkeys(ids) if i in found]
+
+    def remove_attachment(self, aid: str, owner: str) -> bool:
+        """Drop `owner`'s pending attachment (removed from the composer); False if none."""
+        with self.db.conn:
+            cur = self.db.execute(
+                "delete from attachments where id = ? and owner = ? and turn_id is null",
+                [aid, owner],
+            )
+        return cur.rowcount == 1
+
+    def bind_attachments(self, tid: int, owner: str, files: Sequence[dict]) -> None:
+        """List `files` (id, name, media_type, size) as turn `tid`'s; those still pending are
+        bound to it, so its conversation's deletion deletes them."""
+        ids = [f["id"] for f in files]
+        with self.db.conn:
+            if ids:
+                self.db.execute(
+                    f"update attachments set turn_id = ? where owner = ? and turn_id is null "  # noqa: S608
+                    f"and id in ({', '.join('?' * len(ids))})",
+                    [tid, owner, *ids],
+                )
+            self.db.execute(
+                "update turns set attachments = ? where id = ?",
+                [json.dumps(list(files)) if files else None, tid],
+            )
+
+    def add_turn_attachments(self, tid: int, owner: str, files: Sequence[dict]) -> None:
+        """Store files that arrive with their turn (an import): each dict has `data` and the
+        fields `bind_attachments` lists; the turn lists them."""
+        stamp = now()
+        with self.db.conn:
+            self.db.conn.executemany(
+                "insert into attachments (id, owner, turn_id, name, media_type, size, data, "
+                "created_at) values (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        f["id"],
+                        owner,
+                        tid,
+                        f["name"],
+                        f["media_type"],
+                        len(f["data"]),
+                        f["data"],
+                        stamp,
+                    )
+                    for f in files
+                ],
+            )
+            refs = [{k: f[k] for k in ("id", "name", "media_type", "size")} for f in files]
+            self.db.execute(
+                "update turns set attachments = ? where id = ?", [json.dumps(refs), tid]
+            )
+
+    def purge_pending_attachments(self, before: str) -> int:
+        """Drop every pending (never sent) attachment uploaded before `before` (ISO time)."""
+        with self.db.conn:
+            cur = self.db.execute(
+                "delete from attachments where turn_id is null and created_at < ?", [before]
+            )
+        return cur.rowcount
+
+    def attachment_data(self, owner: str, ids: Sequence[str]) -> dict[str, bytes]:
+        """The bytes of those of `ids` that `owner` uploaded, by id."""
+        if not ids:
+            return {}
+        rows = self.db.execute(
+            f"select id, data from attachments where owner = ? "  # noqa: S608
+            f"and id in ({', '.join('?' * len(ids))})",
+            [owner, *ids],
+        ).fetchall()
+        return {aid: bytes(data) for aid, data in rows}

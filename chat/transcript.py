@@ -1,11 +1,18 @@
-"""Conversations as files: Markdown for people, pydantic-ai message JSON for programs."""
+"""Conversations as files: Markdown for people, pydantic-ai message JSON for programs.
+
+Attachments: the Markdown lists each message's files by name, type and size; the JSON carries
+them whole, each as `BinaryContent` (base64) after its note, so a history exported here can be
+fed to pydantic-ai as it is and imported here again (re-sniffed and held to the upload limits).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
 
 from pydantic import ValidationError
 from pydantic_ai.messages import (
+    BinaryContent,
     ModelMessage,
     ModelMessagesTypeAdapter,
     ModelRequest,
@@ -13,8 +20,8 @@ from pydantic_ai.messages import (
     UserPromptPart,
 )
 
-from chat import untrusted
-from chat.store import load_messages
+from chat import attachments, untrusted
+from chat.store import load_messages, new_id
 
 MAX_IMPORT_BYTES = 5_000_000
 MAX_IMPORT_TURNS = 500
@@ -32,16 +39,70 @@ def branch_messages(turns: list[dict]) -> list[ModelMessage]:
     return out
 
 
-def to_json(turns: list[dict]) -> bytes:
-    """The branch as pydantic-ai message JSON (ModelMessagesTypeAdapter)."""
-    return ModelMessagesTypeAdapter.dump_json(branch_messages(turns), indent=2)
+# Reads the bytes of attachments by id (the owner's only): `ChatStore.attachment_data`, bound.
+FileReader = Callable[[list[str]], dict[str, bytes]]
+
+
+def to_json(turns: list[dict], files: FileReader | None = None) -> bytes:
+    """The branch as pydantic-ai message JSON (ModelMessagesTypeAdapter); with `files`, each
+    attachment's bytes follow its note."""
+    messages = branch_messages(turns)
+    if files is not None:
+        messages = _with_files(messages, files)
+    return ModelMessagesTypeAdapter.dump_json(messages, indent=2)
+
+
+def _with_files(messages: list[ModelMessage], files: FileReader) -> list[ModelMessage]:
+    refs = [r for m in messages for r in _notes(m)]
+    data = files([r["id"] for r in refs]) if refs else {}
+    if not data:
+        return messages
+    out = []
+    for message in messages:
+        if isinstance(message, ModelRequest) and _notes(message):
+            parts = []
+            for part in message.parts:
+                if isinstance(part, UserPromptPart) and not isinstance(part.content, str):
+                    content = []
+                    for item in part.content:
+                        content.append(item)
+                        ref = attachments.ref_of(item)
+                        if ref and ref["id"] in data:
+                            content.append(
+                                BinaryContent(data[ref["id"]], media_type=ref["media_type"])
+                            )
+                    part = replace(part, content=content)
+                parts.append(part)
+            message = replace(message, parts=parts)
+        out.append(message)
+    return out
+
+
+def _notes(message: ModelMessage) -> list[dict]:
+    if not isinstance(message, ModelRequest):
+        return []
+    return [
+        ref
+        for part in message.parts
+        if isinstance(part, UserPromptPart) and not isinstance(part.content, str)
+        for item in part.content
+        if (ref := attachments.ref_of(item))
+    ]
 
 
 def to_markdown(title: str, turns: list[dict]) -> str:
     """The branch as a Markdown transcript."""
     lines = [f"# {title or 'Conversation'}", ""]
     for turn in turns:
-        lines += ["## User", "", turn["user_text"], "", "## Assistant", ""]
+        lines += ["## User", "", turn["user_text"], ""]
+        if files := attachments.refs(turn):
+            for f in files:
+                size = attachments.human_size(f["size"]) if f.get("size") else ""
+                lines.append(
+                    f"- Attached: {f['name']} ({f['media_type']}{', ' + size if size else ''})"
+                )
+            lines.append("")
+        lines += ["## Assistant", ""]
         lines.append(turn["reply_text"] or "_(no reply)_")
         if turn["status"] != "complete":
             lines += [
@@ -56,18 +117,28 @@ def _prompt_text(message: ModelMessage) -> str | None:
     if not isinstance(message, ModelRequest):
         return None
     texts = []
+    prompted = False
     for part in message.parts:
         if isinstance(part, UserPromptPart):
+            prompted = True
             if isinstance(part.content, str):
                 texts.append(part.content)
             else:
                 texts.extend(c for c in part.content if isinstance(c, str))
-    return "\n\n".join(texts) if texts else None
+    # A prompt of files alone (attachments) starts a turn too, with no text.
+    return "\n\n".join(texts) if texts or prompted else None
 
 
-def split_turns(raw: bytes, max_turns: int = MAX_IMPORT_TURNS) -> list[dict]:
+def split_turns(
+    raw: bytes,
+    max_turns: int = MAX_IMPORT_TURNS,
+    *,
+    max_file_bytes: int = 10_000_000,
+    max_files: int = 5,
+) -> list[dict]:
     """Validate an exported JSON file, keep only what is safe to hold (see chat/untrusted.py),
-    and cut it into turns, each starting at a user prompt."""
+    and cut it into turns, each starting at a user prompt. A turn's files (held to the upload
+    limits) are in its `files`, with ids; its messages keep their notes."""
     if len(raw) > MAX_IMPORT_BYTES:
         raise ImportError_(f"The file is larger than {MAX_IMPORT_BYTES // 1_000_000} MB.")
     try:
@@ -79,15 +150,21 @@ def split_turns(raw: bytes, max_turns: int = MAX_IMPORT_TURNS) -> list[dict]:
             "This is not a pydantic-ai message history (ModelMessagesTypeAdapter JSON): "
             f"{first.get('msg', 'invalid')}{' at ' + where if where else ''}."
         ) from None
-    return turns_of(messages, max_turns)
+    return turns_of(messages, max_turns, max_file_bytes=max_file_bytes, max_files=max_files)
 
 
-def turns_of(messages: list[ModelMessage], max_turns: int = MAX_IMPORT_TURNS) -> list[dict]:
+def turns_of(
+    messages: list[ModelMessage],
+    max_turns: int = MAX_IMPORT_TURNS,
+    *,
+    max_file_bytes: int = 10_000_000,
+    max_files: int = 5,
+) -> list[dict]:
     """Outside history (a file, an API client's) cleaned and cut into turns, each starting at
-    a user prompt."""
+    a user prompt. A turn's files (held to the upload limits) are in its `files`, with ids."""
     # It is someone's claim about a conversation: it keeps text and paired tool calls,
     # nothing that would make the server fetch, reference or obey anything.
-    messages = untrusted.clean(messages)
+    messages = untrusted.clean(messages, max_file_bytes=max_file_bytes, max_files=max_files)
     turns: list[dict] = []
     for message in messages:
         prompt = _prompt_text(message)
@@ -97,9 +174,10 @@ def turns_of(messages: list[ModelMessage], max_turns: int = MAX_IMPORT_TURNS) ->
                     f"The conversation has more than {max_turns:,} exchanges, the most "
                     "this site imports. Split it, or ask the operator to raise MAX_IMPORT_TURNS."
                 )
-            turns.append({"user_text": prompt, "messages": [], "reply_text": ""})
+            turns.append({"user_text": prompt, "messages": [], "reply_text": "", "files": []})
         if not turns:
             raise ImportError_("The history must start with a user message.")
+        message = _take_files(message, turns[-1]["files"])
         turns[-1]["messages"].append(message)
         if isinstance(message, ModelResponse):
             if text := message.text:
@@ -108,6 +186,30 @@ def turns_of(messages: list[ModelMessage], max_turns: int = MAX_IMPORT_TURNS) ->
     if not turns:
         raise ImportError_("The file holds no messages.")
     return turns
+
+
+def _take_files(message: ModelMessage, files: list[dict]) -> ModelMessage:
+    """`message` with each file of its user prompts moved to `files` and replaced by its note."""
+    if not isinstance(message, ModelRequest):
+        return message
+    parts = []
+    for part in message.parts:
+        if isinstance(part, UserPromptPart) and not isinstance(part.content, str):
+            content = []
+            for item in part.content:
+                if isinstance(item, BinaryContent):
+                    file = {
+                        "id": new_id(),
+                        "name": item.identifier,
+                        "media_type": item.media_type,
+                        "size": len(item.data),
+                    }
+                    files.append({**file, "data": item.data})
+                    item = attachments.note(file)
+                content.append(item)
+            part = replace(part, content=content)
+        parts.append(part)
+    return replace(message, parts=parts)
 
 
 def markdown_chunks(title: str, pages: Iterable[list[dict]]) -> Iterator[str]:
@@ -120,12 +222,12 @@ def markdown_chunks(title: str, pages: Iterable[list[dict]]) -> Iterator[str]:
             yield "\n" + to_markdown(title, turns)[len(heading) + 1 :]
 
 
-def json_chunks(pages: Iterable[list[dict]]) -> Iterator[bytes]:
+def json_chunks(pages: Iterable[list[dict]], files: FileReader | None = None) -> Iterator[bytes]:
     """`to_json` a page of turns at a time: the same JSON array, written in pieces."""
     yield b"["
     first = True
     for turns in pages:
-        body = to_json(turns)  # "[\n  {...},\n  {...}\n]" or "[]"
+        body = to_json(turns, files)  # "[\n  {...},\n  {...}\n]" or "[]"
         if body.strip() == b"[]":
             continue
         yield (b"\n" if first else b",\n") + body[1:-1].strip(b"\n")

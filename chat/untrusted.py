@@ -17,7 +17,11 @@ Kept:
   orphan return would make the provider refuse every later request of the conversation.
 
 Converted: an attachment in a user prompt (file URL, inline bytes, uploaded file) becomes a short
-bracketed note, so the model knows something was there without anything being fetched.
+bracketed note, so the model knows something was there without anything being fetched. Only an
+import (`max_file_bytes` set) keeps inline bytes: each file is sniffed again, must be what its
+media type claims, and is held to the same limits as an upload (chat/attachments.py); one that
+fails becomes a note too. A URL is
+never fetched, whoever wrote it.
 
 Dropped: system prompts, instructions, retry prompts, thinking, native (provider-run) tools,
 files the model produced, compaction parts, and every id, detail or metadata field.
@@ -30,6 +34,7 @@ import re
 from collections.abc import Sequence
 
 from pydantic_ai.messages import (
+    BinaryContent,
     ModelMessage,
     ModelRequest,
     ModelResponse,
@@ -41,6 +46,8 @@ from pydantic_ai.messages import (
 )
 from pydantic_core import to_json
 
+from chat import attachments
+
 # What OpenAI and Anthropic accept as a tool name; anything else makes them refuse the request.
 _TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _CALL_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
@@ -51,14 +58,19 @@ def attachment_note(kind: str) -> str:
     return f"[an attachment ({kind}) was left out: this history came from outside the server]"
 
 
-def clean(messages: Sequence[ModelMessage]) -> list[ModelMessage]:
-    """`messages` rebuilt from their user text, assistant text and paired tool calls only."""
+def clean(
+    messages: Sequence[ModelMessage], *, max_file_bytes: int | None = None, max_files: int = 0
+) -> list[ModelMessage]:
+    """`messages` rebuilt from their user text, assistant text and paired tool calls only;
+    with `max_file_bytes`, also the inline files of user prompts that pass an upload's checks
+    (at most `max_files` a prompt), as `BinaryContent` whose identifier is the file's name."""
     paired = _paired_calls(messages)
+    files = (max_file_bytes, max_files) if max_file_bytes else None
     out: list[ModelMessage] = []
     for i, message in enumerate(messages):
         keep = paired.get(i, set())
         if isinstance(message, ModelRequest):
-            parts = [p for part in message.parts if (p := _request_part(part, keep))]
+            parts = [p for part in message.parts if (p := _request_part(part, keep, files))]
             if parts:
                 out.append(ModelRequest(parts=parts, timestamp=message.timestamp))
         elif isinstance(message, ModelResponse):
@@ -68,9 +80,13 @@ def clean(messages: Sequence[ModelMessage]) -> list[ModelMessage]:
     return out
 
 
-def _request_part(part, keep: set[str]) -> UserPromptPart | ToolReturnPart | None:
+def _request_part(part, keep: set[str], files=None) -> UserPromptPart | ToolReturnPart | None:
     if type(part) is UserPromptPart:
-        return UserPromptPart(content=_user_text(part.content), timestamp=part.timestamp)
+        if files is not None and not isinstance(part.content, str):
+            content = _user_content(part.content, *files)
+        else:
+            content = _user_text(part.content)
+        return UserPromptPart(content=content, timestamp=part.timestamp)
     if type(part) is ToolReturnPart and part.tool_call_id in keep:
         keep.discard(part.tool_call_id)  # one return per call
         return ToolReturnPart(
@@ -106,6 +122,43 @@ def _user_text(content) -> str:
         elif kind := getattr(item, "kind", None):  # a cache point has none: nothing to say
             texts.append(attachment_note(str(kind)[:40]))
     return "\n\n".join(texts)
+
+
+# The note an export writes before each file (chat/attachments.py `note`): it names the file.
+_NOTE = re.compile(r"\[Attached file: (.+) \([^()]*\)\]")
+
+
+def _user_content(content, max_bytes: int, max_files: int) -> str | list:
+    """A user prompt's text, then its inline files that pass an upload's checks."""
+    texts: list[str] = []
+    files: list[BinaryContent] = []
+    label = ""
+    for item in content:
+        if isinstance(item, str | TextContent):
+            text = item if isinstance(item, str) else item.content
+            if note := _NOTE.fullmatch(text):
+                label = note.group(1)  # names the file that follows; a fresh note replaces it
+            else:
+                texts.append(text)
+            continue
+        if isinstance(item, BinaryContent) and len(files) < max_files:
+            try:
+                name, media_type = attachments.check(item.data, label, max_bytes)
+                # The file's claim must match its bytes (text may say plain or Markdown).
+                if media_type != item.media_type and not (
+                    media_type in attachments.TEXT_TYPES
+                    and item.media_type in attachments.TEXT_TYPES
+                ):
+                    raise attachments.AttachmentError("its bytes are not what it claims")
+            except attachments.AttachmentError:
+                texts.append(attachment_note("a file this site does not accept"))
+            else:
+                files.append(BinaryContent(item.data, media_type=media_type, identifier=name))
+        elif kind := getattr(item, "kind", None):
+            texts.append(attachment_note(str(kind)[:40]))
+        label = ""
+    text = "\n\n".join(texts)
+    return [text, *files] if files else text
 
 
 def _plain(content) -> str:

@@ -19,6 +19,8 @@ from fasthtml.common import (
     Textarea,
 )
 
+from components.attachments import AttachmentTray
+
 
 def PersonaPicker(personas: dict[str, str], current: str | None) -> FT | None:
     """Choose the persona (instruction set) for this conversation."""
@@ -76,12 +78,16 @@ def Composer(
     model: str = "demo",
     personas: dict[str, str] | None = None,
     persona: str | None = None,
+    attach: FT | None = None,
 ) -> FT:
-    """The message form: Enter sends, Shift+Enter adds a line (see app.js)."""
+    """The message form: Enter sends, Shift+Enter adds a line (see app.js). `attach` is the
+    attach button (components/attachments.py); its files wait in the tray above the box."""
     return Form(
         ModelPicker(choices, model, personas, persona),
         Div(id="composer-error", cls="composer-error", role="alert"),
+        AttachmentTray() if attach else None,
         Div(
+            attach,
             Label("Message", fr="msg", cls="visually-hidden"),
             Textarea(
                 id="msg",

@@ -26,6 +26,8 @@ from fasthtml.common import (
     Textarea,
 )
 
+from components.attachments import MessageFiles
+
 STATUS_NOTES = {
     "stopped": "Stopped. The reply above is what was generated before you stopped it.",
     "interrupted": "Interrupted: the server stopped before this reply finished.",
@@ -46,6 +48,8 @@ class TurnLinks:
     next: str | None = None
     version: int = 1
     versions: int = 1
+    # The files sent with the turn's message, each with its URL (components/attachments.py).
+    files: tuple = ()
 
 
 def SafeHTML(html: str, **kw) -> FT:
@@ -103,7 +107,11 @@ def UserMessage(turn: dict, links: TurnLinks | None = None) -> FT:
             ),
         )
     return Article(
-        Div(P(turn["user_text"], cls="text", id=f"text-{tid}"), cls="bubble"),
+        Div(
+            MessageFiles(links.files) if links else None,
+            P(turn["user_text"], cls="text", id=f"text-{tid}"),
+            cls="bubble",
+        ),
         Div(*tools, cls="msg-tools") if links else None,
         cls="msg user",
         data_role="user",
@@ -116,6 +124,7 @@ def EditForm(turn: dict, links: TurnLinks, *, max_chars: int) -> FT:
     tid = turn["id"]
     return Article(
         Form(
+            MessageFiles(links.files),  # an edit is sent with the same files
             Label("Edit message", fr=f"edit-{tid}", cls="visually-hidden"),
             Textarea(
                 turn["user_text"],

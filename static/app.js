@@ -152,3 +152,158 @@
     const ta = $("#msg"); if (ta) { autosize(ta); ta.focus(); }
   });
 })();
+
+// Attachments (components/attachments.py): attach by button, drop or paste; chips; lightbox.
+// Each file is uploaded at once (POST, multipart) and comes back as a chip whose hidden input
+// puts its id in the send form; the server judges every file, this only spares a round trip.
+(function () {
+  "use strict";
+  const input = () => document.getElementById("att-input");
+  const tray = () => document.getElementById("att-tray");
+  const errorBox = () => document.getElementById("composer-error");
+
+  function sizeText(n) {
+    return n < 1000 ? n + " bytes" : n < 1e6 ? Math.round(n / 1000) + " KB" : (n / 1e6).toFixed(1) + " MB";
+  }
+  function say(text) {
+    const p = document.createElement("p");
+    p.className = "error"; p.textContent = text;
+    errorBox().appendChild(p);
+  }
+
+  async function attach(files) {
+    const inp = input(), box = tray();
+    if (!inp || !box || !files.length) return;
+    const max = Number(inp.dataset.maxCount), maxBytes = Number(inp.dataset.maxBytes);
+    errorBox().textContent = "";
+    for (const file of files) {
+      if (box.querySelectorAll(".att-chip").length >= max) {
+        say("A message can carry " + max + " files at most. Remove one to attach another.");
+        break;
+      }
+      if (file.size > maxBytes) {
+        say((file.name || "That file") + " is " + sizeText(file.size) + "; the limit is " + sizeText(maxBytes) + ".");
+        continue;
+      }
+      const chip = document.createElement("div");
+      chip.className = "att-chip uploading"; chip.setAttribute("role", "listitem");
+      chip.setAttribute("aria-busy", "true");
+      const label = document.createElement("span");
+      label.className = "att-name"; label.textContent = "Uploading " + (file.name || "file") + "…";
+      chip.appendChild(label); box.appendChild(chip);
+      const body = new FormData();
+      body.append("file", file, file.name || "pasted.png");
+      try {
+        const r = await fetch(inp.dataset.upload, {
+          method: "POST", body: body, credentials: "same-origin", headers: { "HX-Request": "true" },
+        });
+        const html = await r.text();
+        if (r.ok) {
+          chip.insertAdjacentHTML("afterend", html);
+          const made = chip.nextElementSibling;
+          if (made && window.htmx) htmx.process(made);
+        } else {
+          // The server's refusal is its own escaped fragment: <p class="error">why</p>.
+          errorBox().insertAdjacentHTML("beforeend", html);
+        }
+      } catch (err) {
+        say("Could not upload " + (file.name || "the file") + ". Check the connection and try again.");
+      }
+      chip.remove();
+    }
+  }
+
+  document.addEventListener("change", (e) => {
+    if (e.target.id !== "att-input") return;
+    attach(Array.from(e.target.files || []));
+    e.target.value = ""; // the same file can be chosen again after removing it
+  });
+
+  // Drag and drop anywhere on the chat page.
+  const hasFiles = (e) => e.dataTransfer && Array.from(e.dataTransfer.types || []).includes("Files");
+  document.addEventListener("dragover", (e) => {
+    if (!hasFiles(e) || !input()) return;
+    e.preventDefault();
+    e.dataTransfer.dropEffect = "copy";
+    document.body.classList.add("dropping");
+  });
+  document.addEventListener("dragleave", (e) => {
+    if (!e.relatedTarget) document.body.classList.remove("dropping");
+  });
+  document.addEventListener("drop", (e) => {
+    document.body.classList.remove("dropping");
+    if (!hasFiles(e) || !input()) return;
+    e.preventDefault();
+    attach(Array.from(e.dataTransfer.files || []));
+  });
+
+  // Pasting files (a screenshot, an image copied from a page) into the message box.
+  document.addEventListener("paste", (e) => {
+    if (!e.target.closest || !e.target.closest("#composer") || !e.clipboardData) return;
+    const files = Array.from(e.clipboardData.files || []);
+    if (!files.length) return;
+    // Text that comes with the files (a copied page) still pastes; files alone do not.
+    if (!e.clipboardData.types.includes("text/plain")) e.preventDefault();
+    attach(files);
+  });
+
+  // A message sent while a file is still uploading would leave it behind: wait for it.
+  document.addEventListener("htmx:beforeRequest", (e) => {
+    if (e.target.id !== "composer" || !tray() || !tray().querySelector(".uploading")) return;
+    e.preventDefault();
+    say("Wait a moment: a file is still uploading.");
+  });
+
+  // Files alone are a message too: the box is not required while the tray holds some, and
+  // Enter in an empty box sends them (the box's own Enter handler sends only text).
+  function syncRequired() {
+    const ta = document.getElementById("msg"), box = tray();
+    if (ta && box) ta.required = !box.querySelector(".att-chip");
+  }
+  function watchTray() {
+    if (tray()) new MutationObserver(syncRequired).observe(tray(), { childList: true });
+  }
+  if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", watchTray);
+  else watchTray();
+  document.addEventListener("keydown", (e) => {
+    const ta = e.target;
+    if (!ta || ta.id !== "msg" || e.key !== "Enter" || e.shiftKey || e.isComposing) return;
+    const box = tray();
+    if (!ta.value.trim() && box && box.querySelector(".att-chip:not(.uploading)")) {
+      e.preventDefault();
+      ta.form.requestSubmit();
+    }
+  });
+
+  // A sent message takes its files along: the tray empties with the box.
+  document.addEventListener("htmx:afterRequest", (e) => {
+    if (e.target.id === "composer" && e.detail.successful && tray()) tray().textContent = "";
+  });
+  // A removed chip leaves the focus on the box rather than nowhere (before the swap: a removed
+  // element's own events no longer reach the document).
+  document.addEventListener("htmx:beforeSwap", (e) => {
+    const t = e.detail.target;
+    if (t && t.classList && t.classList.contains("att-chip")) {
+      const ta = document.getElementById("msg"); if (ta) ta.focus();
+    }
+  });
+
+  // An image in a message opens full size over the page; Esc, a click or Close shuts it.
+  document.addEventListener("click", (e) => {
+    const link = e.target.closest && e.target.closest("a[data-lightbox]");
+    if (!link || e.ctrlKey || e.metaKey || e.shiftKey) return;
+    e.preventDefault();
+    const dialog = document.createElement("dialog");
+    dialog.className = "lightbox";
+    const img = document.createElement("img");
+    img.src = link.href; img.alt = link.title || "";
+    const close = document.createElement("button");
+    close.type = "button"; close.textContent = "Close";
+    dialog.append(img, close);
+    dialog.addEventListener("click", () => dialog.close());
+    dialog.addEventListener("close", () => { dialog.remove(); link.focus(); });
+    document.body.appendChild(dialog);
+    dialog.showModal();
+  });
+})();
+// End of attachments

@@ -16,7 +16,15 @@ from web import links
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("web", "chat", "components")
-ROUTE_MODULES = {"web.pages", "web.chat", "web.stream", "web.auth", "web.api", "web.agui"}
+ROUTE_MODULES = {
+    "web.pages",
+    "web.chat",
+    "web.stream",
+    "web.auth",
+    "web.api",
+    "web.agui",
+    "web.attachments",
+}
 LONG_REASON = "Why this module is long:"
 MAX_LINES = 300
 

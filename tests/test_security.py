@@ -38,6 +38,9 @@ def test_every_route_with_an_id_checks_ownership(make_client, scripted):
     read_stream(owner, body)
     stranger = TestClient(owner.app)
     stranger.portal = owner.portal  # same running app, no cookie: another anonymous user
+    # An attachment waiting in the owner's composer (web/attachments.py).
+    up = owner.post("/attachments", files={"file": ("plans.txt", b"secret plans", "text/plain")})
+    aid = re.search(r'name="att" value="([^"]+)"', up.text).group(1)
 
     checked = []
     for route in owner.app.routes:
@@ -45,8 +48,10 @@ def test_every_route_with_an_id_checks_ownership(make_client, scripted):
             continue
         params = set(route.param_convertors)
         # A new kind of id must be added here (and checked in its route) before this passes.
-        assert params <= {"cid", "tid", "chat_id"}, f"{route.path}: teach this test about {params}"
-        path = route.path.replace("{cid}", cid).replace("{tid}", str(tid))
+        assert params <= {"cid", "tid", "chat_id", "aid"}, (
+            f"{route.path}: teach this test about {params}"
+        )
+        path = route.path.replace("{cid}", cid).replace("{tid}", str(tid)).replace("{aid}", aid)
         # A client-named chat (/api/chat/{chat_id}) is looked up among the caller's own chats:
         # for a stranger the owner's id names nothing to stop (404) or resume (204, empty).
         path = path.replace("{chat_id}", cid)
@@ -59,12 +64,14 @@ def test_every_route_with_an_id_checks_ownership(make_client, scripted):
     # The test is only as good as its coverage: the routes that matter must be among them.
     paths = {p for _, p in checked}
     for needed in ("/c/{cid}", "/c/{cid}/turns/{tid}/stream", "/c/{cid}/turns/{tid}/stop",
-                   "/c/{cid}/rename", "/c/{cid}/delete", "/c/{cid}/export.json"):  # fmt: skip
+                   "/c/{cid}/rename", "/c/{cid}/delete", "/c/{cid}/export.json",
+                   "/attachments/{aid}", "/attachments/{aid}/remove"):  # fmt: skip
         assert needed in paths
     # And the stranger changed nothing: the owner still has the conversation, as it was.
     page = owner.get(f"/c/{cid}")
     assert page.status_code == 200 and "my secret plans" in page.text
     assert "Reply <strong>one</strong>" in page.text
+    assert owner.get(f"/attachments/{aid}").content == b"secret plans"
 
 
 def test_search_only_finds_your_own_messages(make_client, scripted):

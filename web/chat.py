@@ -55,15 +55,23 @@ async def send(
     model: str = "",
     persona: str = "",
     compare: list[str] | None = None,
+    att: list[str] | None = None,
 ):
     """Commit a message, start its reply, answer with both messages (the reply streams).
 
     With two or more `compare` models, one reply per model streams side by side; each is a
-    version of the exchange, and the first is kept until the user keeps another.
+    version of the exchange, and the first is kept until the user keeps another. `att` are the
+    ids of the files attached in the composer (uploaded already, see web/attachments.py).
     """
     try:
         sent = await chat_service(req).send(
-            caller(req), msg, cid=cid or None, model=model, persona=persona, compare=compare or ()
+            caller(req),
+            msg,
+            cid=cid or None,
+            model=model,
+            persona=persona,
+            compare=compare or (),
+            files=att or (),
         )
     except Refused as refusal:
         return _refusal(refusal)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from fastcore.xml import FT
 from fasthtml.core import qp
 
+from chat.attachments import refs
 from components.layout import ExportLinks
 from components.messages import TurnLinks
 from components.sidebar import ConvLinks
@@ -38,6 +39,11 @@ REGENERATE = "/c/{cid}/turns/{tid}/regenerate"
 EDIT = "/c/{cid}/turns/{tid}/edit"
 USER_MESSAGE = "/c/{cid}/turns/{tid}/user"
 SHOW = "/c/{cid}/turns/{tid}/show"
+
+# Attachments (web/attachments.py): upload, serve, remove a pending one
+ATTACHMENTS = "/attachments"
+ATTACHMENT = "/attachments/{aid}"
+ATTACHMENT_REMOVE = "/attachments/{aid}/remove"
 
 # Accounts (web/auth.py)
 LOGIN = "/login"
@@ -71,6 +77,7 @@ def turn_links(turn: dict, siblings: dict[int | None, list[int]]) -> TurnLinks:
         next=url(SHOW, cid=cid, tid=group[i + 1]) if i + 1 < len(group) else None,
         version=i + 1,
         versions=len(group),
+        files=tuple((f, url(ATTACHMENT, aid=f["id"])) for f in refs(turn)),
     )
 
 

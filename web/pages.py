@@ -176,7 +176,8 @@ def export_json(req: Request, cid: str):
     pages = store(req).branch_pages(conv["head_turn_id"], EXPORT_PAGE)
     name = _filename(conv["title"], "json")
     return StreamingResponse(
-        json_chunks(pages),
+        # With each attachment's bytes (the owner's only), read a page at a time.
+        json_chunks(pages, files=lambda ids: store(req).attachment_data(uid(req), ids)),
         media_type="application/json",
         headers={"Content-Disposition": f'attachment; filename="{name}"'},
     )

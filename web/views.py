@@ -13,6 +13,7 @@ from starlette.requests import Request
 from chat.markdown import RENDER_BUDGET, RENDER_VERSION, plain, render
 from chat.reply import segments
 from chat.store import load_messages
+from components.attachments import AttachButton
 from components.auth import SignOut
 from components.composer import Composer
 from components.layout import Page, Welcome
@@ -200,6 +201,11 @@ def page(req: Request, conv: dict | None, *, items: tuple | None = None) -> tupl
                 model=model,
                 personas={k: p.name for k, p in runs(req).personas.items()},
                 persona=(conv or {}).get("persona") or next(iter(runs(req).personas)),
+                attach=AttachButton(
+                    links.ATTACHMENTS,
+                    max_bytes=cfg.max_attachment_bytes,
+                    max_count=cfg.max_attachments,
+                ),
             ),
             model=model,
             usage=ConversationUsage(store(req).usage_total(cid) if cid else None),
