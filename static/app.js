@@ -97,29 +97,20 @@
     if (!btn) return;
     let text = "";
     if (btn.classList.contains("copy-code")) {
-      const code = btn.parentElement.querySelector("code");
-      text = code ? code.innerText : "";
+      // The server renders each code box with its header (chat/markdown.py): copy its code.
+      const box = btn.closest(".code-block");
+      const code = box && box.querySelector("pre code");
+      text = code ? code.textContent : "";
     } else {
       const el = document.getElementById(btn.dataset.copy);
       if (el) {
         const clone = el.cloneNode(true);
-        clone.querySelectorAll(".copy-code").forEach((b) => b.remove());
+        clone.querySelectorAll(".code-head").forEach((b) => b.remove());
         text = clone.innerText.trim();
       }
     }
     flash(btn, await copyText(text));
   });
-  function addCodeCopy(root) {
-    (root || document).querySelectorAll(".md:not(.tail) pre").forEach((pre) => {
-      if (pre.querySelector(".copy-code")) return;
-      const b = document.createElement("button");
-      b.type = "button"; b.className = "copy-code small"; b.textContent = "Copy code";
-      pre.appendChild(b);
-    });
-  }
-  document.addEventListener("htmx:afterSwap", () => addCodeCopy());
-  document.addEventListener("htmx:sseMessage", (e) => { if (e.detail && e.detail.type === "blocks") addCodeCopy(); });
-  document.addEventListener("htmx:oobAfterSwap", () => addCodeCopy());
 
   // Theme: system -> light -> dark, remembered in localStorage (theme.js applies it early).
   const THEMES = ["system", "light", "dark"];
@@ -147,7 +138,7 @@
   }, true);
 
   document.addEventListener("DOMContentLoaded", () => {
-    addCodeCopy(); labelTheme(); syncInert();
+    labelTheme(); syncInert();
     const m = messages(); if (m) m.scrollTop = m.scrollHeight;
     const ta = $("#msg"); if (ta) { autosize(ta); ta.focus(); }
   });

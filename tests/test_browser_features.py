@@ -332,7 +332,7 @@ def test_copy_a_message_a_reply_and_a_code_block(web: Watched, app: LiveApp, fak
 
     code_button = reply.get_by_role("button", name="Copy code")
     code_button.click()
-    expect(reply.locator("pre .copy-code")).to_have_text("Copied")
+    expect(reply.locator(".code-block .copy-code")).to_have_text("Copied")
     assert clipboard(page).strip() == 'print("copied!")'
 
     user = page.locator("[data-role=user]")
