@@ -5,9 +5,8 @@ and whatever HTML we generate passes an allow-list that keeps no scripts, no eve
 `hx-*` attributes, no styles and only http/https/mailto links. Images are never fetched: they
 become links, so a reply cannot make the browser call another origin.
 
-Every code block, live or stored, is one box: a header bar (language and a "Copy code" button,
-whose click app.js handles by delegation, so the HTML carries no handler) above the code. Math
-between dollars (`$x$`, `$$x$$`) becomes MathML on the server, through the same allow-list.
+Code blocks (one box with a header bar), math (MathML) and table alignment are the rules in
+chat/markdown_rules.py; their HTML passes the same allow-list.
 
 While a reply streams, `StreamRenderer` splits it into finished top-level blocks, each rendered
 once, and the one unfinished block at the end (the tail), re-rendered on every update.
@@ -26,50 +25,27 @@ import re
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 import nh3
-from latex2mathml.converter import convert as latex_to_mathml
 from markdown_it import MarkdownIt
-from markdown_it.common.utils import escapeHtml, unescapeAll
-from mdit_py_plugins.dollarmath import dollarmath_plugin
 from pygments import highlight
-from pygments.formatters import HtmlFormatter
 from pygments.lexers import get_lexer_by_name
 from pygments.util import ClassNotFound
+
+from chat.markdown_rules import (
+    ALLOWED_VALUES,
+    FORMATTER,
+    MATHML_ATTRIBUTES,
+    MATHML_TAGS,
+    MAX_HIGHLIGHT_CHARS,
+    highlight_live,
+    install_rules,
+)
 
 ALLOWED_TAGS = {
     "p", "br", "hr", "h1", "h2", "h3", "h4", "h5", "h6", "strong", "em", "del", "s", "code",
     "pre", "blockquote", "ul", "ol", "li", "a", "table", "thead", "tbody", "tr", "th", "td",
     "span", "div", "sup", "sub", "button",
-}  # fmt: skip
-# MathML as latex2mathml writes it: presentation elements only. No `annotation-xml` (its
-# encodings can carry HTML), no links (`href`), no styles or colours.
-MATHML_TAGS = {
-    "math", "mrow", "mi", "mn", "mo", "ms", "mtext", "mspace", "msub", "msup", "msubsup",
-    "mfrac", "msqrt", "mroot", "mover", "munder", "munderover", "mtable", "mtr", "mtd",
-    "mstyle", "mpadded", "mphantom", "menclose", "merror", "mmultiscripts", "mprescripts",
-    "none", "semantics", "annotation",
-}  # fmt: skip
-MATHML_ATTRIBUTES = {
-    "math": {"display"},
-    "mo": {"stretchy", "fence", "separator", "form", "largeop", "movablelimits", "accent",
-           "lspace", "rspace", "minsize", "maxsize", "symmetric"},
-    "mi": {"mathvariant"},
-    "mn": {"mathvariant"},
-    "mtext": {"mathvariant"},
-    "mstyle": {"displaystyle", "scriptlevel", "mathvariant"},
-    "mfrac": {"linethickness"},
-    "mover": {"accent"},
-    "munder": {"accentunder"},
-    "munderover": {"accent", "accentunder"},
-    "mtable": {"columnalign", "rowspacing", "columnspacing", "columnlines", "rowlines", "frame"},
-    "mtr": {"columnalign"},
-    "mtd": {"columnalign", "columnspan", "rowspan"},
-    "mspace": {"width", "height", "depth"},
-    "mpadded": {"width", "height", "depth", "lspace", "voffset"},
-    "menclose": {"notation"},
-    "annotation": {"encoding"},
 }  # fmt: skip
 ALLOWED_ATTRIBUTES = {
     "a": {"href", "title"},
@@ -80,16 +56,7 @@ ALLOWED_ATTRIBUTES = {
     "pre": {"class"},
     **MATHML_ATTRIBUTES,
 }
-# Attributes allowed with these values only: table column alignment (as classes, since styles
-# are stripped) and the code header's copy button (a plain button, never a submit).
-ALIGN_CLASSES = {"align-left", "align-center", "align-right"}
-ALLOWED_VALUES = {
-    "th": {"class": ALIGN_CLASSES},
-    "td": {"class": ALIGN_CLASSES},
-    "button": {"type": {"button"}, "class": {"copy-code"}},
-}
 URL_SCHEMES = {"http", "https", "mailto"}
-_FORMATTER = HtmlFormatter(nowrap=True, classprefix="hl-")
 
 # Texts longer than this are not parsed at all: shown as plain text at once.
 MAX_RENDER_CHARS = 200_000
@@ -100,12 +67,6 @@ TAIL_BUDGET = 0.08
 # Shorter texts never hit the budget for real; a pause of the whole process (GC, a busy CPU)
 # must not turn them into plain text.
 _MIN_BUDGETED = 2_000
-# A code block longer than this is shown unhighlighted: Pygments costs ~10 µs a character.
-MAX_HIGHLIGHT_CHARS = 10_000
-# Longer formulas are shown as their TeX source (latex2mathml is pure Python, and recursive).
-MAX_MATH_CHARS = 2_000
-# A live code block is highlighted in pieces of this many lines; each finished piece once.
-TAIL_PIECE_LINES = 16
 
 _deadline: ContextVar[float] = ContextVar("render_deadline", default=float("inf"))
 
@@ -135,95 +96,7 @@ def _highlight(code: str, lang: str, _attrs: str) -> str:
         lexer = get_lexer_by_name(name, stripall=False)
     except ClassNotFound:
         return ""
-    return highlight(code, lexer, _FORMATTER)
-
-
-@lru_cache(maxsize=512)
-def _highlight_piece(code: str, name: str) -> str:
-    try:
-        lexer = get_lexer_by_name(name, stripall=False, ensurenl=False)
-    except ClassNotFound:
-        return ""
-    return highlight(code, lexer, _FORMATTER)
-
-
-def _highlight_live(code: str, lang: str, _attrs: str) -> str:
-    """Highlight a code block that is still growing, at a cost that does not grow with it.
-
-    The code is cut into pieces of `TAIL_PIECE_LINES` finished lines, each highlighted once
-    (cached), plus the short unfinished piece at the end. A construct that spans two pieces
-    (a long string) may be coloured differently until the block is finished and highlighted
-    whole, but the block looks like the finished one, box and colours, while it grows.
-    """
-    name = (lang or "").strip().split()[0] if lang else ""
-    if not name or len(code) > MAX_HIGHLIGHT_CHARS:
-        return ""
-    lines = code.splitlines(keepends=True)
-    out = []
-    for i in range(0, len(lines), TAIL_PIECE_LINES):
-        piece = "".join(lines[i : i + TAIL_PIECE_LINES])
-        done = len(lines[i : i + TAIL_PIECE_LINES]) == TAIL_PIECE_LINES
-        part = _highlight_piece(piece, name) if done else _highlight_uncached(piece, name)
-        if not part and piece:
-            return ""  # unknown language: escaped like the finished block
-        out.append(part)
-    return "".join(out)
-
-
-def _highlight_uncached(code: str, name: str) -> str:
-    return _highlight_piece.__wrapped__(code, name)
-
-
-def _code_block(code: str, lang: str, highlighted: str) -> str:
-    """One code box: a header with the language and a copy button, then the code."""
-    label = escapeHtml(lang) if lang else "text"
-    cls = f' class="language-{escapeHtml(lang)}"' if lang else ""
-    body = highlighted or escapeHtml(code)
-    return (
-        f'<div class="code-block"><div class="code-head"><span class="code-lang">{label}</span>'
-        '<button type="button" class="copy-code">Copy code</button></div>'
-        f"<pre><code{cls}>{body}</code></pre></div>\n"
-    )
-
-
-def _fence(self, tokens, idx, options, env) -> str:
-    """A fenced block as `_code_block`, highlighted when its language is known."""
-    token = tokens[idx]
-    info = unescapeAll(token.info).strip() if token.info else ""
-    lang = info.split()[0] if info else ""
-    highlighted = options.highlight(token.content, lang, "") if options.highlight and lang else ""
-    return _code_block(token.content, lang, highlighted or "")
-
-
-def _indented_code(self, tokens, idx, options, env) -> str:
-    """An indented code block: the same box, without a language."""
-    return _code_block(tokens[idx].content, "", "")
-
-
-@lru_cache(maxsize=1024)
-def _math(tex: str, display: bool) -> str:
-    """TeX to MathML; TeX that cannot be converted is shown as its escaped source."""
-    source = escapeHtml(("$$" if display else "$") + tex + ("$$" if display else "$"))
-    if len(tex) > MAX_MATH_CHARS:
-        return f'<code class="math-source">{source}</code>'
-    try:
-        return latex_to_mathml(tex, display="block" if display else "inline")
-    except Exception:  # noqa: BLE001  (any TeX the converter cannot take: show the source)
-        return f'<code class="math-source">{source}</code>'
-
-
-def _math_renderer(tex: str, options: dict) -> str:
-    return _math(tex, bool(options.get("display_mode")))
-
-
-def _align_as_class(state) -> None:
-    """Table alignment as a class: markdown-it writes a style attribute, which is stripped."""
-    for token in state.tokens:
-        if token.type in ("th_open", "td_open") and (style := token.attrGet("style")):
-            token.attrs.pop("style", None)
-            side = style.rsplit(":", 1)[-1].strip()
-            if f"align-{side}" in ALIGN_CLASSES:
-                token.attrSet("class", f"align-{side}")
+    return highlight(code, lexer, FORMATTER)
 
 
 def _image_as_link(self, tokens, idx, options, env) -> str:
@@ -237,19 +110,7 @@ def _image_as_link(self, tokens, idx, options, env) -> str:
 def _make_md(highlighter=_highlight) -> MarkdownIt:
     md = MarkdownIt("js-default", {"highlight": highlighter})
     md.add_render_rule("image", _image_as_link)
-    md.add_render_rule("fence", _fence)
-    md.add_render_rule("code_block", _indented_code)
-    md.core.ruler.push("align_as_class", _align_as_class)
-    # No digits or spaces next to the dollars, so prices in prose ("$5 and $10") stay text.
-    dollarmath_plugin(
-        md,
-        allow_labels=False,
-        allow_space=False,
-        allow_digits=False,
-        allow_blank_lines=False,
-        double_inline=True,
-        renderer=_math_renderer,
-    )
+    install_rules(md)
     # Checks that run before every block rule (per line) and every inline rule (per markup
     # character), and before each inline post-pass: where the slow inputs spend their time.
     # As a terminator too: paragraphs, tables and setext headings loop over their lines asking
@@ -265,7 +126,7 @@ def _make_md(highlighter=_highlight) -> MarkdownIt:
 _MD = _make_md()
 # The unfinished tail is re-rendered on every update: its code is highlighted piece by piece
 # (see `_highlight_live`), and whole once the block is finished.
-_MD_TAIL = _make_md(_highlight_live)
+_MD_TAIL = _make_md(highlight_live)
 
 
 def sanitize(fragment: str) -> str:

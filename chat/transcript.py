@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Iterator
 
 from pydantic import ValidationError
@@ -24,6 +25,10 @@ class ImportError_(ValueError):
     """The uploaded file is not a conversation we can import; the message says why."""
 
 
+FEEDBACK = ("up", "down")
+FEEDBACK_WORDS = {"up": "good", "down": "bad"}
+
+
 def branch_messages(turns: list[dict]) -> list[ModelMessage]:
     """All pydantic-ai messages of a branch, oldest first: ready to use as `message_history`."""
     out: list[ModelMessage] = []
@@ -32,9 +37,28 @@ def branch_messages(turns: list[dict]) -> list[ModelMessage]:
     return out
 
 
+def _with_feedback(messages: list[ModelMessage], feedback: str | None) -> list[ModelMessage]:
+    """A turn's messages with its thumbs up/down in the last response's `metadata`."""
+    if feedback not in FEEDBACK:
+        return messages
+    for i in range(len(messages) - 1, -1, -1):
+        if isinstance(messages[i], ModelResponse):
+            meta = {**(messages[i].metadata or {}), "feedback": feedback}
+            return [
+                *messages[:i],
+                dataclasses.replace(messages[i], metadata=meta),
+                *messages[i + 1 :],
+            ]
+    return messages
+
+
 def to_json(turns: list[dict]) -> bytes:
-    """The branch as pydantic-ai message JSON (ModelMessagesTypeAdapter)."""
-    return ModelMessagesTypeAdapter.dump_json(branch_messages(turns), indent=2)
+    """The branch as pydantic-ai message JSON (ModelMessagesTypeAdapter); a reply's feedback
+    rides in its response's `metadata` (`{"feedback": "up"}`)."""
+    messages: list[ModelMessage] = []
+    for turn in turns:
+        messages.extend(_with_feedback(load_messages(turn["messages"]), turn.get("feedback")))
+    return ModelMessagesTypeAdapter.dump_json(messages, indent=2)
 
 
 def to_markdown(title: str, turns: list[dict]) -> str:
@@ -43,6 +67,8 @@ def to_markdown(title: str, turns: list[dict]) -> str:
     for turn in turns:
         lines += ["## User", "", turn["user_text"], "", "## Assistant", ""]
         lines.append(turn["reply_text"] or "_(no reply)_")
+        if turn.get("feedback") in FEEDBACK:
+            lines += ["", f"_(rated {FEEDBACK_WORDS[turn['feedback']]})_"]
         if turn["status"] != "complete":
             lines += [
                 "",
@@ -79,6 +105,7 @@ def split_turns(raw: bytes, max_turns: int = MAX_IMPORT_TURNS) -> list[dict]:
             "This is not a pydantic-ai message history (ModelMessagesTypeAdapter JSON): "
             f"{first.get('msg', 'invalid')}{' at ' + where if where else ''}."
         ) from None
+    feedback = _feedback_per_turn(messages)
     # The file is someone's claim about a conversation: it keeps text and paired tool calls,
     # nothing that would make the server fetch, reference or obey anything.
     messages = untrusted.clean(messages)
@@ -101,7 +128,23 @@ def split_turns(raw: bytes, max_turns: int = MAX_IMPORT_TURNS) -> list[dict]:
                 turns[-1]["reply_text"] += sep + text
     if not turns:
         raise ImportError_("The file holds no messages.")
+    if len(feedback) == len(turns):  # the same exchanges as before cleaning: keep the ratings
+        for turn, value in zip(turns, feedback, strict=True):
+            turn["feedback"] = value
     return turns
+
+
+def _feedback_per_turn(messages: list[ModelMessage]) -> list[str | None]:
+    """For each exchange (a user prompt and what follows), the feedback its file records."""
+    out: list[str | None] = []
+    for message in messages:
+        if _prompt_text(message) is not None:
+            out.append(None)
+        elif out and isinstance(message, ModelResponse) and message.metadata:
+            value = message.metadata.get("feedback")
+            if value in FEEDBACK:
+                out[-1] = value
+    return out
 
 
 def markdown_chunks(title: str, pages: Iterable[list[dict]]) -> Iterator[str]:

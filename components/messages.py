@@ -6,6 +6,7 @@ usage, compare columns) is a small component here, and they compose one another.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from fastcore.xml import FT, NotStr
@@ -25,6 +26,7 @@ from fasthtml.common import (
     Summary,
     Textarea,
 )
+from fasthtml.svg import Path, Svg
 
 STATUS_NOTES = {
     "stopped": "Stopped. The reply above is what was generated before you stopped it.",
@@ -46,6 +48,7 @@ class TurnLinks:
     next: str | None = None
     version: int = 1
     versions: int = 1
+    feedback: str | None = None
 
 
 def SafeHTML(html: str, **kw) -> FT:
@@ -187,15 +190,19 @@ def ConversationUsage(total: dict | None, *, oob: bool = False) -> FT:
     )
 
 
-def CompareColumns(columns: list[tuple[str, FT, str]]) -> FT:
-    """Replies from several models side by side; 'Keep' continues the chat from that one."""
+def CompareColumns(columns: list[tuple[str, FT, str | None]]) -> FT:
+    """Replies from several models side by side; 'Keep' continues the chat from that one.
+
+    A column without a keep URL is the one the conversation continues from: marked 'Kept'.
+    """
     return Div(
         *(
             Div(
                 Div(
                     Span(model, cls="badge"),
                     Button("Keep this reply", type="button", cls="small", hx_post=keep,
-                           hx_target="#messages", hx_swap="innerHTML"),
+                           hx_target="#messages", hx_swap="innerHTML")
+                    if keep else Span("Kept", cls="kept"),
                     cls="compare-head",
                 ),
                 reply,
@@ -209,6 +216,47 @@ def CompareColumns(columns: list[tuple[str, FT, str]]) -> FT:
     )  # fmt: skip
 
 
+# A thumb (drawn for this app): the cuff, then the hand. The "down" one is the same, turned.
+THUMB = (
+    "M2 10h4v11H2zM8 10l4-8c1.5 0 2.6 1.1 2.4 2.6L14 9h6a2 2 0 0 1 2 2.3l-1.2 7.5"
+    "A2.6 2.6 0 0 1 18.2 21H8z"
+)
+
+
+def _thumb_icon(turned: bool) -> FT:
+    return Svg(
+        Path(d=THUMB, transform="rotate(180 12 12)" if turned else None),
+        viewBox="0 0 24 24", width="16", height="16", aria_hidden="true", fill="currentColor",
+        focusable="false",
+    )  # fmt: skip
+
+
+def Feedback(url: str, value: str | None) -> FT:
+    """Thumbs up and down on a reply: pressed state shown, pressing again takes it back."""
+
+    def thumb(kind: str, label: str) -> FT:
+        pressed = value == kind
+        return Button(
+            _thumb_icon(kind == "down"),
+            type="button",
+            cls="small icon thumb",
+            aria_label=label,
+            aria_pressed="true" if pressed else "false",
+            hx_post=url,
+            hx_vals=json.dumps({"value": "" if pressed else kind}),
+            hx_target="closest .feedback",
+            hx_swap="outerHTML",
+        )
+
+    return Div(
+        thumb("up", "Good reply"),
+        thumb("down", "Bad reply"),
+        cls="feedback",
+        role="group",
+        aria_label="Rate this reply",
+    )
+
+
 def ReplyFooter(
     turn_id: int,
     status: str,
@@ -220,6 +268,7 @@ def ReplyFooter(
     last: bool = False,
     copy: bool = True,
     extra: FT | None = None,
+    feedback: str | None = None,
 ) -> tuple:
     """What sits under a reply: 'Writing…' and Stop while streaming, then its outcome."""
     if status == "streaming":
@@ -239,8 +288,10 @@ def ReplyFooter(
         parts.append(
             Div(
                 Span(error),
+                # Only the last reply is answered again: retrying an earlier one would branch
+                # and hide the exchanges after it (editing that message is the way there).
                 Button("Retry", type="button", cls="small", hx_post=links.regenerate,
-                       hx_target="#messages", hx_swap="innerHTML") if links else None,
+                       hx_target="#messages", hx_swap="innerHTML") if links and last else None,
                 cls="error",
                 role="alert",
             )
@@ -254,6 +305,8 @@ def ReplyFooter(
                 Button("Regenerate", type="button", cls="small", hx_post=links.regenerate,
                        hx_target="#messages", hx_swap="innerHTML")
             )  # fmt: skip
+        if links.feedback:
+            parts.append(Feedback(links.feedback, feedback))
     parts.append(Usage(usage, model))
     parts.append(extra)
     return tuple(p for p in parts if p is not None)
@@ -270,6 +323,7 @@ def AssistantMessage(
     usage: dict | None = None,
     model: str | None = None,
     last: bool = False,
+    feedback: str | None = None,
 ) -> FT:
     """The assistant's reply. `live` makes it a placeholder that its stream fills in."""
     sse = {"hx_ext": "sse", "sse_connect": links.stream, "sse_close": "done"} if live else {}
@@ -293,6 +347,7 @@ def AssistantMessage(
                 model=model,
                 last=last,
                 copy=bool(body),
+                feedback=feedback,
             ),
             cls="reply-foot",
             sse_swap="end" if live else None,

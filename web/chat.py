@@ -115,6 +115,7 @@ async def _send(req: Request, msg: str, cid: str, model: str, persona: str, mode
         parent = conv["head_turn_id"]
         turns = [await _start(req, {**conv, "model": m}, msg, parent_id=parent) for m in models]
         await off_loop(store(req).set_head, conv["id"], turns[0]["id"])
+        await off_loop(store(req).mark_comparison, [t["id"] for t in turns])
     else:
         turns = [await _start(req, conv, msg)]
     url = urls.conversation(conv["id"])
@@ -199,12 +200,27 @@ async def regenerate(req: Request, cid: str, tid: int):
     try:
         async with _send_lock(req):
             conv, turn = await off_loop(owned_turn, req, cid, tid)
+            if (problem := await off_loop(regenerate_refusal, req, turn)) is not None:
+                return problem
             if (problem := check_message(req, turn["user_text"], cid=cid)) is not None:
                 return problem
             await _start(req, conv, turn["user_text"], parent_id=turn["parent_id"])
     except sqlite3.OperationalError:
         return error_fragment(BUSY, 503)
     return await off_loop(_current_view, req, cid)
+
+
+LATER_EXCHANGES = (
+    "Only the last reply can be regenerated: answering this one again would hide the "
+    "exchanges after it. To go back to this point, edit your message above it."
+)
+
+
+def regenerate_refusal(req: Request, turn: dict):
+    """409 when `turn` has exchanges after it (blocking: call it off the loop), else None."""
+    if store(req).has_later_turns(turn["id"]):
+        return error_fragment(LATER_EXCHANGES, 409)
+    return None
 
 
 def _current_view(req: Request, cid: str) -> tuple:
