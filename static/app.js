@@ -46,6 +46,25 @@
     ta.focus();
   });
 
+  // Compare: the next message goes to every ticked model. The state is said beside "Compare",
+  // and once such a message is sent, comparing is off again (it is one message, not a mode).
+  function compareState() {
+    const boxes = document.querySelectorAll("#composer input[name=compare]");
+    const on = Array.from(boxes).filter((b) => b.checked).length;
+    const state = $("#compare-state"), form = $("#composer");
+    if (state) state.textContent = on >= 2 ? ` · on: next message to ${on} models` : on === 1 ? " · tick one more model" : "";
+    if (form) form.classList.toggle("comparing", on >= 2);
+    return on;
+  }
+  document.addEventListener("change", (e) => { if (e.target.name === "compare") compareState(); });
+  document.addEventListener("htmx:afterRequest", (e) => {
+    if (e.target.id !== "composer" || !e.detail.successful) return;
+    document.querySelectorAll("#composer input[name=compare]").forEach((b) => { b.checked = false; });
+    const pick = $(".compare-pick"); if (pick) pick.open = false;
+    compareState();
+  });
+  document.addEventListener("DOMContentLoaded", compareState);
+
   document.addEventListener("htmx:afterSwap", toBottom);
   document.addEventListener("htmx:sseMessage", toBottom);
   document.addEventListener("htmx:sseClose", (e) => {
