@@ -290,7 +290,7 @@ def ReplyFooter(
                 Span(error),
                 # Only the last reply is answered again: retrying an earlier one would branch
                 # and hide the exchanges after it (editing that message is the way there).
-                Button("Retry", type="button", cls="small", hx_post=links.regenerate,
+                Button("Retry", type="button", cls="small regenerate", hx_post=links.regenerate,
                        hx_target="#messages", hx_swap="innerHTML") if links and last else None,
                 cls="error",
                 role="alert",
@@ -302,8 +302,8 @@ def ReplyFooter(
         parts.append(CopyButton(f"md-{turn_id}"))
         if last and not error:
             parts.append(
-                Button("Regenerate", type="button", cls="small", hx_post=links.regenerate,
-                       hx_target="#messages", hx_swap="innerHTML")
+                Button("Regenerate", type="button", cls="small regenerate",
+                       hx_post=links.regenerate, hx_target="#messages", hx_swap="innerHTML")
             )  # fmt: skip
         if links.feedback:
             parts.append(Feedback(links.feedback, feedback))
