@@ -26,7 +26,6 @@ from fasthtml.common import (
     Summary,
     Textarea,
 )
-from fasthtml.svg import Path, Svg
 
 STATUS_NOTES = {
     "stopped": "Stopped. The reply above is what was generated before you stopped it.",
@@ -216,19 +215,10 @@ def CompareColumns(columns: list[tuple[str, FT, str | None]]) -> FT:
     )  # fmt: skip
 
 
-# A thumb (drawn for this app): the cuff, then the hand. The "down" one is the same, turned.
-THUMB = (
-    "M2 10h4v11H2zM8 10l4-8c1.5 0 2.6 1.1 2.4 2.6L14 9h6a2 2 0 0 1 2 2.3l-1.2 7.5"
-    "A2.6 2.6 0 0 1 18.2 21H8z"
-)
-
-
 def _thumb_icon(turned: bool) -> FT:
-    return Svg(
-        Path(d=THUMB, transform="rotate(180 12 12)" if turned else None),
-        viewBox="0 0 24 24", width="16", height="16", aria_hidden="true", fill="currentColor",
-        focusable="false",
-    )  # fmt: skip
+    # Drawn by CSS from static/thumb.svg (a mask): no inline SVG in the message list, where
+    # only text and sanitized markup belong.
+    return Span(cls="thumb-icon down" if turned else "thumb-icon", aria_hidden="true")
 
 
 def Feedback(url: str, value: str | None) -> FT:
