@@ -205,7 +205,7 @@ def test_the_copy_button_sits_in_the_code_header_never_over_the_code(
         assert not overlaps(box(button), box(code_box.locator("pre code")))
         # Header above the code, both inside the one box.
         assert box(button)["y"] + box(button)["height"] <= box(code_box.locator("pre"))["y"] + 1
-        code_box.scroll_into_view_if_needed()
+        code_box.locator(".code-head").scroll_into_view_if_needed()
         page.screenshot(path=shots_dir() / f"code-header-{size}-light.png")
         button.click()
         expect(code_box.locator(".copy-code")).to_have_text("Copied")
