@@ -23,7 +23,6 @@ from __future__ import annotations
 import html
 import re
 import time
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import nh3
@@ -40,6 +39,8 @@ from chat.markdown_rules import (
     MAX_HIGHLIGHT_CHARS,
     highlight_live,
     install_rules,
+    live_fence,
+    render_deadline,
 )
 
 ALLOWED_TAGS = {
@@ -68,7 +69,7 @@ TAIL_BUDGET = 0.08
 # must not turn them into plain text.
 _MIN_BUDGETED = 2_000
 
-_deadline: ContextVar[float] = ContextVar("render_deadline", default=float("inf"))
+_deadline = render_deadline  # shared with the highlighting and math rules
 
 
 class RenderBudgetExceeded(Exception):
@@ -242,6 +243,10 @@ class StreamRenderer:
                 self.blocks.append(done)
             self.committed += split
             tokens = tokens[k:]
+        if len(tokens) == 1 and tokens[0].type == "fence":
+            # A code block growing at the end (the common long tail): built from pieces
+            # sanitized once each, rather than the whole block highlighted and cleaned again.
+            return new, live_fence(tokens[0], sanitize)
         tail = sanitize(_MD_TAIL.renderer.render(tokens, _MD_TAIL.options, {})) if tokens else ""
         return new, tail
 

@@ -8,6 +8,9 @@ between dollars (`$x$`, `$$x$$`) becomes MathML on the server and passes the sam
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from contextvars import ContextVar
 from functools import lru_cache
 
 from latex2mathml.converter import convert as latex_to_mathml
@@ -20,12 +23,15 @@ from pygments.lexers import get_lexer_by_name
 from pygments.util import ClassNotFound
 
 FORMATTER = HtmlFormatter(nowrap=True, classprefix="hl-")
+# When the document being rendered runs out of time (set by chat.markdown.render): past it,
+# highlighting and math are given up first, and shown as their escaped source.
+render_deadline: ContextVar[float] = ContextVar("render_deadline", default=float("inf"))
 # A code block longer than this is shown unhighlighted: Pygments costs ~10 µs a character.
 MAX_HIGHLIGHT_CHARS = 10_000
 # Longer formulas are shown as their TeX source (latex2mathml is pure Python, and recursive).
 MAX_MATH_CHARS = 2_000
 # A live code block is highlighted in pieces of this many lines; each finished piece once.
-TAIL_PIECE_LINES = 16
+TAIL_PIECE_LINES = 8
 
 # MathML as latex2mathml writes it: presentation elements only. No `annotation-xml` (its
 # encodings can carry HTML), no links (`href`), no styles or colours.
@@ -65,40 +71,58 @@ ALLOWED_VALUES = {
 }
 
 
-@lru_cache(maxsize=512)
-def _highlight_piece(code: str, name: str) -> str:
+@lru_cache(maxsize=64)
+def _lexer(name: str):
+    """A lexer per language name, made once: finding one by name costs more than a short piece."""
     try:
-        lexer = get_lexer_by_name(name, stripall=False, ensurenl=False)
+        return get_lexer_by_name(name, stripall=False, ensurenl=False)
     except ClassNotFound:
-        return ""
-    return highlight(code, lexer, FORMATTER)
+        return None
+
+
+@lru_cache(maxsize=1024)
+def _highlight_piece(code: str, name: str) -> str:
+    lexer = _lexer(name)
+    return highlight(code, lexer, FORMATTER) if lexer is not None else ""
 
 
 def highlight_live(code: str, lang: str, _attrs: str) -> str:
     """Highlight a code block that is still growing, at a cost that does not grow with it.
 
-    The code is cut into pieces of `TAIL_PIECE_LINES` finished lines, each highlighted once
-    (cached), plus the short unfinished piece at the end. A construct that spans two pieces
-    (a long string) may be coloured differently until the block is finished and highlighted
+    The code is cut into pieces of `TAIL_PIECE_LINES` lines, each highlighted once (cached);
+    the line being written is shown plain until it ends. A construct that spans two pieces (a
+    long string) may be coloured differently until the block is finished and highlighted
     whole, but the block looks like the finished one, box and colours, while it grows.
     """
+    return _live_body(code, lang, _highlight_piece)
+
+
+def live_fence(token, clean: Callable[[str], str]) -> str:
+    """A growing fenced block (the tail of a live reply) as its box, already clean: each
+    piece is highlighted and sanitized once (`clean`, cached), so an update costs the line
+    being written, not the whole block again. The box, label and that line are escaped here."""
+    info = unescapeAll(token.info).strip() if token.info else ""
+    lang = info.split()[0] if info else ""
+    body = _live_body(token.content, lang, lambda p, n: _clean_piece(p, n, clean))
+    return _code_block(token.content, lang, body)
+
+
+def _live_body(code: str, lang: str, piece_html) -> str:
     name = (lang or "").strip().split()[0] if lang else ""
-    if not name or len(code) > MAX_HIGHLIGHT_CHARS:
-        return ""
+    if not name or len(code) > MAX_HIGHLIGHT_CHARS or _lexer(name) is None:
+        return ""  # escaped, like the finished block
     lines = code.splitlines(keepends=True)
-    out = []
-    for i in range(0, len(lines), TAIL_PIECE_LINES):
-        piece = "".join(lines[i : i + TAIL_PIECE_LINES])
-        done = len(lines[i : i + TAIL_PIECE_LINES]) == TAIL_PIECE_LINES
-        part = _highlight_piece(piece, name) if done else _highlight_uncached(piece, name)
-        if not part and piece:
-            return ""  # unknown language: escaped like the finished block
-        out.append(part)
-    return "".join(out)
+    writing = lines.pop() if lines and not lines[-1].endswith("\n") else ""
+    out = [
+        piece_html("".join(lines[i : i + TAIL_PIECE_LINES]), name)
+        for i in range(0, len(lines), TAIL_PIECE_LINES)
+    ]
+    return "".join(out) + escapeHtml(writing)
 
 
-def _highlight_uncached(code: str, name: str) -> str:
-    return _highlight_piece.__wrapped__(code, name)
+@lru_cache(maxsize=1024)
+def _clean_piece(piece: str, name: str, clean: Callable[[str], str]) -> str:
+    return clean(_highlight_piece(piece, name))
 
 
 def _code_block(code: str, lang: str, highlighted: str) -> str:
@@ -140,7 +164,11 @@ def _math(tex: str, display: bool) -> str:
 
 
 def _math_renderer(tex: str, options: dict) -> str:
-    return _math(tex, bool(options.get("display_mode")))
+    display = bool(options.get("display_mode"))
+    if time.perf_counter() > render_deadline.get():  # thousands of formulas: the rest as TeX
+        source = escapeHtml(("$$" if display else "$") + tex + ("$$" if display else "$"))
+        return f'<code class="math-source">{source}</code>'
+    return _math(tex, display)
 
 
 def _align_as_class(state) -> None:

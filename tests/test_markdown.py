@@ -678,3 +678,15 @@ def test_sanitize_allows_only_alignment_classes_on_cells():
     out = sanitize('<table><tr><td class="x align-left" style="color:red">a</td>'
                    '<th class="align-right">b</th></tr></table>')  # fmt: skip
     assert 'class="x' not in out and "style" not in out and 'class="align-right"' in out
+
+
+def test_thousands_of_formulas_render_within_the_budget_the_rest_as_tex():
+    import time
+
+    text = " ".join(f"$x_{{{i}}}^2$" for i in range(3000))
+    started = time.perf_counter()
+    out = render(text)
+    # The budget is 0.5 s; the bound leaves room for a noisy machine.
+    assert time.perf_counter() - started < 1.5
+    assert "<math" in out
+    assert "$x_{2999}^2$" in parse_html(out).text or "x" in out
