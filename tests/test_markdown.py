@@ -688,5 +688,6 @@ def test_thousands_of_formulas_render_within_the_budget_the_rest_as_tex():
     out = render(text)
     # The budget is 0.5 s; the bound leaves room for a noisy machine.
     assert time.perf_counter() - started < 1.5
+    # Every formula is shown: as MathML, or (past the budget) as its TeX source.
     assert "<math" in out
-    assert "$x_{2999}^2$" in parse_html(out).text or "x" in out
+    assert out.count("<math") + out.count('class="math-source"') == 3000
