@@ -40,7 +40,14 @@ def build_agent() -> Agent[ToolDeps, str]:
 
 
 class ModelUnavailable(Exception):
-    """A configured model cannot be started (unknown name, missing package or key)."""
+    """A configured model cannot be started (unknown name, missing package or key).
+
+    `str()` is the developer's account (for the log); `model` names it for the user's message.
+    """
+
+    def __init__(self, message: str, model: str = "") -> None:
+        super().__init__(message)
+        self.model = model
 
 
 def resolve_model(name: str | None, settings: Settings) -> Model:
@@ -50,7 +57,7 @@ def resolve_model(name: str | None, settings: Settings) -> Model:
     try:
         model = infer_model(name)
     except Exception as exc:  # unknown provider, missing SDK or key: all are config errors
-        raise ModelUnavailable(f"The model {name!r} could not be started: {exc}") from exc
+        raise ModelUnavailable(f"The model {name!r} could not be started: {exc}", name) from exc
     # An OpenAI-compatible model reads its stream in batches and its requests skip the SDK's
     # per-message type walk, where this SDK release allows (chat/openai_fast.py). Checked
     # through sys.modules: the OpenAI SDK is slow to import, and only loaded if a model needs it.
@@ -74,6 +81,25 @@ def _prompts(messages: list[ModelMessage]) -> list[str]:
     ]
 
 
+# The exact phrases that make the demo model call its tools (see `demo_tool_call`).
+TRY_PHRASES = (
+    ("calculate 12 * (3 + 4)", "calls the `calculate` tool"),
+    ("time in Asia/Tokyo", "calls the `current_time` tool"),
+    ("search hello", "searches your earlier messages with `search_my_messages`"),
+)
+TRY_FIRST = (
+    "### Things to try\n\n"
+    + "\n".join(f"- Send `{phrase}`: the demo model {does}." for phrase, does in TRY_PHRASES)
+    + (
+        "\n- Send anything else to see how a reply streams in: Markdown, code blocks with a copy "
+        "button, tables, and math such as $e^{i\\pi} + 1 = 0$."
+        "\n- Edit a message or regenerate the last reply to make a new version; rate a reply with "
+        "the thumbs; export the conversation from the header."
+    )
+)
+TRY_AGAIN = "Try " + ", ".join(f"`{p}`" for p, _ in TRY_PHRASES) + " to see its tools at work."
+
+
 def demo_reply(messages: list[ModelMessage], settings: Settings) -> str:
     """What the demo model says: how to configure a real model, and an echo of the input."""
     prompts = _prompts(messages)
@@ -86,8 +112,11 @@ def demo_reply(messages: list[ModelMessage], settings: Settings) -> str:
         if keys
         else "No provider API key is set either."
     )
+    intro = TRY_FIRST if earlier == 0 else TRY_AGAIN
     return f"""**This is the offline demo model.** No `MODEL` is configured, so replies come \
 from a small built-in script instead of a language model. {key_note}
+
+{intro}
 
 You wrote:
 

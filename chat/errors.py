@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from pydantic_ai.exceptions import (
     ModelAPIError,
     ModelHTTPError,
@@ -10,6 +12,8 @@ from pydantic_ai.exceptions import (
 )
 
 from chat.agent import ModelUnavailable
+
+log = logging.getLogger("chat")
 
 UNSAVED = (
     "This reply could not be saved yet (the database is not writable). It is kept and will be "
@@ -21,9 +25,11 @@ NOT_SAVED = (
     "This reply could not be saved: the database was not writable. It is shown here until the "
     "server restarts; copy what you need from it."
 )
+# Said to the person chatting, who cannot change the site's settings; the operator's knob
+# (MAX_OUTPUT_TOKENS, MAX_MODEL_REQUESTS) is in the README and the log.
 OUTPUT_LIMIT = (
-    "The reply reached this site's length limit per reply (MAX_OUTPUT_TOKENS) and was stopped "
-    "there. The text above is kept."
+    "This reply reached the longest reply this site allows, so it was stopped there. The text "
+    "above is kept: ask the model to continue, or for a shorter answer."
 )
 
 
@@ -65,7 +71,13 @@ def _context_overflow(exc: Exception) -> bool:
 def describe_error(exc: Exception) -> str:
     """A message for the user: what went wrong and what to do, never a traceback or a key."""
     if isinstance(exc, ModelUnavailable):
-        return str(exc)
+        # The reason (a missing API key, an unknown provider) is for the operator: the log.
+        log.warning("%s", exc)
+        name = f"“{exc.model}” " if exc.model else ""
+        return (
+            f"The model {name}could not be started: this site is not fully set up for it yet. "
+            "Pick another model if the list offers one, or let the site's operator know."
+        )
     if isinstance(exc, FirstTokenTimeout):
         return (
             "The model did not start its reply in time (FIRST_TOKEN_TIMEOUT), so it was ended. "
@@ -76,9 +88,10 @@ def describe_error(exc: Exception) -> str:
     if isinstance(exc, InvalidOutput):
         return "The model sent text that is not valid Unicode, so the reply was ended. Try again."
     if isinstance(exc, UsageLimitExceeded):
+        log.info("usage limit per reply (MAX_OUTPUT_TOKENS / MAX_MODEL_REQUESTS): %s", exc)
         return (
-            "The reply was stopped because it reached this site's usage limit per reply "
-            "(MAX_OUTPUT_TOKENS / MAX_MODEL_REQUESTS)."
+            "This reply reached this site's usage limit for one reply, so it was stopped. "
+            "Ask the model to continue, or for a shorter answer."
         )
     if _context_overflow(exc):
         return (
@@ -88,9 +101,17 @@ def describe_error(exc: Exception) -> str:
     if isinstance(exc, ModelHTTPError):
         code = exc.status_code
         if code in (401, 403):
-            return f"The model service rejected the credentials (HTTP {code}). Check the API key."
+            log.warning("the model service refused the API key (HTTP %s)", code)
+            return (
+                f"The model service refused this site's API key (HTTP {code}). This needs the "
+                "site's operator; try again later."
+            )
         if code == 404:
-            return "The model service does not know this model (HTTP 404). Check MODEL."
+            log.warning("the model service does not know the model (HTTP 404): check MODEL")
+            return (
+                "The model service does not offer the model this site asked for (HTTP 404). "
+                "Pick another model if the list offers one, or let the site's operator know."
+            )
         if code == 429:
             return "The model service is rate limiting requests (HTTP 429). Try again shortly."
         return f"The model service answered with an error (HTTP {code}). Try again."

@@ -5,6 +5,9 @@ and whatever HTML we generate passes an allow-list that keeps no scripts, no eve
 `hx-*` attributes, no styles and only http/https/mailto links. Images are never fetched: they
 become links, so a reply cannot make the browser call another origin.
 
+Code blocks (one box with a header bar), math (MathML) and table alignment are the rules in
+chat/markdown_rules.py; their HTML passes the same allow-list.
+
 While a reply streams, `StreamRenderer` splits it into finished top-level blocks, each rendered
 once, and the one unfinished block at the end (the tail), re-rendered on every update.
 
@@ -20,20 +23,30 @@ from __future__ import annotations
 import html
 import re
 import time
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import nh3
 from markdown_it import MarkdownIt
 from pygments import highlight
-from pygments.formatters import HtmlFormatter
 from pygments.lexers import get_lexer_by_name
 from pygments.util import ClassNotFound
+
+from chat.markdown_rules import (
+    ALLOWED_VALUES,
+    FORMATTER,
+    MATHML_ATTRIBUTES,
+    MATHML_TAGS,
+    MAX_HIGHLIGHT_CHARS,
+    highlight_live,
+    install_rules,
+    live_fence,
+    render_deadline,
+)
 
 ALLOWED_TAGS = {
     "p", "br", "hr", "h1", "h2", "h3", "h4", "h5", "h6", "strong", "em", "del", "s", "code",
     "pre", "blockquote", "ul", "ol", "li", "a", "table", "thead", "tbody", "tr", "th", "td",
-    "span", "div", "sup", "sub",
+    "span", "div", "sup", "sub", "button",
 }  # fmt: skip
 ALLOWED_ATTRIBUTES = {
     "a": {"href", "title"},
@@ -42,9 +55,9 @@ ALLOWED_ATTRIBUTES = {
     "span": {"class"},
     "div": {"class"},
     "pre": {"class"},
+    **MATHML_ATTRIBUTES,
 }
 URL_SCHEMES = {"http", "https", "mailto"}
-_FORMATTER = HtmlFormatter(nowrap=True, classprefix="hl-")
 
 # Texts longer than this are not parsed at all: shown as plain text at once.
 MAX_RENDER_CHARS = 200_000
@@ -55,10 +68,8 @@ TAIL_BUDGET = 0.08
 # Shorter texts never hit the budget for real; a pause of the whole process (GC, a busy CPU)
 # must not turn them into plain text.
 _MIN_BUDGETED = 2_000
-# A code block longer than this is shown unhighlighted: Pygments costs ~10 µs a character.
-MAX_HIGHLIGHT_CHARS = 10_000
 
-_deadline: ContextVar[float] = ContextVar("render_deadline", default=float("inf"))
+_deadline = render_deadline  # shared with the highlighting and math rules
 
 
 class RenderBudgetExceeded(Exception):
@@ -86,7 +97,7 @@ def _highlight(code: str, lang: str, _attrs: str) -> str:
         lexer = get_lexer_by_name(name, stripall=False)
     except ClassNotFound:
         return ""
-    return highlight(code, lexer, _FORMATTER)
+    return highlight(code, lexer, FORMATTER)
 
 
 def _image_as_link(self, tokens, idx, options, env) -> str:
@@ -100,6 +111,7 @@ def _image_as_link(self, tokens, idx, options, env) -> str:
 def _make_md(highlighter=_highlight) -> MarkdownIt:
     md = MarkdownIt("js-default", {"highlight": highlighter})
     md.add_render_rule("image", _image_as_link)
+    install_rules(md)
     # Checks that run before every block rule (per line) and every inline rule (per markup
     # character), and before each inline post-pass: where the slow inputs spend their time.
     # As a terminator too: paragraphs, tables and setext headings loop over their lines asking
@@ -113,17 +125,18 @@ def _make_md(highlighter=_highlight) -> MarkdownIt:
 
 
 _MD = _make_md()
-# The unfinished tail is re-rendered on every update: it skips Pygments (the costliest step),
-# and its code is highlighted once, when the block is finished.
-_MD_TAIL = _make_md(None)
+# The unfinished tail is re-rendered on every update: its code is highlighted piece by piece
+# (see `_highlight_live`), and whole once the block is finished.
+_MD_TAIL = _make_md(highlight_live)
 
 
 def sanitize(fragment: str) -> str:
     """Apply the allow-list to generated HTML."""
     return nh3.clean(
         fragment,
-        tags=ALLOWED_TAGS,
+        tags=ALLOWED_TAGS | MATHML_TAGS,
         attributes=ALLOWED_ATTRIBUTES,
+        tag_attribute_values=ALLOWED_VALUES,
         url_schemes=URL_SCHEMES,
         link_rel="noopener noreferrer nofollow",
         strip_comments=True,
@@ -132,7 +145,7 @@ def sanitize(fragment: str) -> str:
 
 # Bump whenever `render` would write different HTML for the same text (markdown options, the
 # highlighter, the sanitizer's allow-list): replies cached by an older version are re-rendered.
-RENDER_VERSION = 1
+RENDER_VERSION = 2
 
 
 def render(text: str, *, budget: float | None = None) -> str:
@@ -230,6 +243,10 @@ class StreamRenderer:
                 self.blocks.append(done)
             self.committed += split
             tokens = tokens[k:]
+        if len(tokens) == 1 and tokens[0].type == "fence":
+            # A code block growing at the end (the common long tail): built from pieces
+            # sanitized once each, rather than the whole block highlighted and cleaned again.
+            return new, live_fence(tokens[0], sanitize)
         tail = sanitize(_MD_TAIL.renderer.render(tokens, _MD_TAIL.options, {})) if tokens else ""
         return new, tail
 

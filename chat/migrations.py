@@ -149,6 +149,17 @@ def m005_account_hardening(db: Database) -> None:
 
 
 @migration
+def m006_reply_feedback(db: Database) -> None:
+    """A reply's thumbs up or down (`feedback`: 'up', 'down' or null), and side-by-side groups.
+
+    `compare_group` is the id of the first turn of a comparison (one message sent to several
+    models at once), on every turn of it, so a reloaded page shows the replies as columns again.
+    """
+    db["turns"].add_column("feedback", str)
+    db["turns"].add_column("compare_group", int)
+    db["turns"].create_index(["compare_group"])
+
+
 def m007_attachments(db: Database) -> None:
     """Files sent with a message (chat/attachments.py): their bytes live here, not in turns.
 

@@ -38,6 +38,11 @@ from chat.transcript import ImportError_, split_turns, turns_of
 
 # The database could not take a write in time (locked past its busy timeout, or read-only).
 BUSY = "The server is busy saving other changes. Try again in a moment."
+# Regenerating an earlier reply would branch away the exchanges after it, out of sight.
+LATER_EXCHANGES = (
+    "Only the last reply can be regenerated: answering this one again would hide the "
+    "exchanges after it. To go back to this point, edit your message above it."
+)
 NO_CONVERSATION = "That conversation does not exist."
 # A client's chat id longer than this is refused: it is hashed into a conversation id, but a
 # megabyte of id is no one's chat.
@@ -198,6 +203,8 @@ class ChatService:
                 for m in models
             ]
             await self.off_loop(self.store.set_head, conv["id"], started[0][0]["id"])
+            # Stored as one comparison, so a reloaded page shows the replies as columns again.
+            await self.off_loop(self.store.mark_comparison, [t["id"] for t, _ in started])
         else:
             started = [await self._start(who, conv, text, files=files)]
         return Sent(conv, [t for t, _ in started], created, [r for _, r in started])
@@ -206,6 +213,8 @@ class ChatService:
         """Answer the same message again, as a new version of the exchange (also: Retry)."""
         async with self._held(who):
             conv, turn = await self.off_loop(self._owned_turn, who, cid, tid)
+            if await self.off_loop(self.store.has_later_turns, turn["id"]):
+                raise Refused(LATER_EXCHANGES, 409)
             files = attachments.refs(turn)
             self._check_text(turn["user_text"], files=len(files))
             await self._admit(who, 1, cid)

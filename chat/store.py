@@ -625,10 +625,15 @@ class ChatStore:
         return out
 
     def search(self, owner: str, query: str, limit: int = 30) -> list[dict]:
-        """Full-text search over the owner's messages; snippets mark hits with \x02 and \x03."""
-        terms = " ".join('"' + t.replace('"', '""') + '"' for t in query.split())
-        if not terms:
+        """Search the owner's conversation titles and messages, each word as a word prefix
+        ("pyth" finds "Python"). Title hits come first (`turn_id` None); message snippets mark
+        hits with \x02 and \x03."""
+        words = query.split()
+        if not words:
             return []
+        titles = self._search_titles(owner, words, min(limit, 10))
+        # Each word quoted (so FTS5 syntax in it is text) and made a prefix query.
+        terms = " ".join('"' + t.replace('"', '""') + '"*' for t in words)
         rows = self.db.execute(
             "select t.id, t.conversation_id, c.title, t.created_at, "
             "snippet(turns_fts, -1, char(2), char(3), '…', 12) "
@@ -636,10 +641,71 @@ class ChatStore:
             "join conversations c on c.id = t.conversation_id "
             "where turns_fts match ? and c.owner = ? and c.deleted_at is null "
             "order by rank limit ?",
-            [terms, owner, limit],
+            [terms, owner, max(limit - len(titles), 0)],
         ).fetchall()
         keys = ("turn_id", "conversation_id", "title", "created_at", "snippet")
-        return [dict(zip(keys, row, strict=True)) for row in rows]
+        return titles + [dict(zip(keys, row, strict=True)) for row in rows]
+
+    def _search_titles(self, owner: str, words: list[str], limit: int) -> list[dict]:
+        """The owner's conversations whose title has a word starting with each of `words`."""
+        like = [
+            "(' ' || lower(title)) like ? escape '\\'" for _ in words
+        ]  # a word start: after a space (or the start, given the leading space)
+        args = [
+            "% " + w.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            for w in words
+        ]
+        rows = self.db.execute(
+            "select id, title, updated_at from conversations "  # noqa: S608  (only `?` terms)
+            f"where owner = ? and deleted_at is null and {' and '.join(like)} "
+            "order by updated_at desc limit ?",
+            [owner, *args, limit],
+        ).fetchall()
+        return [
+            {"turn_id": None, "conversation_id": cid, "title": title, "created_at": stamp,
+             "snippet": ""}
+            for cid, title, stamp in rows
+        ]  # fmt: skip
+
+    # Feedback and comparisons ------------------------------------------------------------
+
+    def set_feedback(self, tid: int, owner: str, value: str | None) -> bool:
+        """Record the owner's thumbs up or down ('up', 'down', or None to clear) on a reply."""
+        assert value in ("up", "down", None), value
+        with self.db.conn:
+            cur = self.db.execute(
+                "update turns set feedback = ? where id = ? and conversation_id in "
+                "(select id from conversations where owner = ? and deleted_at is null)",
+                [value, tid, owner],
+            )
+        return cur.rowcount == 1
+
+    def mark_comparison(self, tids: Sequence[int]) -> None:
+        """Record that the turns `tids` answer one message side by side (the first names it)."""
+        with self.db.conn:
+            self.db.conn.executemany(
+                "update turns set compare_group = ? where id = ?", [(tids[0], t) for t in tids]
+            )
+
+    def comparisons(self, groups: Iterable[int]) -> dict[int, list[dict]]:
+        """For each comparison group id, its turns, oldest first."""
+        ids = sorted(set(groups))
+        if not ids:
+            return {}
+        rows = self.db.execute(
+            f"select * from turns where compare_group in ({', '.join('?' * len(ids))}) "  # noqa: S608
+            "order by id",
+            ids,
+        ).fetchall()
+        out: dict[int, list[dict]] = {}
+        for turn in self._dicts("turns", rows):
+            out.setdefault(turn["compare_group"], []).append(turn)
+        return out
+
+    def has_later_turns(self, tid: int) -> bool:
+        """True when some exchange follows turn `tid` (a reply to it exists)."""
+        row = self.db.execute("select 1 from turns where parent_id = ? limit 1", [tid]).fetchone()
+        return row is not None
 
     def import_conversation(
         self, owner: str, title: str, turns: list[dict], *, cid: str | None = None
@@ -653,8 +719,8 @@ class ChatStore:
                 stamp = now()
                 parent = self.db.execute(
                     "insert into turns (conversation_id, parent_id, user_text, reply_text, "
-                    "messages, status, model, created_at, finished_at) "
-                    "values (?, ?, ?, ?, ?, 'complete', ?, ?, ?)",
+                    "messages, status, model, created_at, finished_at, feedback) "
+                    "values (?, ?, ?, ?, ?, 'complete', ?, ?, ?, ?)",
                     [
                         conv["id"],
                         parent,
@@ -664,6 +730,7 @@ class ChatStore:
                         t.get("model"),
                         stamp,
                         stamp,
+                        t.get("feedback") if t.get("feedback") in ("up", "down") else None,
                     ],
                 ).lastrowid
             self.db.execute(

@@ -31,6 +31,10 @@ class ImportError_(ValueError):
     """The uploaded file is not a conversation we can import; the message says why."""
 
 
+FEEDBACK = ("up", "down")
+FEEDBACK_WORDS = {"up": "good", "down": "bad"}
+
+
 def branch_messages(turns: list[dict]) -> list[ModelMessage]:
     """All pydantic-ai messages of a branch, oldest first: ready to use as `message_history`."""
     out: list[ModelMessage] = []
@@ -39,14 +43,32 @@ def branch_messages(turns: list[dict]) -> list[ModelMessage]:
     return out
 
 
+def _with_feedback(messages: list[ModelMessage], feedback: str | None) -> list[ModelMessage]:
+    """A turn's messages with its thumbs up/down in the last response's `metadata`."""
+    if feedback not in FEEDBACK:
+        return messages
+    for i in range(len(messages) - 1, -1, -1):
+        if isinstance(messages[i], ModelResponse):
+            meta = {**(messages[i].metadata or {}), "feedback": feedback}
+            return [
+                *messages[:i],
+                replace(messages[i], metadata=meta),
+                *messages[i + 1 :],
+            ]
+    return messages
+
+
 # Reads the bytes of attachments by id (the owner's only): `ChatStore.attachment_data`, bound.
 FileReader = Callable[[list[str]], dict[str, bytes]]
 
 
 def to_json(turns: list[dict], files: FileReader | None = None) -> bytes:
     """The branch as pydantic-ai message JSON (ModelMessagesTypeAdapter); with `files`, each
-    attachment's bytes follow its note."""
-    messages = branch_messages(turns)
+    attachment's bytes follow its note. A reply's feedback rides in its response's `metadata`
+    (`{"feedback": "up"}`)."""
+    messages: list[ModelMessage] = []
+    for turn in turns:
+        messages.extend(_with_feedback(load_messages(turn["messages"]), turn.get("feedback")))
     if files is not None:
         messages = _with_files(messages, files)
     return ModelMessagesTypeAdapter.dump_json(messages, indent=2)
@@ -104,6 +126,8 @@ def to_markdown(title: str, turns: list[dict]) -> str:
             lines.append("")
         lines += ["## Assistant", ""]
         lines.append(turn["reply_text"] or "_(no reply)_")
+        if turn.get("feedback") in FEEDBACK:
+            lines += ["", f"_(rated {FEEDBACK_WORDS[turn['feedback']]})_"]
         if turn["status"] != "complete":
             lines += [
                 "",
@@ -150,7 +174,12 @@ def split_turns(
             "This is not a pydantic-ai message history (ModelMessagesTypeAdapter JSON): "
             f"{first.get('msg', 'invalid')}{' at ' + where if where else ''}."
         ) from None
-    return turns_of(messages, max_turns, max_file_bytes=max_file_bytes, max_files=max_files)
+    feedback = _feedback_per_turn(messages)
+    turns = turns_of(messages, max_turns, max_file_bytes=max_file_bytes, max_files=max_files)
+    if len(feedback) == len(turns):  # the same exchanges as before cleaning: keep the ratings
+        for turn, value in zip(turns, feedback, strict=True):
+            turn["feedback"] = value
+    return turns
 
 
 def turns_of(
@@ -210,6 +239,19 @@ def _take_files(message: ModelMessage, files: list[dict]) -> ModelMessage:
             part = replace(part, content=content)
         parts.append(part)
     return replace(message, parts=parts)
+
+
+def _feedback_per_turn(messages: list[ModelMessage]) -> list[str | None]:
+    """For each exchange (a user prompt and what follows), the feedback its file records."""
+    out: list[str | None] = []
+    for message in messages:
+        if _prompt_text(message) is not None:
+            out.append(None)
+        elif out and isinstance(message, ModelResponse) and message.metadata:
+            value = message.metadata.get("feedback")
+            if value in FEEDBACK:
+                out[-1] = value
+    return out
 
 
 def markdown_chunks(title: str, pages: Iterable[list[dict]]) -> Iterator[str]:

@@ -55,7 +55,9 @@ def ModelPicker(
             name="model",
         ),
         Details(
-            Summary("Compare"),
+            # app.js says here whether the next message goes to several models (and turns
+            # comparing off once it has): a comparison is one message, not a mode.
+            Summary("Compare", Span(id="compare-state", cls="compare-state", aria_live="polite")),
             Fieldset(
                 Legend("Send the next message to several models"),
                 *(

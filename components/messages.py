@@ -6,6 +6,7 @@ usage, compare columns) is a small component here, and they compose one another.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from fastcore.xml import FT, NotStr
@@ -50,6 +51,7 @@ class TurnLinks:
     versions: int = 1
     # The files sent with the turn's message, each with its URL (components/attachments.py).
     files: tuple = ()
+    feedback: str | None = None
 
 
 def SafeHTML(html: str, **kw) -> FT:
@@ -196,15 +198,19 @@ def ConversationUsage(total: dict | None, *, oob: bool = False) -> FT:
     )
 
 
-def CompareColumns(columns: list[tuple[str, FT, str]]) -> FT:
-    """Replies from several models side by side; 'Keep' continues the chat from that one."""
+def CompareColumns(columns: list[tuple[str, FT, str | None]]) -> FT:
+    """Replies from several models side by side; 'Keep' continues the chat from that one.
+
+    A column without a keep URL is the one the conversation continues from: marked 'Kept'.
+    """
     return Div(
         *(
             Div(
                 Div(
                     Span(model, cls="badge"),
                     Button("Keep this reply", type="button", cls="small", hx_post=keep,
-                           hx_target="#messages", hx_swap="innerHTML"),
+                           hx_target="#messages", hx_swap="innerHTML")
+                    if keep else Span("Kept", cls="kept"),
                     cls="compare-head",
                 ),
                 reply,
@@ -218,6 +224,38 @@ def CompareColumns(columns: list[tuple[str, FT, str]]) -> FT:
     )  # fmt: skip
 
 
+def _thumb_icon(turned: bool) -> FT:
+    # Drawn by CSS from static/thumb.svg (a mask): no inline SVG in the message list, where
+    # only text and sanitized markup belong.
+    return Span(cls="thumb-icon down" if turned else "thumb-icon", aria_hidden="true")
+
+
+def Feedback(url: str, value: str | None) -> FT:
+    """Thumbs up and down on a reply: pressed state shown, pressing again takes it back."""
+
+    def thumb(kind: str, label: str) -> FT:
+        pressed = value == kind
+        return Button(
+            _thumb_icon(kind == "down"),
+            type="button",
+            cls="small icon thumb",
+            aria_label=label,
+            aria_pressed="true" if pressed else "false",
+            hx_post=url,
+            hx_vals=json.dumps({"value": "" if pressed else kind}),
+            hx_target="closest .feedback",
+            hx_swap="outerHTML",
+        )
+
+    return Div(
+        thumb("up", "Good reply"),
+        thumb("down", "Bad reply"),
+        cls="feedback",
+        role="group",
+        aria_label="Rate this reply",
+    )
+
+
 def ReplyFooter(
     turn_id: int,
     status: str,
@@ -229,6 +267,7 @@ def ReplyFooter(
     last: bool = False,
     copy: bool = True,
     extra: FT | None = None,
+    feedback: str | None = None,
 ) -> tuple:
     """What sits under a reply: 'Writing…' and Stop while streaming, then its outcome."""
     if status == "streaming":
@@ -248,8 +287,10 @@ def ReplyFooter(
         parts.append(
             Div(
                 Span(error),
-                Button("Retry", type="button", cls="small", hx_post=links.regenerate,
-                       hx_target="#messages", hx_swap="innerHTML") if links else None,
+                # Only the last reply is answered again: retrying an earlier one would branch
+                # and hide the exchanges after it (editing that message is the way there).
+                Button("Retry", type="button", cls="small regenerate", hx_post=links.regenerate,
+                       hx_target="#messages", hx_swap="innerHTML") if links and last else None,
                 cls="error",
                 role="alert",
             )
@@ -260,9 +301,11 @@ def ReplyFooter(
         parts.append(CopyButton(f"md-{turn_id}"))
         if last and not error:
             parts.append(
-                Button("Regenerate", type="button", cls="small", hx_post=links.regenerate,
-                       hx_target="#messages", hx_swap="innerHTML")
+                Button("Regenerate", type="button", cls="small regenerate",
+                       hx_post=links.regenerate, hx_target="#messages", hx_swap="innerHTML")
             )  # fmt: skip
+        if links.feedback:
+            parts.append(Feedback(links.feedback, feedback))
     parts.append(Usage(usage, model))
     parts.append(extra)
     return tuple(p for p in parts if p is not None)
@@ -279,6 +322,7 @@ def AssistantMessage(
     usage: dict | None = None,
     model: str | None = None,
     last: bool = False,
+    feedback: str | None = None,
 ) -> FT:
     """The assistant's reply. `live` makes it a placeholder that its stream fills in."""
     sse = {"hx_ext": "sse", "sse_connect": links.stream, "sse_close": "done"} if live else {}
@@ -302,6 +346,7 @@ def AssistantMessage(
                 model=model,
                 last=last,
                 copy=bool(body),
+                feedback=feedback,
             ),
             cls="reply-foot",
             sse_swap="end" if live else None,

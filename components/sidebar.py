@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 from fastcore.xml import FT
 from fasthtml.common import (
@@ -27,14 +27,28 @@ from fasthtml.svg import Path, Svg
 
 
 def group_label(stamp: str, today: datetime | None = None) -> str:
-    """'Today', 'Yesterday' or 'Earlier' for an ISO timestamp."""
-    today = (today or datetime.now(UTC)).date()
-    day = datetime.fromisoformat(stamp).date()
-    if day == today:
+    """Which sidebar group a conversation last active at `stamp` (ISO) falls in: 'Today',
+    'Yesterday', 'Previous 7 days', 'Previous 30 days', then its month ('November 2026')."""
+    now = today or datetime.now(UTC)
+    when = datetime.fromisoformat(stamp)
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    days = (now.date() - when.astimezone(now.tzinfo or UTC).date()).days
+    if days <= 0:
         return "Today"
-    if day == today - timedelta(days=1):
+    if days == 1:
         return "Yesterday"
-    return "Earlier"
+    if days <= 7:
+        return "Previous 7 days"
+    if days <= 30:
+        return "Previous 30 days"
+    return f"{MONTHS[when.month - 1]} {when.year}"
+
+
+MONTHS = (
+    "January", "February", "March", "April", "May", "June", "July", "August", "September",
+    "October", "November", "December",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -143,11 +157,16 @@ def DeletedItem(conv: dict, links: ConvLinks) -> FT:
     )
 
 
-def Sidebar(conversations: list[dict], links: dict[str, ConvLinks], current: str | None) -> FT:
-    """The conversation list, newest first, grouped by day."""
+def Sidebar(
+    conversations: list[dict],
+    links: dict[str, ConvLinks],
+    current: str | None,
+    today: datetime | None = None,
+) -> FT:
+    """The conversation list, most recently active first, grouped by when (see group_label)."""
     groups: dict[str, list] = {}
     for conv in conversations:
-        groups.setdefault(group_label(conv["updated_at"]), []).append(conv)
+        groups.setdefault(group_label(conv["updated_at"], today), []).append(conv)
     return Nav(
         *(
             Div(
@@ -175,7 +194,7 @@ def SearchBox(url: str) -> FT:
             type="search",
             id="search",
             name="q",
-            placeholder="Search messages",
+            placeholder="Search chats and messages",
             autocomplete="off",
             hx_get=url,
             hx_trigger="input changed delay:250ms, search",
@@ -197,6 +216,18 @@ def _marked(snippet: str) -> tuple:
     return tuple(out)
 
 
+def _marked_words(title: str, query: str) -> tuple:
+    """`title` with the start of each word that a query word begins marked."""
+    prefixes = [w.lower() for w in query.split() if w]
+    out: list = []
+    for i, word in enumerate(title.split(" ")):
+        if i:
+            out.append(" ")
+        n = max((len(p) for p in prefixes if word.lower().startswith(p)), default=0)
+        out.extend((Mark(word[:n]), word[n:]) if n else (word,))
+    return tuple(out)
+
+
 def SearchResults(query: str, results: list[dict], urls: list[str]) -> FT:
     """Search hits, each linking to its message."""
     if not query.strip():
@@ -208,6 +239,15 @@ def SearchResults(query: str, results: list[dict], urls: list[str]) -> FT:
         Ul(
             *(
                 Li(A(Strong(r["title"] or "Conversation"), Br(), *_marked(r["snippet"]), href=u))
+                if r["turn_id"] is not None
+                else Li(
+                    A(
+                        Strong(*_marked_words(r["title"] or "Conversation", query)),
+                        Br(),
+                        Span("Title", cls="hit-kind"),
+                        href=u,
+                    )
+                )
                 for r, u in zip(results, urls, strict=True)
             ),
             cls="results",

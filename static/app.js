@@ -46,6 +46,25 @@
     ta.focus();
   });
 
+  // Compare: the next message goes to every ticked model. The state is said beside "Compare",
+  // and once such a message is sent, comparing is off again (it is one message, not a mode).
+  function compareState() {
+    const boxes = document.querySelectorAll("#composer input[name=compare]");
+    const on = Array.from(boxes).filter((b) => b.checked).length;
+    const state = $("#compare-state"), form = $("#composer");
+    if (state) state.textContent = on >= 2 ? ` · on: next message to ${on} models` : on === 1 ? " · tick one more model" : "";
+    if (form) form.classList.toggle("comparing", on >= 2);
+    return on;
+  }
+  document.addEventListener("change", (e) => { if (e.target.name === "compare") compareState(); });
+  document.addEventListener("htmx:afterRequest", (e) => {
+    if (e.target.id !== "composer" || !e.detail.successful) return;
+    document.querySelectorAll("#composer input[name=compare]").forEach((b) => { b.checked = false; });
+    const pick = $(".compare-pick"); if (pick) pick.open = false;
+    compareState();
+  });
+  document.addEventListener("DOMContentLoaded", compareState);
+
   document.addEventListener("htmx:afterSwap", toBottom);
   document.addEventListener("htmx:sseMessage", toBottom);
   document.addEventListener("htmx:sseClose", (e) => {
@@ -97,29 +116,20 @@
     if (!btn) return;
     let text = "";
     if (btn.classList.contains("copy-code")) {
-      const code = btn.parentElement.querySelector("code");
-      text = code ? code.innerText : "";
+      // The server renders each code box with its header (chat/markdown.py): copy its code.
+      const box = btn.closest(".code-block");
+      const code = box && box.querySelector("pre code");
+      text = code ? code.textContent : "";
     } else {
       const el = document.getElementById(btn.dataset.copy);
       if (el) {
         const clone = el.cloneNode(true);
-        clone.querySelectorAll(".copy-code").forEach((b) => b.remove());
+        clone.querySelectorAll(".code-head").forEach((b) => b.remove());
         text = clone.innerText.trim();
       }
     }
     flash(btn, await copyText(text));
   });
-  function addCodeCopy(root) {
-    (root || document).querySelectorAll(".md:not(.tail) pre").forEach((pre) => {
-      if (pre.querySelector(".copy-code")) return;
-      const b = document.createElement("button");
-      b.type = "button"; b.className = "copy-code small"; b.textContent = "Copy code";
-      pre.appendChild(b);
-    });
-  }
-  document.addEventListener("htmx:afterSwap", () => addCodeCopy());
-  document.addEventListener("htmx:sseMessage", (e) => { if (e.detail && e.detail.type === "blocks") addCodeCopy(); });
-  document.addEventListener("htmx:oobAfterSwap", () => addCodeCopy());
 
   // Theme: system -> light -> dark, remembered in localStorage (theme.js applies it early).
   const THEMES = ["system", "light", "dark"];
@@ -147,7 +157,7 @@
   }, true);
 
   document.addEventListener("DOMContentLoaded", () => {
-    addCodeCopy(); labelTheme(); syncInert();
+    labelTheme(); syncInert();
     const m = messages(); if (m) m.scrollTop = m.scrollHeight;
     const ta = $("#msg"); if (ta) { autosize(ta); ta.focus(); }
   });

@@ -332,7 +332,7 @@ def test_copy_a_message_a_reply_and_a_code_block(web: Watched, app: LiveApp, fak
 
     code_button = reply.get_by_role("button", name="Copy code")
     code_button.click()
-    expect(reply.locator("pre .copy-code")).to_have_text("Copied")
+    expect(reply.locator(".code-block .copy-code")).to_have_text("Copied")
     assert clipboard(page).strip() == 'print("copied!")'
 
     user = page.locator("[data-role=user]")
@@ -508,8 +508,8 @@ def test_the_sidebar_groups_conversations_by_day(web: Watched, app: LiveApp, fak
     set_updated_at(app, earlier, now - timedelta(days=10))
     page.reload()
 
-    expect(sidebar(page).locator("h2")).to_have_text(["Today", "Yesterday", "Earlier"])
-    for label, cid in (("Today", today), ("Yesterday", yesterday), ("Earlier", earlier)):
+    expect(sidebar(page).locator("h2")).to_have_text(["Today", "Yesterday", "Previous 30 days"])
+    for label, cid in (("Today", today), ("Yesterday", yesterday), ("Previous 30 days", earlier)):
         group = sidebar(page).locator("div").filter(has=page.get_by_role("heading", name=label))
         expect(group.locator("li")).to_have_count(1)
         expect(group.locator(f"#conv-{cid}")).to_be_visible()

@@ -150,5 +150,5 @@ def test_max_tokens_reaches_the_model_and_an_endless_stream_is_cut_off(
             assert 200 <= len(turn["reply_text"]) < 200 * 6 + 2000
             page = client.open(f"/c/{sent.cid}")
             alert = page.find(attrs={"data-role": "assistant"}).find(attrs={"role": "alert"})
-            assert "MAX_OUTPUT_TOKENS" in alert.get_text()
+            assert "longest reply this site allows" in alert.get_text()
             assert "word word" in page.find(attrs={"data-role": "assistant"}).get_text()

@@ -91,7 +91,7 @@ def test_fenced_code_with_a_known_language_is_highlighted_with_prefixed_classes(
 def test_highlight_classes_have_styles():
     css = (ROOT / "static" / "pygments.css").read_text()
     doc = tree("```python\nimport os\n\ndef f(x):\n    return x + 1  # c\n```")
-    classes = {c for s in doc.find_all("span") for c in s.attrs["class"].split()}
+    classes = {c for s in doc.find("pre").find_all("span") for c in s.attrs["class"].split()}
     styled = set(re.findall(r"\.(hl-[\w-]+)", css))
     # Whitespace tokens need no style; every other class the formatter emits is styled.
     assert classes - {"hl-w"} <= styled
@@ -336,7 +336,7 @@ def test_an_unfinished_fence_stays_in_the_tail():
     assert "<pre>" in tail and "y" in tail
     r.feed("```\n\nAfter.")
     new, tail = r.update()
-    assert len(new) == 1 and new[0].startswith("<pre>")
+    assert len(new) == 1 and new[0].startswith('<div class="code-block">')
     assert tail == "<p>After.</p>\n"
 
 
@@ -446,7 +446,7 @@ def test_pathological_markdown_renders_within_budget_and_safely(name, tight_budg
 
 
 ALLOWED_TAGS_SEEN = {"p", "em", "strong", "br", "div", "a", "table", "thead", "tbody", "tr"} | {
-    "th", "td", "blockquote", "h1", "pre", "code", "span", "ul", "li",
+    "th", "td", "blockquote", "h1", "pre", "code", "span", "ul", "li", "button",
 }  # fmt: skip
 
 
@@ -515,3 +515,179 @@ def test_a_live_reply_past_its_budget_goes_on_as_plain_text_and_loses_nothing(ti
     assert "then **more** text" in doc.text and "and the end" in doc.text
     assert "<b>x</b>" in doc.text and doc.find_all("b") == []
     assert doc.text.count("[") == 60_000
+
+
+# Code blocks: one box with a header bar, live and stored ------------------------------------
+
+
+def code_boxes(html_text: str) -> list[Node]:
+    return [
+        d for d in parse_html(html_text).find_all("div") if "code-block" in d.attrs.get("class", "")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("markdown", "label"),
+    [("```python\nx = 1\n```", "python"), ("~~~\nplain\n~~~", "text"), ("    indented", "text")],
+)
+def test_every_code_block_has_a_header_with_its_language_and_a_copy_button(markdown, label):
+    (box,) = code_boxes(render(markdown))
+    head, pre = (c for c in box.children if isinstance(c, Node))
+    assert "code-head" in head.attrs["class"] and pre.tag == "pre"
+    assert head.find("span").text == label
+    button = head.find("button")
+    # A plain button (never a submit), no handler: app.js copies by delegation.
+    assert button.attrs == {"type": "button", "class": "copy-code"}
+    assert button.text == "Copy code"
+    assert pre.find_all("button") == []  # nothing floats over the code
+
+
+def test_a_hostile_fence_language_cannot_change_the_header():
+    out = render('```"><button onclick=alert(1) type=submit>x\ncode\n```')
+    (box,) = code_boxes(out)
+    assert [b.attrs for b in box.find_all("button")] == [{"type": "button", "class": "copy-code"}]
+    assert "onclick" not in out
+
+
+def test_sanitize_keeps_only_the_copy_button_as_generated():
+    out = sanitize('<button type="submit" class="x" onclick="a()" formaction="/y">b</button>')
+    assert out == "<button>b</button>"
+
+
+def structure(html_text: str) -> list[tuple[str, str | None]]:
+    """Elements and classes without the text and colours: the shape the reader sees."""
+    return [
+        (n.tag, n.attrs.get("class"))
+        for n in parse_html(html_text).walk()
+        if n.tag not in ("#root", "p") and not (n.attrs.get("class") or "").startswith("hl-")
+    ]
+
+
+def test_a_streaming_code_block_is_one_highlighted_box_like_the_finished_one():
+    lines = [f"def f{i}(x):\n    return x + {i}  # line {i}\n" for i in range(40)]
+    source = "Here:\n\n```python\n" + "".join(lines) + "```\n"
+    r = StreamRenderer()
+    live = []
+    for piece in re.findall(r".{1,7}", source, flags=re.S):
+        r.feed(piece)
+        _new, tail = r.update()
+        if "def f0" in r.source:
+            live.append(tail)
+            doc = parse_html(tail)
+            assert len(code_boxes(tail)) == 1 and len(doc.find_all("pre")) == 1
+            colours = [s for s in doc.find("pre").find_all("span") if s.attrs["class"] != "hl-w"]
+            assert colours, "highlighted while it streams"
+    assert len(live) > 100
+    r.update(final=True)
+    whole = render(source)
+    assert "".join(r.blocks) == whole
+    # Live and finished: the same box, header, pre and code, in the same order.
+    assert structure(live[-1]) == structure(whole)
+    assert structure(live[len(live) // 2]) == structure(whole)
+
+
+# Math -------------------------------------------------------------------------------------
+
+
+def test_inline_and_display_math_become_mathml():
+    doc = tree("Euler: $e^{i\\pi} + 1 = 0$.\n\n$$\n\\frac{a}{b}\n$$")
+    maths = doc.find_all("math")
+    assert [m.attrs.get("display") for m in maths] == ["inline", "block"]
+    assert maths[0].find("msup") is not None and maths[1].find("mfrac") is not None
+
+
+@pytest.mark.parametrize(
+    "prose",
+    [
+        "It costs $5 and $10 on Sundays.",
+        "Between $5 and $10.",
+        "I have $ 3 and you $ 4.",
+        "A $ sign alone.",
+        "Price: $5, or $10.50 with tax",
+    ],
+)
+def test_dollar_signs_in_prose_stay_text(prose):
+    out = render(prose)
+    assert "<math" not in out
+    assert tree(prose).text.strip() == prose
+
+
+@pytest.mark.parametrize(
+    "tex",
+    [
+        "\\href{javascript:alert(1)}{x}",
+        "\\href{https://example.com}{x}",
+        "<script>alert(1)</script>",
+        "\\text{<img src=x onerror=alert(1)>}",
+        "\\color{red}{x} \\style{background:url(x)}{y}",
+        "x \\mathrm{</math><img src=x onerror=alert(1)>}",
+        "\\begin{array}{c} a \\end{array",
+        "\\frac{" * 400 + "x",
+        "x^" * 3000,
+    ],
+)
+@pytest.mark.parametrize("display", [False, True])
+def test_hostile_math_is_shown_safely(tex, display):
+    markdown = f"$${tex}$$" if display else f"Say ${tex}$ now."
+    out = render(markdown)
+    doc = parse_html(out)
+    assert "<script" not in out and "<img" not in out
+    for node in doc.walk():
+        assert not any(a.startswith("on") for a in node.attrs), node.attrs
+        assert not {"href", "style", "xlink:href", "src", "mathcolor", "mathbackground"} & set(
+            node.attrs
+        ), node.attrs
+        assert node.tag not in ("annotation-xml", "script", "img", "style", "iframe")
+
+
+def test_sanitize_drops_annotation_xml_and_links_in_mathml():
+    hostile = (
+        '<math><semantics><mi href="javascript:alert(1)">x</mi>'
+        '<annotation-xml encoding="text/html"><img src=x onerror=alert(1)></annotation-xml>'
+        "</semantics></math>"
+    )
+    out = sanitize(hostile)
+    assert "annotation-xml" not in out and "href" not in out and "<img" not in out
+    assert "<mi>x</mi>" in out
+
+
+def test_math_streams_like_the_whole():
+    text = "Inline $a^2+b^2=c^2$ here.\n\n$$\n\\sum_{i=1}^{n} i\n$$\n\nDone."
+    r = StreamRenderer()
+    for piece in re.findall(r".{1,5}", text, flags=re.S):
+        r.feed(piece)
+        r.update()
+    r.update(final=True)
+    assert "".join(r.blocks) == render(text)
+
+
+# Tables -----------------------------------------------------------------------------------
+
+
+def test_table_column_alignment_is_kept_as_classes():
+    doc = tree("| L | C | R | N |\n|:--|:-:|--:|---|\n| 1 | 2 | 3 | 4 |")
+    for row in doc.find_all("tr"):
+        cells = [c for c in row.children if isinstance(c, Node)]
+        assert [c.attrs.get("class") for c in cells] == [
+            "align-left", "align-center", "align-right", None,
+        ]  # fmt: skip
+    assert "style" not in render("| L |\n|:-:|\n| 1 |")
+
+
+def test_sanitize_allows_only_alignment_classes_on_cells():
+    out = sanitize('<table><tr><td class="x align-left" style="color:red">a</td>'
+                   '<th class="align-right">b</th></tr></table>')  # fmt: skip
+    assert 'class="x' not in out and "style" not in out and 'class="align-right"' in out
+
+
+def test_thousands_of_formulas_render_within_the_budget_the_rest_as_tex():
+    import time
+
+    text = " ".join(f"$x_{{{i}}}^2$" for i in range(3000))
+    started = time.perf_counter()
+    out = render(text)
+    # The budget is 0.5 s; the bound leaves room for a noisy machine.
+    assert time.perf_counter() - started < 1.5
+    # Every formula is shown: as MathML, or (past the budget) as its TeX source.
+    assert "<math" in out
+    assert out.count("<math") + out.count('class="math-source"') == 3000

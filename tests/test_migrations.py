@@ -124,3 +124,21 @@ def test_a_failing_step_leaves_nothing_behind(db, monkeypatch):
         migrate(db)
     assert "extra" not in db.table_names()
     assert "m999_broken" not in {r["name"] for r in db["_migrations"].rows}
+
+
+def test_m006_adds_nullable_feedback_and_comparison_columns_to_existing_turns(db, monkeypatch):
+    # A database made before m006: its rows get no feedback and no comparison.
+    before = [fn for fn in MIGRATIONS if fn.__name__ < "m006"]
+    monkeypatch.setattr(migrations, "MIGRATIONS", before)
+    migrate(db)
+    db["conversations"].insert({"id": "c", "owner": "o", "created_at": "t", "updated_at": "t"})
+    db["turns"].insert(
+        {"conversation_id": "c", "user_text": "hi", "messages": "[]", "created_at": "t"}
+    )
+    monkeypatch.setattr(migrations, "MIGRATIONS", [*before, migrations.m006_reply_feedback])
+    assert migrate(db) == ["m006_reply_feedback"]
+    columns = db["turns"].columns_dict
+    assert columns["feedback"] is str and columns["compare_group"] is int
+    row = next(db["turns"].rows)
+    assert row["feedback"] is None and row["compare_group"] is None
+    assert ("compare_group",) in {tuple(i.columns) for i in db["turns"].indexes}

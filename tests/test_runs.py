@@ -387,7 +387,7 @@ async def test_a_reply_with_bare_carriage_returns_completes(manager, store, scri
     [
         (ModelHTTPError(401, "m", body={"error": "bad key sk-abc"}), "API key"),
         (ModelHTTPError(403, "m", body="sk-abc"), "API key"),
-        (ModelHTTPError(404, "m", body="sk-abc"), "MODEL"),
+        (ModelHTTPError(404, "m", body="sk-abc"), "does not offer the model"),
         (ModelHTTPError(429, "m", body="sk-abc"), "rate limiting"),
         (ModelHTTPError(500, "m", body="sk-abc"), "HTTP 500"),
         (ModelAPIError("m", "connection reset sk-abc"), "could not be reached"),

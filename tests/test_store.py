@@ -303,3 +303,64 @@ def test_each_thread_gets_its_own_connection_to_the_same_file(tmp_path):
         assert seen["db"] is not s.db and seen["conv"]["id"] == cid
     finally:
         s.close()
+
+
+# Search, feedback, comparisons -------------------------------------------------------------
+
+
+def test_search_matches_word_prefixes_and_quotes_fts_syntax(store):
+    cid = store.create_conversation("alice")["id"]
+    answered(store, cid, "I like Python and pythonic code", "Snakes too")
+    other = store.create_conversation("bob")["id"]
+    answered(store, other, "python for bob", "ok")
+    hits = store.search("alice", "pyth")
+    assert [h["conversation_id"] for h in hits] == [cid]
+    assert "\x02Python\x03" in hits[0]["snippet"]
+    assert store.search("alice", "snak")[0]["turn_id"] is not None
+    for hostile in ('"', "NEAR(a b)", "py*", "a OR", "-x", "col:py", "'", "%", "_"):
+        store.search("alice", hostile)  # never an FTS5 syntax error
+
+
+def test_search_matches_titles_by_word_start_first(store):
+    cid = store.create_conversation("alice")["id"]
+    store.set_title(cid, "Trip to Lisbon")
+    answered(store, cid, "hello", "hi")
+    mid = store.create_conversation("alice")["id"]
+    store.set_title(mid, "100% done_now")
+    hits = store.search("alice", "lisb")
+    assert hits[0] == {
+        "turn_id": None, "conversation_id": cid, "title": "Trip to Lisbon",
+        "created_at": hits[0]["created_at"], "snippet": "",
+    }  # fmt: skip
+    assert store.search("alice", "isbon") == []  # a word start, not any substring
+    assert store.search("alice", "trip lis")[0]["conversation_id"] == cid
+    assert store.search("bob", "lisb") == []
+    # LIKE wildcards in the query are text.
+    assert [h["conversation_id"] for h in store.search("alice", "100%")] == [mid]
+    assert store.search("alice", "1_0") == []
+    store.delete(cid, "alice")
+    assert store.search("alice", "lisb") == []
+
+
+def test_feedback_is_set_cleared_and_only_by_the_owner(store):
+    cid = store.create_conversation("alice")["id"]
+    turn = answered(store, cid, "q", "a")
+    assert store.set_feedback(turn["id"], "bob", "up") is False
+    assert store.set_feedback(turn["id"], "alice", "up") is True
+    assert store.turn(turn["id"], "alice")["feedback"] == "up"
+    store.set_feedback(turn["id"], "alice", None)
+    assert store.turn(turn["id"], "alice")["feedback"] is None
+    with pytest.raises(AssertionError):
+        store.set_feedback(turn["id"], "alice", "maybe")
+
+
+def test_a_comparison_is_recorded_and_read_back_by_group(store):
+    cid = store.create_conversation("alice")["id"]
+    a = store.add_turn(cid, "q", [request("q")], model="a", parent_id=None)
+    b = store.add_turn(cid, "q", [request("q")], model="b", parent_id=None)
+    store.mark_comparison([a["id"], b["id"]])
+    assert {t["id"] for t in store.comparisons([a["id"]])[a["id"]]} == {a["id"], b["id"]}
+    assert store.comparisons([]) == {}
+    assert store.has_later_turns(a["id"]) is False
+    store.add_turn(cid, "next", [request("next")], model="a", parent_id=a["id"])
+    assert store.has_later_turns(a["id"]) is True

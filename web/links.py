@@ -39,6 +39,7 @@ REGENERATE = "/c/{cid}/turns/{tid}/regenerate"
 EDIT = "/c/{cid}/turns/{tid}/edit"
 USER_MESSAGE = "/c/{cid}/turns/{tid}/user"
 SHOW = "/c/{cid}/turns/{tid}/show"
+FEEDBACK = "/c/{cid}/turns/{tid}/feedback"
 
 # Attachments (web/attachments.py): upload, serve, remove a pending one
 ATTACHMENTS = "/attachments"
@@ -78,6 +79,7 @@ def turn_links(turn: dict, siblings: dict[int | None, list[int]]) -> TurnLinks:
         version=i + 1,
         versions=len(group),
         files=tuple((f, url(ATTACHMENT, aid=f["id"])) for f in refs(turn)),
+        feedback=url(FEEDBACK, cid=cid, tid=tid),
     )
 
 

@@ -16,6 +16,7 @@ from starlette.responses import JSONResponse, RedirectResponse, StreamingRespons
 
 from chat.service import Refused
 from chat.transcript import MAX_IMPORT_BYTES, json_chunks, markdown_chunks
+from components.messages import Feedback
 from components.sidebar import (
     ConversationLink,
     DeletedItem,
@@ -37,8 +38,8 @@ from web.request import (
     store,
     uid,
 )
-from web.responses import error_fragment
-from web.views import later_page, page, window, window_at
+from web.responses import error_fragment, html
+from web.views import later_page, new_chat_updates, page, window, window_at
 
 ar = APIRouter()
 
@@ -78,10 +79,13 @@ def newer(req: Request, cid: str, after: int | None = None):
 
 @ar(links.SEARCH, methods=["get"])
 def search(req: Request, q: str = ""):
-    """Search the user's messages (SQLite FTS5); each result links to its message."""
+    """Search the user's conversation titles and messages by word prefix; each result links to
+    its conversation or message."""
     results = store(req).search(uid(req), q[:200]) if q.strip() else []
     urls = [
-        links.conversation(r["conversation_id"], at=r["turn_id"]) + f"#turn-{r['turn_id']}"
+        links.conversation(r["conversation_id"])
+        if r["turn_id"] is None
+        else links.conversation(r["conversation_id"], at=r["turn_id"]) + f"#turn-{r['turn_id']}"
         for r in results
     ]
     return SearchResults(q, results, urls)
@@ -120,11 +124,27 @@ def _is_current(req: Request, cid: str) -> bool:
 
 @ar(links.DELETE, methods=["post"])
 def delete(req: Request, cid: str):
-    """Delete a conversation; the list offers Undo until the page changes."""
+    """Delete a conversation; the list offers Undo until the page changes. Deleting the open
+    one turns the page into a new chat."""
     conv = owned_conversation(req, cid)
     if not store(req).delete(cid, uid(req)):
         raise missing()
-    return DeletedItem(conv, conv_links(cid))
+    undo = DeletedItem(conv, conv_links(cid))
+    if not _is_current(req, cid):
+        return undo
+    # The open conversation is gone: the page becomes a new chat (URL, title, messages and
+    # the composer's target), and the list keeps its Undo.
+    return html((undo, *new_chat_updates(req)), headers={"HX-Push-Url": links.INDEX})
+
+
+@ar(links.FEEDBACK, methods=["post"])
+def feedback(req: Request, cid: str, tid: int, value: str = ""):
+    """Thumbs up or down on one of the user's replies ('' takes it back)."""
+    owned_turn(req, cid, tid)
+    if value not in ("up", "down", ""):
+        return error_fragment("Feedback is 'up' or 'down'.", 422)
+    store(req).set_feedback(tid, uid(req), value or None)
+    return Feedback(links.url(links.FEEDBACK, cid=cid, tid=tid), value or None)
 
 
 @ar(links.RESTORE, methods=["post"])

@@ -67,7 +67,7 @@ async def _live(req: Request, run: Run, turn: dict, links, start: int) -> AsyncI
     async for kind, data in run.follow(start_block=start, heartbeat=heartbeat):
         if kind == "items":
             new, total = data
-            yield sse.event("blocks", "".join(_item_markup(i) for i in new), id=str(total))
+            yield sse.event("blocks", _items_markup(new), id=str(total))
         elif kind == "tail":
             yield sse.event("tail", " " if run.done else tail_markup(data))
         elif kind == "ping":
@@ -92,6 +92,19 @@ async def _live(req: Request, run: Run, turn: dict, links, start: int) -> AsyncI
 
 def _conv_and_usage(req: Request, cid: str, owner: str) -> tuple[dict | None, dict]:
     return store(req).conversation(cid, owner), store(req).usage_total(cid)
+
+
+def _items_markup(new: list) -> str:
+    """The markup of a batch of new items. A tool call whose result arrived in the same batch
+    is drawn finished at once: an out-of-band update would come before its target exists."""
+    done = {i.tool.id: i.tool for i in new if isinstance(i, ToolUpdate)}
+    shown = {i.id for i in new if not isinstance(i, Block | ToolUpdate)}
+    return "".join(
+        _item_markup(done.get(i.id, i) if i.id in shown else i)
+        if not isinstance(i, Block | ToolUpdate)
+        else ("" if isinstance(i, ToolUpdate) and i.tool.id in shown else _item_markup(i))
+        for i in new
+    )
 
 
 def _item_markup(item) -> str:

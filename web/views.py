@@ -7,7 +7,7 @@ import json
 import time
 
 from fastcore.xml import FT
-from fasthtml.common import Title
+from fasthtml.common import H1, Div, Input, Title
 from starlette.requests import Request
 
 from chat.markdown import RENDER_BUDGET, RENDER_VERSION, plain, render
@@ -19,6 +19,7 @@ from components.composer import Composer
 from components.layout import Page, Welcome
 from components.messages import (
     AssistantMessage,
+    CompareColumns,
     ConversationUsage,
     LoadEarlier,
     LoadLater,
@@ -101,6 +102,7 @@ def reply(req: Request, turn: dict, links: TurnLinks, *, last: bool) -> FT:
         usage=load_json(turn["usage"]),
         model=turn["model"],
         last=last,
+        feedback=turn.get("feedback"),
     )
 
 
@@ -108,13 +110,32 @@ def message_items(req: Request, conv: dict, turns: list[dict]) -> tuple:
     """User messages and replies for `turns`, in order."""
     parents = {t["parent_id"] for t in turns}
     siblings = store(req).siblings(conv["id"], parents) if turns else {}
-    render_cached(req, turns)
+    groups = store(req).comparisons(t["compare_group"] for t in turns if t.get("compare_group"))
+    # The replies shown beside a branch's turn: the same rows where they are the same turn.
+    on_branch = {t["id"]: t for t in turns}
+    others = [t for g in groups.values() for t in g if t["id"] not in on_branch]
+    groups = {k: [on_branch.get(t["id"], t) for t in g] for k, g in groups.items()}
+    render_cached(req, [*turns, *others])
     items: list = []
     for turn in turns:
         links = turn_links(turn, siblings)
         items.append(UserMessage(turn, links))
-        items.append(reply(req, turn, links, last=turn["id"] == conv["head_turn_id"]))
+        if group := groups.get(turn.get("compare_group")):
+            items.append(_comparison(req, conv, turn, group, siblings))
+        else:
+            items.append(reply(req, turn, links, last=turn["id"] == conv["head_turn_id"]))
     return tuple(items)
+
+
+def _comparison(req: Request, conv: dict, shown: dict, group: list[dict], siblings) -> FT:
+    """A message sent to several models: its replies side by side, the one continued marked."""
+    columns = []
+    for t in group:
+        kept = t["id"] == shown["id"]
+        body = reply(req, t, turn_links(t, siblings), last=t["id"] == conv["head_turn_id"])
+        keep = None if kept else url(links.SHOW, cid=conv["id"], tid=t["id"])
+        columns.append((t["model"] or "demo", body, keep))
+    return CompareColumns(columns)
 
 
 def window(req: Request, conv: dict, head: int | None) -> tuple:
@@ -177,6 +198,18 @@ def _account(req: Request) -> FT | None:
     if settings(req).auth != "password":
         return None
     return SignOut(links.LOGOUT, req.scope.get("session", {}).get("username", ""))
+
+
+def new_chat_updates(req: Request) -> tuple:
+    """Out-of-band updates that turn the open page into a new chat (its conversation is gone)."""
+    return (
+        Div(Welcome(settings(req).demo), id="messages", cls="messages", hx_swap_oob="true"),
+        Input(type="hidden", name="cid", value="", id="cid", hx_swap_oob="true"),
+        H1("New chat", id="chat-title", hx_swap_oob="true"),
+        Title("New chat · Agent chat"),
+        Div(id="export", cls="export", hx_swap_oob="true"),
+        ConversationUsage(None, oob=True),
+    )
 
 
 def page(req: Request, conv: dict | None, *, items: tuple | None = None) -> tuple:
