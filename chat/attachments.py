@@ -69,6 +69,8 @@ class AttachmentError(ValueError):
 class FilesUnsupported(ModelUnavailable):
     """The reply's model cannot read a file of its prompt (shown as the reply's error)."""
 
+    for_users = True  # its message says what to do; there is nothing for the operator in it
+
 
 def sniff(data: bytes, name: str) -> str:
     """The media type of `data` judged by its bytes; AttachmentError if it is not accepted."""

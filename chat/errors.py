@@ -70,6 +70,8 @@ def _context_overflow(exc: Exception) -> bool:
 
 def describe_error(exc: Exception) -> str:
     """A message for the user: what went wrong and what to do, never a traceback or a key."""
+    if isinstance(exc, ModelUnavailable) and getattr(exc, "for_users", False):
+        return str(exc)  # written for the user (a file the model cannot read, say)
     if isinstance(exc, ModelUnavailable):
         # The reason (a missing API key, an unknown provider) is for the operator: the log.
         log.warning("%s", exc)

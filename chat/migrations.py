@@ -160,6 +160,7 @@ def m006_reply_feedback(db: Database) -> None:
     db["turns"].create_index(["compare_group"])
 
 
+@migration
 def m007_attachments(db: Database) -> None:
     """Files sent with a message (chat/attachments.py): their bytes live here, not in turns.
 

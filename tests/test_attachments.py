@@ -500,6 +500,7 @@ def test_a_reply_whose_model_cannot_read_its_files_fails_saying_so(
     stream(client, r.text)
     url = r.headers["HX-Push-Url"]
     # The conversation's model no longer takes images (switched, or its profile corrected).
+    sighted = FunctionModel.profile
     blind = property(lambda self: ModelProfile(supports_image_input=False))
     monkeypatch.setattr(FunctionModel, "profile", blind)
 
@@ -522,6 +523,13 @@ def test_a_reply_whose_model_cannot_read_its_files_fails_saying_so(
 
     # Regenerating the message with the image: the reply fails with a clear message, and the
     # message keeps its text and its file.
+    # (In a conversation of its own: only the last reply may be regenerated.)
+    monkeypatch.setattr(FunctionModel, "profile", sighted)
+    r = send(client, "look", att=[uploaded(client, PNG, "x.png")])
+    stream(client, r.text)
+    url = r.headers["HX-Push-Url"]
+    monkeypatch.setattr(FunctionModel, "profile", blind)
+    cid = url.rsplit("/", 1)[1]
     tid = parse_html(client.get(url).text).find_all(data_role="user")[0].attrs["id"][5:]
     calls = len(model.calls)
     again = client.post(f"/c/{cid}/turns/{tid}/regenerate", headers=HX)
