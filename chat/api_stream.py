@@ -14,8 +14,10 @@ all text that had arrived when this follower woke, which is exact while it keeps
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
+from typing import TypeVar
 
 from pydantic_ai.messages import (
     AgentStreamEvent,
@@ -32,6 +34,8 @@ from pydantic_ai.messages import (
 
 from chat.reply import ToolView
 from chat.runs import Run, ToolUpdate
+
+T = TypeVar("T")
 
 
 class ReplyStopped(Exception):
@@ -76,6 +80,47 @@ async def reply_events(run: Run, *, heartbeat: float = 15.0) -> AsyncIterator[Ag
             if run.status != "complete":
                 raise ReplyFailed(run.error or "The reply ended early.")
             return
+
+
+async def ended(run: Run, timeout: float) -> bool:
+    """Wait (at most `timeout` seconds) until `run` has ended and been saved; True if it has."""
+
+    async def end() -> None:
+        async for kind, _ in run.follow(heartbeat=timeout):
+            if kind == "end":
+                return
+
+    try:
+        await asyncio.wait_for(end(), timeout)
+    except TimeoutError:
+        return False
+    return True
+
+
+async def beating(stream: AsyncIterator[T], every: float) -> AsyncIterator[T | None]:
+    """The items of `stream` as they come, and None after each `every` seconds of silence (for
+    a keep-alive comment, so proxies keep a quiet stream open). Closing this closes `stream`."""
+    items = aiter(stream)
+    pending: asyncio.Future | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(items))
+            done, _ = await asyncio.wait({pending}, timeout=every)
+            if not done:
+                yield None
+                continue
+            task, pending = pending, None
+            try:
+                yield task.result()
+            except StopAsyncIteration:
+                return
+    finally:
+        # The client went away (or the stream ended): stop reading the source.
+        if pending is not None:
+            pending.cancel()
+            await asyncio.gather(pending, return_exceptions=True)
+        await items.aclose()
 
 
 def _call(view: ToolView) -> ToolCallPart:

@@ -300,7 +300,7 @@ def test_shutdown_ends_running_replies_as_interrupted(make_client, scripted, set
     client = make_client(model)
     t, out = _run_in_thread(client, run_input(thread_id(), user("Go")))
     wait(client, model.paused)
-    client.portal.call(client.app.state.agui_runs.stop_all)  # what SIGTERM does (main.py)
+    client.portal.call(client.app.state.runs.shutdown)  # what SIGTERM does (main.py)
     t.join(10)
     assert streamed_text(events(out["response"].text)) == "Half way"
     assert rows(settings, "select status, reply_text from turns") == [("interrupted", "Half way")]
@@ -331,15 +331,15 @@ def test_tool_calls_stream_as_ag_ui_events_and_are_saved(make_client, settings):
 def test_a_reply_that_cannot_start_is_a_clear_error_and_saved_as_failed(
     make_client, scripted, settings, monkeypatch
 ):
-    import chat.agui_turns
+    model = scripted(["never"])
+    client = make_client(model)
 
     def unreadable(*args, **kwargs):
         raise sqlite3.OperationalError("disk I/O error at /secret/path")
 
-    monkeypatch.setattr(chat.agui_turns, "history", unreadable)
-    model = scripted(["never"])
-    client = make_client(model)
+    monkeypatch.setattr(client.app.state.store, "history", unreadable)
     r = post(client, run_input(thread_id(), user("Hello")))
-    assert r.status_code == 503 and "secret" not in r.text and "Try again" in r.json()["error"]
+    errors = [e for e in events(r.text) if e["type"] == "RUN_ERROR"]
+    assert errors and "Try again" in errors[0]["message"] and "secret" not in r.text
     assert rows(settings, "select user_text, status from turns") == [("Hello", "failed")]
     assert model.calls == []
