@@ -6,6 +6,7 @@ client (npm @ag-ui/client) against the live app.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import threading
@@ -343,3 +344,92 @@ def test_a_reply_that_cannot_start_is_a_clear_error_and_saved_as_failed(
     assert errors and "Try again" in errors[0]["message"] and "secret" not in r.text
     assert rows(settings, "select user_text, status from turns") == [("Hello", "failed")]
     assert model.calls == []
+
+
+# One chat service: AG-UI replies are the page's runs ---------------------------------------
+
+HX = {"HX-Request": "true"}
+
+
+def test_the_page_sees_an_ag_ui_reply_running_and_its_stop_stops_it(
+    make_client, scripted, settings
+):
+    model = scripted(["Partial ", "answer", " never sent"], pause_after=2)
+    client = make_client(model)
+    thread = thread_id()
+    t, out = _run_in_thread(client, run_input(thread, user("Go")))
+    wait(client, model.paused)
+    # The page's send into the same conversation is refused while the AG-UI reply runs.
+    busy = client.post("/send", data={"msg": "From the page", "cid": thread}, headers=HX)
+    assert busy.status_code == 409 and "Wait for the reply" in busy.text
+    # The page opened now shows the reply live, with its Stop button, and that Stop stops it.
+    reply = parse_html(client.get(f"/c/{thread}").text).find(data_role="assistant")
+    assert reply.attrs["sse-connect"]
+    stop = next(b.attrs["hx-post"] for b in reply.find_all("button") if b.text.strip() == "Stop")
+    assert client.post(stop, headers=HX).status_code == 204
+    t.join(10)
+    evs = events(out["response"].text)
+    assert streamed_text(evs) == "Partial answer" and evs[-1]["type"] == "RUN_FINISHED"
+    assert rows(settings, "select status, reply_text from turns") == [("stopped", "Partial answer")]
+    assert len(model.calls) == 1
+    # Once stopped, the page may send again; the model sees the stopped partial reply.
+    assert client.post("/send", data={"msg": "Next", "cid": thread}, headers=HX).status_code == 200
+
+
+def test_an_ag_ui_run_waits_for_the_pages_reply_in_that_conversation(make_client, scripted):
+    from tests.conftest import send
+    from tests.test_routes import release
+
+    model = scripted(["Page ", "reply"], pause_after=1)
+    client = make_client(model)
+    r = send(client, "From the page")
+    cid = r.headers["HX-Push-Url"].rsplit("/", 1)[1]
+    wait(client, model.paused)
+    busy = post(client, run_input(cid, user("From AG-UI")))
+    assert busy.status_code == 409 and "Wait for the reply" in busy.json()["error"]
+    stopped = client.post(f"/api/ag-ui/{cid}/stop")  # and AG-UI's Stop stops the page's reply
+    release(client, model)
+    assert stopped.json() == {"stopped": True}
+    assert len(model.calls) == 1
+
+
+def test_ag_ui_replies_count_against_the_replies_at_once(make_client, scripted, settings):
+    model = scripted(["Slow ", "reply"], pause_after=1)
+    client = make_client(model, concurrent_runs=1)
+    t, out = _run_in_thread(client, run_input(thread_id(), user("First")))
+    wait(client, model.paused)
+    elsewhere = client.post("/send", data={"msg": "Another chat"}, headers=HX)
+    assert elsewhere.status_code == 429
+    assert post(client, run_input(thread_id(), user("Third"))).status_code == 429
+    ((running,),) = rows(settings, "select conversation_id from turns")
+    assert client.post(f"/api/ag-ui/{running}/stop").json() == {"stopped": True}
+    t.join(10)
+    assert len(model.calls) == 1
+
+
+def test_a_deleted_thread_stays_deleted(make_client, scripted, settings):
+    model = scripted(["ok"])
+    client = make_client(model)
+    thread = thread_id()
+    assert post(client, run_input(thread, user("Hello"))).status_code == 200
+    assert client.post(f"/c/{thread}/delete", headers=HX).status_code in (200, 204, 303)
+    r = post(client, run_input(thread, user("Again")))
+    assert r.status_code == 404
+    assert rows(settings, "select user_text from turns") == [("Hello",)]
+    assert len(model.calls) == 1
+
+
+def test_a_quiet_reply_keeps_the_stream_open_with_comments(make_client, scripted):
+    from tests.test_routes import release
+
+    model = scripted(["Thinking ", "done"], pause_after=1)
+    client = make_client(model, heartbeat=0.05)
+    t, out = _run_in_thread(client, run_input(thread_id(), user("Take your time")))
+    wait(client, model.paused)
+    client.portal.call(asyncio.sleep, 0.3)
+    release(client, model)
+    t.join(10)
+    body = out["response"].text
+    assert ": ping" in body
+    evs = events(body)
+    assert streamed_text(evs) == "Thinking done" and evs[-1]["type"] == "RUN_FINISHED"
