@@ -263,3 +263,28 @@ def test_another_identity_cannot_read_or_continue_the_thread(node_client, app, f
     assert get(app, intruder, f"/api/conversations/{thread}").status_code == 404
     assert get(app, intruder, "/api/conversations").json() == {"conversations": []}
     assert [r["user_text"] for r in saved(app, thread)] == ["My secret"]
+
+
+def test_the_page_sees_the_run_and_its_stop_ends_the_model_call(node_client, app, fake: FakeOpenAI):
+    fake.configure("one two three four five", hold_after=2)
+    cookie, thread = visitor_cookie(app), str(uuid.uuid4())
+    driver = Driver(app, cookie, thread, ["Start here"])
+    for line in driver.read():
+        if line.get("event", {}).get("type") == "TEXT_MESSAGE_CONTENT" and "two" in driver.text():
+            break
+    held = fake.wait_until_held()
+    page = {"Cookie": cookie, "HX-Request": "true", "Origin": app.url}
+    with httpx.Client(base_url=app.url, trust_env=False, timeout=15) as http:
+        # The same conversation on the page: its send waits for the AG-UI reply...
+        busy = http.post("/send", data={"msg": "From the page", "cid": thread}, headers=page)
+        assert busy.status_code == 409
+        # ...and the page's Stop ends that reply and its model call.
+        (row,) = saved(app, thread)
+        stopped = http.post(f"/c/{thread}/turns/{row['id']}/stop", headers=page)
+        assert stopped.status_code == 204
+    done = driver.finish()
+    assert done["failures"] == [] and driver.events[-1]["type"] == "RUN_FINISHED"
+    fake.wait_until_finished()
+    assert held.disconnected and not held.completed
+    (row,) = saved(app, thread, "stopped")
+    assert row["reply_text"].strip() == "one two" and len(replies(fake)) == 1
