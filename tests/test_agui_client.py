@@ -288,3 +288,33 @@ def test_the_page_sees_the_run_and_its_stop_ends_the_model_call(node_client, app
     assert held.disconnected and not held.completed
     (row,) = saved(app, thread, "stopped")
     assert row["reply_text"].strip() == "one two" and len(replies(fake)) == 1
+
+
+def test_tool_calls_reach_the_client_as_a_valid_event_sequence(node_client, app, fake: FakeOpenAI):
+    from tests.fake_openai import Fault
+
+    call = {"index": 0, "id": "call_7", "type": "function"}
+    call["function"] = {"name": "calculate", "arguments": json.dumps({"expression": "6*7"})}
+    asks = Fault.deltas(
+        {"content": "Let me compute. "}, {"tool_calls": [call]}, finish="tool_calls"
+    )
+    fake.configure("It is 42.", script=[asks, None])
+    cookie, thread = visitor_cookie(app), str(uuid.uuid4())
+    driver = Driver(app, cookie, thread, ["What is 6*7?"])
+    done = driver.finish()
+    # The client's own verifier accepted the sequence (a bad one fails the run).
+    assert done["failures"] == []
+    types = [e["type"] for e in driver.events]
+    for kind in ("TOOL_CALL_START", "TOOL_CALL_ARGS", "TOOL_CALL_END", "TOOL_CALL_RESULT"):
+        assert types.count(kind) == 1, types
+    assert types.index("TEXT_MESSAGE_END") < types.index("TOOL_CALL_START")
+    assert driver.text() == "Let me compute. It is 42."
+    # The client's copy holds the call and its result, as the server saved them.
+    asked = [m for m in done["messages"] if m.get("toolCalls")]
+    assert asked and asked[0]["toolCalls"][0]["function"]["name"] == "calculate"
+    assert json.loads(asked[0]["toolCalls"][0]["function"]["arguments"]) == {"expression": "6*7"}
+    (result,) = [m for m in done["messages"] if m["role"] == "tool"]
+    assert "42" in result["content"]
+    (row,) = saved(app, thread, "complete")
+    assert row["reply_text"].startswith("Let me compute.") and "42" in row["reply_text"]
+    assert len(replies(fake)) == 2
