@@ -130,7 +130,11 @@ def _stop_when_left(service: ChatService, who: Caller, run: Run) -> Callable[[],
             log.exception("could not stop ag-ui reply %s after its client left", run.turn_id)
 
     def left() -> None:
-        task = asyncio.get_running_loop().create_task(stop(), name=f"ag-ui-left-{run.turn_id}")
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # closed by the GC as the process ends: its shutdown ends the run
+            return
+        task = loop.create_task(stop(), name=f"ag-ui-left-{run.turn_id}")
         _stopping.add(task)
         task.add_done_callback(_stopping.discard)
 
