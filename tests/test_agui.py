@@ -10,6 +10,7 @@ import asyncio
 import json
 import sqlite3
 import threading
+import time
 import uuid
 
 import pytest
@@ -433,3 +434,25 @@ def test_a_quiet_reply_keeps_the_stream_open_with_comments(make_client, scripted
     assert ": ping" in body
     evs = events(body)
     assert streamed_text(evs) == "Thinking done" and evs[-1]["type"] == "RUN_FINISHED"
+
+
+def test_two_runs_racing_on_a_new_thread_start_one_reply(make_client, scripted, settings):
+    from tests.test_routes import release
+
+    model = scripted(["Only ", "one"], pause_after=1)
+    client = make_client(model)
+    client.get("/").raise_for_status()  # one identity for both
+    thread = thread_id()
+    racing = [_run_in_thread(client, run_input(thread, user(f"Go {i}"))) for i in range(2)]
+    wait(client, model.paused)
+    deadline = time.monotonic() + 5  # the refused one answers while the other reply is held
+    while all(t.is_alive() for t, _ in racing) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    release(client, model)
+    for t, _ in racing:
+        t.join(10)
+    statuses = sorted(out["response"].status_code for _, out in racing)
+    assert statuses == [200, 409]
+    assert len(model.calls) == 1
+    assert [s for (s,) in rows(settings, "select status from turns")] == ["complete"]
+    assert rows(settings, "select count(*) from conversations") == [(1,)]
