@@ -1,8 +1,8 @@
-"""A running reply as pydantic-ai stream events, for protocol adapters (the Vercel AI SDK's).
+"""A running reply as pydantic-ai stream events, for protocol adapters (Vercel AI, AG-UI).
 
 `reply_events` is the one place that follows a run for an API client: it replays the reply from
 its start and then follows it live, as the text deltas and tool calls pydantic-ai's UI event
-streams (`pydantic_ai.ui.vercel_ai.VercelAIEventStream`) turn into their protocol. It ends as
+streams (`VercelAIEventStream`, `AGUIEventStream`) turn into their protocol. It ends as
 the reply ends: complete, or by raising `ReplyStopped` / `ReplyFailed` with the reply's own
 (generic) message, which the event stream reports as an abort or an error.
 
@@ -10,6 +10,9 @@ Today it reads the in-process run (its text source and items); a shared run log 
 reply, replayable from any process) replaces that source without changing what is yielded.
 Text and tool calls are yielded in the order the follower sees them: a tool call is placed after
 all text that had arrived when this follower woke, which is exact while it keeps up with the run.
+Tool calls come whole (`FunctionToolCallEvent`), with no part events for them.
+
+`ended` waits for a reply's end (after a Stop), `beating` interleaves keep-alive beats.
 """
 
 from __future__ import annotations
@@ -83,7 +86,7 @@ async def reply_events(run: Run, *, heartbeat: float = 15.0) -> AsyncIterator[Ag
 
 
 async def ended(run: Run, timeout: float) -> bool:
-    """Wait (at most `timeout` seconds) until `run` has ended and been saved; True if it has."""
+    """Wait (at most `timeout` seconds) until `run` has ended, its end saved; True if it has."""
 
     async def end() -> None:
         async for kind, _ in run.follow(heartbeat=timeout):
