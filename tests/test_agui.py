@@ -209,6 +209,11 @@ def test_another_identity_cannot_read_or_continue_the_thread(make_client, script
 
 
 def _run_in_thread(client: TestClient, payload: dict) -> tuple[threading.Thread, dict]:
+    """POST a run in a thread of its own (it streams until the reply ends), as the client's
+    identity: a fresh client gets its session cookie first, or the run's cookie might not be
+    back yet when the test's next request goes out as someone else."""
+    if not client.cookies:
+        client.get("/").raise_for_status()
     out: dict = {}
 
     def go() -> None:
@@ -441,7 +446,6 @@ def test_two_runs_racing_on_a_new_thread_start_one_reply(make_client, scripted, 
 
     model = scripted(["Only ", "one"], pause_after=1)
     client = make_client(model)
-    client.get("/").raise_for_status()  # one identity for both
     thread = thread_id()
     racing = [_run_in_thread(client, run_input(thread, user(f"Go {i}"))) for i in range(2)]
     wait(client, model.paused)
