@@ -167,9 +167,6 @@ class _Server(uvicorn.Server):
         loop = asyncio.get_event_loop()
         if manager is not None and manager.accepting and loop.is_running():
             loop.call_soon_threadsafe(lambda: loop.create_task(manager.shutdown()))
-            # AG-UI replies run in their requests (web/agui.py): ended and saved as interrupted.
-            if (agui_runs := getattr(self.config.app.state, "agui_runs", None)) is not None:
-                loop.call_soon_threadsafe(agui_runs.stop_all)
         super().handle_exit(sig, frame)
 
 

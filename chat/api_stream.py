@@ -1,8 +1,8 @@
-"""A running reply as pydantic-ai stream events, for protocol adapters (the Vercel AI SDK's).
+"""A running reply as pydantic-ai stream events, for protocol adapters (Vercel AI, AG-UI).
 
 `reply_events` is the one place that follows a run for an API client: it replays the reply from
 its start and then follows it live, as the text deltas and tool calls pydantic-ai's UI event
-streams (`pydantic_ai.ui.vercel_ai.VercelAIEventStream`) turn into their protocol. It ends as
+streams (`VercelAIEventStream`, `AGUIEventStream`) turn into their protocol. It ends as
 the reply ends: complete, or by raising `ReplyStopped` / `ReplyFailed` with the reply's own
 (generic) message, which the event stream reports as an abort or an error.
 
@@ -10,12 +10,17 @@ Today it reads the in-process run (its text source and items); a shared run log 
 reply, replayable from any process) replaces that source without changing what is yielded.
 Text and tool calls are yielded in the order the follower sees them: a tool call is placed after
 all text that had arrived when this follower woke, which is exact while it keeps up with the run.
+Tool calls come whole (`FunctionToolCallEvent`), with no part events for them.
+
+`ended` waits for a reply's end (after a Stop), `beating` interleaves keep-alive beats.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
+from typing import TypeVar
 
 from pydantic_ai.messages import (
     AgentStreamEvent,
@@ -32,6 +37,8 @@ from pydantic_ai.messages import (
 
 from chat.reply import ToolView
 from chat.runs import Run, ToolUpdate
+
+T = TypeVar("T")
 
 
 class ReplyStopped(Exception):
@@ -76,6 +83,47 @@ async def reply_events(run: Run, *, heartbeat: float = 15.0) -> AsyncIterator[Ag
             if run.status != "complete":
                 raise ReplyFailed(run.error or "The reply ended early.")
             return
+
+
+async def ended(run: Run, timeout: float) -> bool:
+    """Wait (at most `timeout` seconds) until `run` has ended, its end saved; True if it has."""
+
+    async def end() -> None:
+        async for kind, _ in run.follow(heartbeat=timeout):
+            if kind == "end":
+                return
+
+    try:
+        await asyncio.wait_for(end(), timeout)
+    except TimeoutError:
+        return False
+    return True
+
+
+async def beating(stream: AsyncIterator[T], every: float) -> AsyncIterator[T | None]:
+    """The items of `stream` as they come, and None after each `every` seconds of silence (for
+    a keep-alive comment, so proxies keep a quiet stream open). Closing this closes `stream`."""
+    items = aiter(stream)
+    pending: asyncio.Future | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(items))
+            done, _ = await asyncio.wait({pending}, timeout=every)
+            if not done:
+                yield None
+                continue
+            task, pending = pending, None
+            try:
+                yield task.result()
+            except StopAsyncIteration:
+                return
+    finally:
+        # The client went away (or the stream ended): stop reading the source.
+        if pending is not None:
+            pending.cancel()
+            await asyncio.gather(pending, return_exceptions=True)
+        await items.aclose()
 
 
 def _call(view: ToolView) -> ToolCallPart:

@@ -1,9 +1,10 @@
 """The chat's use cases: send, compare, regenerate, edit, stop and import, with their rules.
 
-Every front end goes through here: the pages (web/chat.py, web/pages.py) and `/api/chat`
-(web/api.py) only parse a request, call a method and render its result. A refused request
-raises `Refused` (a message for the user, an HTTP status, headers); `NotFound` is the refusal
-for a conversation or turn that is missing or someone else's, which stay indistinguishable.
+Every front end goes through here: the pages (web/chat.py, web/pages.py), `/api/chat`
+(web/api.py) and `/api/ag-ui` (web/agui.py) only parse a request, call a method and render its
+result. A refused request raises `Refused` (a message for the user, an HTTP status, headers);
+`NotFound` is the refusal for a conversation or turn that is missing or someone else's, which
+stay indistinguishable.
 
 Store work runs off the event loop through `off_loop` (a thread by default). A user's sends are
 serialized by a lock, from the checks before a send to its run having started, so the checks
@@ -177,6 +178,23 @@ class ChatService:
             self._check_text(text)
             await self._admit(who, 1, None)
             conv = await self.off_loop(self._create_chat, who, chat, text)
+            turn, run = await self._start(who, conv, text)
+            return Sent(conv, [turn], created=True, runs=[run])
+
+    async def send_thread(self, who: Caller, thread_id: str, text: str) -> Sent:
+        """Send a message into the conversation whose id a client chose itself (AG-UI's
+        `threadId`), created under that very id on first use. An id that is someone else's
+        conversation, or a deleted one, is NotFound: ids are claimed once, by one owner."""
+        text = normalize(text)
+        async with self._held(who):
+            conv = await self.off_loop(self.store.conversation, thread_id, who.uid)
+            if conv is not None:
+                return await self._send(who, conv, text, None, None, [])
+            self._check_text(text)
+            # Counted before the claim, so a refused message claims no id; a probe of someone
+            # else's id costs the prober a message of their allowance.
+            await self._admit(who, 1, None)
+            conv = await self.off_loop(self._claim, who, thread_id, text)
             turn, run = await self._start(who, conv, text)
             return Sent(conv, [turn], created=True, runs=[run])
 
@@ -477,6 +495,22 @@ class ChatService:
         self.store.set_model(cid, conv["model"])
         conv["persona"] = next(iter(self.runs.personas))
         self.store.set_persona(cid, conv["persona"])
+        return conv
+
+    def _claim(self, who: Caller, thread_id: str, text: str) -> dict:
+        """A new conversation under the client's own id, for this caller. Blocking."""
+        persona = next(iter(self.runs.personas))
+        conv = self.store.claim_conversation(
+            thread_id, who.uid, model=self.settings.default_model, persona=persona
+        )
+        if conv is None:
+            if self.store.conversation(thread_id, who.uid) is not None:
+                # Claimed a moment ago by this caller's other request (another worker): its
+                # reply is starting there.
+                raise Refused("Wait for the reply to finish, or stop it, before sending.", 409)
+            raise NotFound()
+        conv["title"] = short_title(text)
+        self.store.set_title(thread_id, conv["title"])
         return conv
 
     def _owned_turn(self, who: Caller, cid: str, tid: int | None) -> tuple[dict, dict]:

@@ -6,9 +6,11 @@ client (npm @ag-ui/client) against the live app.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import threading
+import time
 import uuid
 
 import pytest
@@ -207,6 +209,11 @@ def test_another_identity_cannot_read_or_continue_the_thread(make_client, script
 
 
 def _run_in_thread(client: TestClient, payload: dict) -> tuple[threading.Thread, dict]:
+    """POST a run in a thread of its own (it streams until the reply ends), as the client's
+    identity: a fresh client gets its session cookie first, or the run's cookie might not be
+    back yet when the test's next request goes out as someone else."""
+    if not client.cookies:
+        client.get("/").raise_for_status()
     out: dict = {}
 
     def go() -> None:
@@ -300,7 +307,7 @@ def test_shutdown_ends_running_replies_as_interrupted(make_client, scripted, set
     client = make_client(model)
     t, out = _run_in_thread(client, run_input(thread_id(), user("Go")))
     wait(client, model.paused)
-    client.portal.call(client.app.state.agui_runs.stop_all)  # what SIGTERM does (main.py)
+    client.portal.call(client.app.state.runs.shutdown)  # what SIGTERM does (main.py)
     t.join(10)
     assert streamed_text(events(out["response"].text)) == "Half way"
     assert rows(settings, "select status, reply_text from turns") == [("interrupted", "Half way")]
@@ -331,15 +338,125 @@ def test_tool_calls_stream_as_ag_ui_events_and_are_saved(make_client, settings):
 def test_a_reply_that_cannot_start_is_a_clear_error_and_saved_as_failed(
     make_client, scripted, settings, monkeypatch
 ):
-    import chat.agui_turns
+    model = scripted(["never"])
+    client = make_client(model)
 
     def unreadable(*args, **kwargs):
         raise sqlite3.OperationalError("disk I/O error at /secret/path")
 
-    monkeypatch.setattr(chat.agui_turns, "history", unreadable)
-    model = scripted(["never"])
-    client = make_client(model)
+    monkeypatch.setattr(client.app.state.store, "history", unreadable)
     r = post(client, run_input(thread_id(), user("Hello")))
-    assert r.status_code == 503 and "secret" not in r.text and "Try again" in r.json()["error"]
+    errors = [e for e in events(r.text) if e["type"] == "RUN_ERROR"]
+    assert errors and "Try again" in errors[0]["message"] and "secret" not in r.text
     assert rows(settings, "select user_text, status from turns") == [("Hello", "failed")]
     assert model.calls == []
+
+
+# One chat service: AG-UI replies are the page's runs ---------------------------------------
+
+HX = {"HX-Request": "true"}
+
+
+def test_the_page_sees_an_ag_ui_reply_running_and_its_stop_stops_it(
+    make_client, scripted, settings
+):
+    model = scripted(["Partial ", "answer", " never sent"], pause_after=2)
+    client = make_client(model)
+    thread = thread_id()
+    t, out = _run_in_thread(client, run_input(thread, user("Go")))
+    wait(client, model.paused)
+    # The page's send into the same conversation is refused while the AG-UI reply runs.
+    busy = client.post("/send", data={"msg": "From the page", "cid": thread}, headers=HX)
+    assert busy.status_code == 409 and "Wait for the reply" in busy.text
+    # The page opened now shows the reply live, with its Stop button, and that Stop stops it.
+    reply = parse_html(client.get(f"/c/{thread}").text).find(data_role="assistant")
+    assert reply.attrs["sse-connect"]
+    stop = next(b.attrs["hx-post"] for b in reply.find_all("button") if b.text.strip() == "Stop")
+    assert client.post(stop, headers=HX).status_code == 204
+    t.join(10)
+    evs = events(out["response"].text)
+    assert streamed_text(evs) == "Partial answer" and evs[-1]["type"] == "RUN_FINISHED"
+    assert rows(settings, "select status, reply_text from turns") == [("stopped", "Partial answer")]
+    assert len(model.calls) == 1
+    # Once stopped, the page may send again; the model sees the stopped partial reply.
+    assert client.post("/send", data={"msg": "Next", "cid": thread}, headers=HX).status_code == 200
+
+
+def test_an_ag_ui_run_waits_for_the_pages_reply_in_that_conversation(make_client, scripted):
+    from tests.conftest import send
+    from tests.test_routes import release
+
+    model = scripted(["Page ", "reply"], pause_after=1)
+    client = make_client(model)
+    r = send(client, "From the page")
+    cid = r.headers["HX-Push-Url"].rsplit("/", 1)[1]
+    wait(client, model.paused)
+    busy = post(client, run_input(cid, user("From AG-UI")))
+    assert busy.status_code == 409 and "Wait for the reply" in busy.json()["error"]
+    stopped = client.post(f"/api/ag-ui/{cid}/stop")  # and AG-UI's Stop stops the page's reply
+    release(client, model)
+    assert stopped.json() == {"stopped": True}
+    assert len(model.calls) == 1
+
+
+def test_ag_ui_replies_count_against_the_replies_at_once(make_client, scripted, settings):
+    model = scripted(["Slow ", "reply"], pause_after=1)
+    client = make_client(model, concurrent_runs=1)
+    t, out = _run_in_thread(client, run_input(thread_id(), user("First")))
+    wait(client, model.paused)
+    elsewhere = client.post("/send", data={"msg": "Another chat"}, headers=HX)
+    assert elsewhere.status_code == 429
+    assert post(client, run_input(thread_id(), user("Third"))).status_code == 429
+    ((running,),) = rows(settings, "select conversation_id from turns")
+    assert client.post(f"/api/ag-ui/{running}/stop").json() == {"stopped": True}
+    t.join(10)
+    assert len(model.calls) == 1
+
+
+def test_a_deleted_thread_stays_deleted(make_client, scripted, settings):
+    model = scripted(["ok"])
+    client = make_client(model)
+    thread = thread_id()
+    assert post(client, run_input(thread, user("Hello"))).status_code == 200
+    assert client.post(f"/c/{thread}/delete", headers=HX).status_code in (200, 204, 303)
+    r = post(client, run_input(thread, user("Again")))
+    assert r.status_code == 404
+    assert rows(settings, "select user_text from turns") == [("Hello",)]
+    assert len(model.calls) == 1
+
+
+def test_a_quiet_reply_keeps_the_stream_open_with_comments(make_client, scripted):
+    from tests.test_routes import release
+
+    model = scripted(["Thinking ", "done"], pause_after=1)
+    client = make_client(model, heartbeat=0.05)
+    t, out = _run_in_thread(client, run_input(thread_id(), user("Take your time")))
+    wait(client, model.paused)
+    client.portal.call(asyncio.sleep, 0.3)
+    release(client, model)
+    t.join(10)
+    body = out["response"].text
+    assert ": ping" in body
+    evs = events(body)
+    assert streamed_text(evs) == "Thinking done" and evs[-1]["type"] == "RUN_FINISHED"
+
+
+def test_two_runs_racing_on_a_new_thread_start_one_reply(make_client, scripted, settings):
+    from tests.test_routes import release
+
+    model = scripted(["Only ", "one"], pause_after=1)
+    client = make_client(model)
+    thread = thread_id()
+    racing = [_run_in_thread(client, run_input(thread, user(f"Go {i}"))) for i in range(2)]
+    wait(client, model.paused)
+    deadline = time.monotonic() + 5  # the refused one answers while the other reply is held
+    while all(t.is_alive() for t, _ in racing) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    release(client, model)
+    for t, _ in racing:
+        t.join(10)
+    statuses = sorted(out["response"].status_code for _, out in racing)
+    assert statuses == [200, 409]
+    assert len(model.calls) == 1
+    assert [s for (s,) in rows(settings, "select status from turns")] == ["complete"]
+    assert rows(settings, "select count(*) from conversations") == [(1,)]

@@ -263,3 +263,58 @@ def test_another_identity_cannot_read_or_continue_the_thread(node_client, app, f
     assert get(app, intruder, f"/api/conversations/{thread}").status_code == 404
     assert get(app, intruder, "/api/conversations").json() == {"conversations": []}
     assert [r["user_text"] for r in saved(app, thread)] == ["My secret"]
+
+
+def test_the_page_sees_the_run_and_its_stop_ends_the_model_call(node_client, app, fake: FakeOpenAI):
+    fake.configure("one two three four five", hold_after=2)
+    cookie, thread = visitor_cookie(app), str(uuid.uuid4())
+    driver = Driver(app, cookie, thread, ["Start here"])
+    for line in driver.read():
+        if line.get("event", {}).get("type") == "TEXT_MESSAGE_CONTENT" and "two" in driver.text():
+            break
+    held = fake.wait_until_held()
+    page = {"Cookie": cookie, "HX-Request": "true", "Origin": app.url}
+    with httpx.Client(base_url=app.url, trust_env=False, timeout=15) as http:
+        # The same conversation on the page: its send waits for the AG-UI reply...
+        busy = http.post("/send", data={"msg": "From the page", "cid": thread}, headers=page)
+        assert busy.status_code == 409
+        # ...and the page's Stop ends that reply and its model call.
+        (row,) = saved(app, thread)
+        stopped = http.post(f"/c/{thread}/turns/{row['id']}/stop", headers=page)
+        assert stopped.status_code == 204
+    done = driver.finish()
+    assert done["failures"] == [] and driver.events[-1]["type"] == "RUN_FINISHED"
+    fake.wait_until_finished()
+    assert held.disconnected and not held.completed
+    (row,) = saved(app, thread, "stopped")
+    assert row["reply_text"].strip() == "one two" and len(replies(fake)) == 1
+
+
+def test_tool_calls_reach_the_client_as_a_valid_event_sequence(node_client, app, fake: FakeOpenAI):
+    from tests.fake_openai import Fault
+
+    call = {"index": 0, "id": "call_7", "type": "function"}
+    call["function"] = {"name": "calculate", "arguments": json.dumps({"expression": "6*7"})}
+    asks = Fault.deltas(
+        {"content": "Let me compute. "}, {"tool_calls": [call]}, finish="tool_calls"
+    )
+    fake.configure("It is 42.", script=[asks, None])
+    cookie, thread = visitor_cookie(app), str(uuid.uuid4())
+    driver = Driver(app, cookie, thread, ["What is 6*7?"])
+    done = driver.finish()
+    # The client's own verifier accepted the sequence (a bad one fails the run).
+    assert done["failures"] == []
+    types = [e["type"] for e in driver.events]
+    for kind in ("TOOL_CALL_START", "TOOL_CALL_ARGS", "TOOL_CALL_END", "TOOL_CALL_RESULT"):
+        assert types.count(kind) == 1, types
+    assert types.index("TEXT_MESSAGE_END") < types.index("TOOL_CALL_START")
+    assert driver.text() == "Let me compute. It is 42."
+    # The client's copy holds the call and its result, as the server saved them.
+    asked = [m for m in done["messages"] if m.get("toolCalls")]
+    assert asked and asked[0]["toolCalls"][0]["function"]["name"] == "calculate"
+    assert json.loads(asked[0]["toolCalls"][0]["function"]["arguments"]) == {"expression": "6*7"}
+    (result,) = [m for m in done["messages"] if m["role"] == "tool"]
+    assert "42" in result["content"]
+    (row,) = saved(app, thread, "complete")
+    assert row["reply_text"].startswith("Let me compute.") and "42" in row["reply_text"]
+    assert len(replies(fake)) == 2
