@@ -24,6 +24,7 @@ from fasthtml.common import (
     Span,
     Summary,
     Textarea,
+    Time,
 )
 
 STATUS_NOTES = {
@@ -46,6 +47,7 @@ class TurnLinks:
     next: str | None = None
     version: int = 1
     versions: int = 1
+    source: str | None = None  # the reply's Markdown, which its Copy button copies
 
 
 def SafeHTML(html: str, **kw) -> FT:
@@ -53,9 +55,17 @@ def SafeHTML(html: str, **kw) -> FT:
     return Div(NotStr(html), cls="chunk", hx_disable=True, **kw)
 
 
-def CopyButton(target: str, label: str = "Copy") -> FT:
-    """Copies the text of the element with id `target` (see app.js)."""
-    return Button(label, type="button", cls="copy small", data_copy=target)
+def CopyButton(target: str, label: str = "Copy", url: str | None = None) -> FT:
+    """Copies the text at `url` (a reply's Markdown) if given, else the text of element `target`."""
+    return Button(label, type="button", cls="copy small", data_copy=target, data_copy_url=url)
+
+
+def Stamp(iso: str | None) -> FT | None:
+    """When a message was sent or a reply written; app.js shows it relative ("2 min ago")."""
+    if not iso:
+        return None
+    exact = iso[:16].replace("T", " ") + " UTC"  # until app.js puts it in the reader's time
+    return Time(exact, datetime=iso, title=exact, cls="stamp")
 
 
 def VersionNav(links: TurnLinks) -> FT | None:
@@ -91,6 +101,7 @@ def UserMessage(turn: dict, links: TurnLinks | None = None) -> FT:
     tools = ()
     if links:
         tools = (
+            Stamp(turn.get("created_at")),
             VersionNav(links),
             CopyButton(f"text-{tid}"),
             Button(
@@ -220,6 +231,7 @@ def ReplyFooter(
     last: bool = False,
     copy: bool = True,
     extra: FT | None = None,
+    when: str | None = None,
 ) -> tuple:
     """What sits under a reply: 'Writing…' and Stop while streaming, then its outcome."""
     if status == "streaming":
@@ -247,8 +259,9 @@ def ReplyFooter(
         )  # fmt: skip
     elif status in STATUS_NOTES:
         parts.append(P(STATUS_NOTES[status], cls="note"))
+    parts.append(Stamp(when))
     if links and copy:
-        parts.append(CopyButton(f"md-{turn_id}"))
+        parts.append(CopyButton(f"md-{turn_id}", url=links.source))
         if last and not error:
             parts.append(
                 Button("Regenerate", type="button", cls="small", hx_post=links.regenerate,
@@ -270,6 +283,7 @@ def AssistantMessage(
     usage: dict | None = None,
     model: str | None = None,
     last: bool = False,
+    when: str | None = None,
 ) -> FT:
     """The assistant's reply. `live` makes it a placeholder that its stream fills in."""
     sse = {"hx_ext": "sse", "sse_connect": links.stream, "sse_close": "done"} if live else {}
@@ -293,6 +307,7 @@ def AssistantMessage(
                 model=model,
                 last=last,
                 copy=bool(body),
+                when=when,
             ),
             cls="reply-foot",
             sse_swap="end" if live else None,

@@ -38,6 +38,7 @@ REGENERATE = "/c/{cid}/turns/{tid}/regenerate"
 EDIT = "/c/{cid}/turns/{tid}/edit"
 USER_MESSAGE = "/c/{cid}/turns/{tid}/user"
 SHOW = "/c/{cid}/turns/{tid}/show"
+SOURCE = "/c/{cid}/turns/{tid}/source"  # (web/pages.py) a reply's Markdown, for Copy
 
 # Accounts (web/auth.py)
 LOGIN = "/login"
@@ -71,6 +72,7 @@ def turn_links(turn: dict, siblings: dict[int | None, list[int]]) -> TurnLinks:
         next=url(SHOW, cid=cid, tid=group[i + 1]) if i + 1 < len(group) else None,
         version=i + 1,
         versions=len(group),
+        source=url(SOURCE, cid=cid, tid=tid),
     )
 
 

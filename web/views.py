@@ -100,6 +100,7 @@ def reply(req: Request, turn: dict, links: TurnLinks, *, last: bool) -> FT:
         usage=load_json(turn["usage"]),
         model=turn["model"],
         last=last,
+        when=turn.get("finished_at") or turn.get("created_at"),
     )
 
 
