@@ -262,6 +262,10 @@
     return over > 0;
   }
   document.addEventListener("input", (e) => { if (e.target.id === "msg") countChars(e.target); });
+  document.addEventListener("htmx:afterRequest", (e) => {
+    const ta = $("#msg");
+    if (e.target.id === "composer" && ta) countChars(ta); // a sent message has left the box
+  });
   document.addEventListener("htmx:confirm", (e) => {
     if (e.target.id !== "composer") return;
     const ta = $("#msg");
@@ -295,7 +299,8 @@
     if (refocus) {
       const el = document.getElementById(refocus);
       refocus = null;
-      if (!el || el.matches(".editing")) return;
+      if (!el) return;
+      // (Until htmx settles, the new element still wears the old one's classes.)
       const btn = el.matches(".conv")
         ? $(".conv-actions button", el)
         : [...el.querySelectorAll(".msg-tools button")].find((b) => b.textContent.trim() === "Edit");
@@ -319,6 +324,20 @@
     if (helpOpener && helpOpener.isConnected && helpOpener !== document.body) helpOpener.focus();
     helpOpener = null;
   }, true);
+  // A modal dialog keeps the page inert, but Tab would still leave for the browser's own bar.
+  document.addEventListener("keydown", (e) => {
+    const d = $("dialog[open]");
+    if (e.key !== "Tab" || !d) return;
+    const stops = [...d.querySelectorAll("button, a[href], input, select, textarea, [tabindex]")]
+      .filter((el) => !el.disabled && el.tabIndex >= 0);
+    if (!stops.length) return;
+    const first = stops[0], last = stops[stops.length - 1];
+    if (e.shiftKey ? document.activeElement === first || !d.contains(document.activeElement)
+                   : document.activeElement === last) {
+      e.preventDefault();
+      (e.shiftKey ? last : first).focus();
+    }
+  });
   document.addEventListener("click", (e) => {
     if (e.target.closest && e.target.closest(".shortcuts-open")) { openHelp(); return; }
     const d = $("#shortcuts[open]");
