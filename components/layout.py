@@ -83,7 +83,7 @@ SHORTCUTS = (
     ("Ctrl/⌘ + Shift + O", "New chat"),
     ("Ctrl/⌘ + K  or  /", "Search messages"),
     ("Esc", "Stop the reply being written"),
-    ("Enter", "Send (on a touch keyboard: a new line)"),
+    ("Enter", "Send (on a touch screen: a new line; Ctrl/⌘ + Enter sends)"),
     ("Shift + Enter", "New line"),
     ("?  or  Ctrl/⌘ + /", "Show these shortcuts"),
 )

@@ -233,6 +233,11 @@ def test_on_a_touch_keyboard_enter_adds_a_line_and_send_sends(
         wait_done(page, 1)
         expect(page.locator("[data-role=user] .text")).to_have_text("first line\nsecond line")
         expect(box).to_have_value("")
+        # A tablet's hardware keyboard can still send without the screen: Ctrl+Enter.
+        box.type("from a keyboard")
+        box.press("Control+Enter")
+        wait_done(page, 2)
+        expect(page.locator("[data-role=user] .text").nth(1)).to_have_text("from a keyboard")
         w.assert_clean()
 
     # A desktop keyboard: Enter sends, as before.
