@@ -134,9 +134,11 @@ def EditForm(turn: dict, links: TurnLinks, *, max_chars: int) -> FT:
                 name="msg",
                 rows=3,
                 required=True,
-                maxlength=max_chars,
                 autofocus=True,
+                data_max_chars=max_chars,  # counted by app.js rather than cut by maxlength
+                aria_describedby=f"edit-count-{tid}",
             ),
+            Div(id=f"edit-count-{tid}", cls="msg-count", aria_live="polite"),
             Div(
                 Button("Cancel", type="button", hx_get=links.user, hx_target=f"#turn-{tid}",
                        hx_swap="outerHTML"),

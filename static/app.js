@@ -244,8 +244,11 @@
   });
 
   // Length: a counter near the limit, and a clear message (and no send) over it.
+  // Every message box with data-max-chars (the composer, an edit) has its counter in the
+  // element its aria-describedby names.
   function countChars(ta) {
-    const max = Number(ta.dataset.maxChars), out = $("#msg-count");
+    const max = Number(ta.dataset.maxChars);
+    const out = document.getElementById(ta.getAttribute("aria-describedby") || "");
     if (!max || !out) return false;
     const n = [...ta.value].length; // code points, as the server counts
     const over = n - max;
@@ -261,14 +264,15 @@
     }
     return over > 0;
   }
-  document.addEventListener("input", (e) => { if (e.target.id === "msg") countChars(e.target); });
+  document.addEventListener("input", (e) => {
+    if (e.target.dataset && e.target.dataset.maxChars) countChars(e.target);
+  });
   document.addEventListener("htmx:afterRequest", (e) => {
     const ta = $("#msg");
     if (e.target.id === "composer" && ta) countChars(ta); // a sent message has left the box
   });
   document.addEventListener("htmx:confirm", (e) => {
-    if (e.target.id !== "composer") return;
-    const ta = $("#msg");
+    const ta = e.target.querySelector && e.target.querySelector("textarea[data-max-chars]");
     if (ta && countChars(ta)) { e.preventDefault(); ta.focus(); }
   });
 
@@ -365,7 +369,10 @@
     }
   });
 
-  document.addEventListener("htmx:afterSwap", () => { stamps(); syncJump(); });
+  document.addEventListener("htmx:afterSwap", () => {
+    stamps(); syncJump();
+    document.querySelectorAll("textarea[data-max-chars]").forEach(countChars); // an edit opened
+  });
   document.addEventListener("htmx:oobAfterSwap", stamps);
   document.addEventListener("htmx:sseMessage", (e) => {
     syncJump();

@@ -295,6 +295,22 @@ def test_a_paste_over_the_limit_is_kept_counted_and_explained_and_not_sent(
     wait_done(page, 1)
     assert app.turns()[-1]["user_text"] == fits
     expect(counter).to_be_hidden()
+
+    # Editing a sent message: the same counter and message, and nothing sent while over.
+    page.locator("[data-role=user]").get_by_role("button", name="Edit").click()
+    edit = page.get_by_role("textbox", name="Edit message")
+    edit_counter = page.locator(".editing .msg-count")
+    expect(edit_counter).to_have_text(f"{MAX_CHARS} / {MAX_CHARS} characters")  # at once
+    edit.fill(pasted)
+    expect(edit).to_have_value(pasted)
+    expect(edit_counter).to_contain_text(f"{over} over the limit")
+    posts: list[str] = []
+    page.on("request", lambda r: posts.append(r.url) if r.method == "POST" else None)
+    page.get_by_role("button", name="Send edit").click()
+    expect(edit).to_be_focused()
+    expect(edit).to_have_value(pasted)
+    assert posts == []
+    assert len(replies(fake)) == 1
     web.assert_clean()
 
 
