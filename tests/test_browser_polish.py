@@ -411,6 +411,9 @@ def test_jump_to_latest_shows_when_scrolled_up_and_while_a_reply_grows_below(
     expect(jump).to_be_hidden()  # opened at the newest message
     page.locator("#messages").evaluate("m => m.scrollTop = 0")
     expect(jump).to_be_visible()
+    # It floats over the foot of the message list, just above the message box.
+    button, composer = jump.bounding_box(), box_of(page, "#composer")
+    assert composer["y"] - 40 <= button["y"] + button["height"] <= composer["y"], button
     jump.click()
     expect(jump).to_be_hidden()
     assert at_bottom(page)
