@@ -23,7 +23,9 @@
       if (touchKeyboard.matches && !(e.ctrlKey || e.metaKey)) return;
       e.preventDefault();
       if (ta.value.trim()) ta.form.requestSubmit();
-    } else if (e.key === "Escape" && !(ta && ta.closest && ta.closest("dialog[open]"))) {
+    } else if (e.key === "Escape" && !(ta && ta.closest && ta.closest("dialog[open]")) &&
+               !(typing(ta) && ta.id !== "msg")) {
+      // (Esc in the search box clears it, in a form cancels it: only elsewhere does it stop.)
       const stops = document.querySelectorAll(".reply-foot .stop");
       if (stops.length) { e.preventDefault(); stops[stops.length - 1].click(); }
       const side = $("#sidebar.open");
@@ -365,7 +367,9 @@
     } else if ((mod && e.key === "/") || (e.key === "?" && !mod && !typing(e.target))) {
       e.preventDefault(); openHelp();
     } else if (e.key === "Escape" && $("#topbar-more.open")) {
+      const inside = $("#topbar-more").contains(document.activeElement);
       toggleMore(false);
+      if (inside) $(".topbar .more").focus(); // the panel hid what had focus
     }
   });
 

@@ -480,11 +480,20 @@ def test_keyboard_shortcuts_and_their_dialog(web: Watched, fake: FakeOpenAI):
     expect(message_box(page)).to_be_focused()
     expect(message_box(page)).to_have_value("")
 
-    # Esc stops the reply being written.
+    # Esc stops the reply being written; Esc in the search box only clears the search.
     fake.configure("word " * 400, delay=0.05)
     send(page, "A long one")
     reply = assistant(page, 2)
     expect(reply).to_contain_text("word word")
+    page.evaluate(
+        "window.__stops = 0; document.addEventListener('htmx:beforeRequest', e => {"
+        " if (e.detail.requestConfig.path.endsWith('/stop')) window.__stops++ })"
+    )
+    search.fill("words")
+    search.press("Escape")
+    assert page.evaluate("window.__stops") == 0  # (the Stop request starts within the keypress)
+    expect(reply.get_by_role("button", name="Stop")).to_be_visible()
+    message_box(page).focus()
     page.keyboard.press("Escape")
     expect(reply).to_contain_text("Stopped", timeout=10_000)
 
