@@ -167,6 +167,8 @@ def test_on_a_phone_the_conversation_owns_the_screen(
     with browsing(browser, app, **size) as w:
         page = w.page
         page.goto("/")
+        details = page.get_by_role("button", name="Conversation details")
+        expect(details).to_be_hidden()  # a new chat has no total or downloads yet
         message_box(page).fill("Hello from a phone")
         page.get_by_role("button", name="Send").tap()
         wait_done(page, 1)
@@ -189,7 +191,6 @@ def test_on_a_phone_the_conversation_owns_the_screen(
         expect(page.get_by_label("Persona", exact=True)).to_be_visible()
 
         # The token total and the downloads are one tap away, in a panel under the header.
-        details = page.get_by_role("button", name="Conversation details")
         markdown = page.get_by_role("link", name="Markdown")
         expect(markdown).to_be_hidden()
         details.tap()
