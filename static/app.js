@@ -236,14 +236,14 @@
     if (panel && !panel.contains(e.target)) toggleMore(false);
   });
 
-  // The header's badge names the model the picker has chosen.
-  document.addEventListener("change", (e) => {
-    if (e.target.id !== "model") return;
-    const badge = $("#model-badge");
-    if (!badge) return;
-    badge.textContent = e.target.value; badge.title = e.target.value;
+  // The header's badge names the model the picker has chosen (also when a reload restored it).
+  function syncBadge() {
+    const pick = $("#model"), badge = $("#model-badge");
+    if (!pick || !badge || badge.textContent === pick.value) return;
+    badge.textContent = pick.value; badge.title = pick.value;
     badge.classList.remove("demo");
-  });
+  }
+  document.addEventListener("change", (e) => { if (e.target.id === "model") syncBadge(); });
 
   // Length: a counter near the limit, and a clear message (and no send) over it.
   // Every message box with data-max-chars (the composer, an edit) has its counter in the
@@ -383,7 +383,7 @@
     if (e.detail && e.detail.type === "end") stamps();
   });
   document.addEventListener("DOMContentLoaded", () => {
-    stamps(); syncJump();
+    stamps(); syncJump(); syncBadge();
     const ta = $("#msg");
     if (ta) {
       countChars(ta);
