@@ -60,10 +60,12 @@ def CopyButton(target: str, label: str = "Copy", url: str | None = None) -> FT:
     return Button(label, type="button", cls="copy small", data_copy=target, data_copy_url=url)
 
 
-def Stamp(iso: str | None) -> FT | None:
+def Stamp(iso) -> FT | None:
     """When a message was sent or a reply written; app.js shows it relative ("2 min ago")."""
     if not iso:
         return None
+    if not isinstance(iso, str):  # a store that hands back datetimes rather than ISO text
+        iso = iso.isoformat(timespec="milliseconds")
     exact = iso[:16].replace("T", " ") + " UTC"  # until app.js puts it in the reader's time
     return Time(exact, datetime=iso, title=exact, cls="stamp")
 
