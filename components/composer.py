@@ -82,8 +82,13 @@ def Composer(
     persona: str | None = None,
     attach: FT | None = None,
 ) -> FT:
-    """The message form: Enter sends, Shift+Enter adds a line (see app.js). `attach` is the
-    attach button (components/attachments.py); its files wait in the tray above the box."""
+    """The message form: Enter sends, Shift+Enter adds a line (touch keyboards: Enter adds a line).
+
+    No `maxlength`: it would cut a long paste without a word. app.js counts near the limit and
+    explains when over it; the server refuses an over-long message with a message of its own.
+    `attach` is the attach button (components/attachments.py); its files wait in the tray above
+    the box.
+    """
     return Form(
         ModelPicker(choices, model, personas, persona),
         Div(id="composer-error", cls="composer-error", role="alert"),
@@ -97,13 +102,15 @@ def Composer(
                 rows=1,
                 required=True,
                 autofocus=True,
-                maxlength=max_chars,
                 placeholder="Send a message (Enter to send, Shift+Enter for a new line)",
                 aria_keyshortcuts="Enter",
+                aria_describedby="msg-count",
+                data_max_chars=max_chars,
             ),
             Button("Send", type="submit", cls="send"),
             cls="composer-row",
         ),
+        Div(id="msg-count", cls="msg-count", aria_live="polite"),
         Input(type="hidden", name="cid", value=cid or "", id="cid"),
         id="composer",
         action=send_url,
@@ -121,6 +128,8 @@ def ModelBadge(model: str | None) -> FT:
         return Span(
             "Demo model (offline): set MODEL to use a real one",
             cls="badge demo",
+            id="model-badge",
             title="No MODEL is configured. Replies come from a built-in offline demo model.",
         )
-    return Span(model, cls="badge")
+    # app.js keeps it in step with the model picker.
+    return Span(model, cls="badge", id="model-badge", title=model)

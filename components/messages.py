@@ -25,6 +25,7 @@ from fasthtml.common import (
     Span,
     Summary,
     Textarea,
+    Time,
 )
 
 from components.attachments import MessageFiles
@@ -52,6 +53,7 @@ class TurnLinks:
     # The files sent with the turn's message, each with its URL (components/attachments.py).
     files: tuple = ()
     feedback: str | None = None
+    source: str | None = None  # the reply's Markdown, which its Copy button copies
 
 
 def SafeHTML(html: str, **kw) -> FT:
@@ -59,9 +61,19 @@ def SafeHTML(html: str, **kw) -> FT:
     return Div(NotStr(html), cls="chunk", hx_disable=True, **kw)
 
 
-def CopyButton(target: str, label: str = "Copy") -> FT:
-    """Copies the text of the element with id `target` (see app.js)."""
-    return Button(label, type="button", cls="copy small", data_copy=target)
+def CopyButton(target: str, label: str = "Copy", url: str | None = None) -> FT:
+    """Copies the text at `url` (a reply's Markdown) if given, else the text of element `target`."""
+    return Button(label, type="button", cls="copy small", data_copy=target, data_copy_url=url)
+
+
+def Stamp(iso) -> FT | None:
+    """When a message was sent or a reply written; app.js shows it relative ("2 min ago")."""
+    if not iso:
+        return None
+    if not isinstance(iso, str):  # a store that hands back datetimes rather than ISO text
+        iso = iso.isoformat(timespec="milliseconds")
+    exact = iso[:16].replace("T", " ") + " UTC"  # until app.js puts it in the reader's time
+    return Time(exact, datetime=iso, title=exact, cls="stamp")
 
 
 def VersionNav(links: TurnLinks) -> FT | None:
@@ -97,6 +109,7 @@ def UserMessage(turn: dict, links: TurnLinks | None = None) -> FT:
     tools = ()
     if links:
         tools = (
+            Stamp(turn.get("created_at")),
             VersionNav(links),
             CopyButton(f"text-{tid}"),
             Button(
@@ -134,9 +147,11 @@ def EditForm(turn: dict, links: TurnLinks, *, max_chars: int) -> FT:
                 name="msg",
                 rows=3,
                 required=True,
-                maxlength=max_chars,
                 autofocus=True,
+                data_max_chars=max_chars,  # counted by app.js rather than cut by maxlength
+                aria_describedby=f"edit-count-{tid}",
             ),
+            Div(id=f"edit-count-{tid}", cls="msg-count", aria_live="polite"),
             Div(
                 Button("Cancel", type="button", hx_get=links.user, hx_target=f"#turn-{tid}",
                        hx_swap="outerHTML"),
@@ -268,6 +283,7 @@ def ReplyFooter(
     copy: bool = True,
     extra: FT | None = None,
     feedback: str | None = None,
+    when: str | None = None,
 ) -> tuple:
     """What sits under a reply: 'Writing…' and Stop while streaming, then its outcome."""
     if status == "streaming":
@@ -297,8 +313,9 @@ def ReplyFooter(
         )  # fmt: skip
     elif status in STATUS_NOTES:
         parts.append(P(STATUS_NOTES[status], cls="note"))
+    parts.append(Stamp(when))
     if links and copy:
-        parts.append(CopyButton(f"md-{turn_id}"))
+        parts.append(CopyButton(f"md-{turn_id}", url=links.source))
         if last and not error:
             parts.append(
                 Button("Regenerate", type="button", cls="small regenerate",
@@ -323,6 +340,7 @@ def AssistantMessage(
     model: str | None = None,
     last: bool = False,
     feedback: str | None = None,
+    when: str | None = None,
 ) -> FT:
     """The assistant's reply. `live` makes it a placeholder that its stream fills in."""
     sse = {"hx_ext": "sse", "sse_connect": links.stream, "sse_close": "done"} if live else {}
@@ -347,6 +365,7 @@ def AssistantMessage(
                 last=last,
                 copy=bool(body),
                 feedback=feedback,
+                when=when,
             ),
             cls="reply-foot",
             sse_swap="end" if live else None,

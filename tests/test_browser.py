@@ -297,8 +297,12 @@ def test_a_message_the_box_accepts_is_not_refused_as_too_long(browser, tmp_path:
             for line in ("bbbb", "cccc", "dddd"):
                 box.press("Shift+Enter")
                 box.type(line)
-            box.type("zzzz")  # the box stops at its limit of 20
-            assert len(box.input_value()) == 20
+            box.type("zzzz")  # 23: over the limit of 20, kept and explained (not cut silently)
+            expect(page.locator("#msg-count")).to_contain_text("3 over the limit")
+            for _ in range(3):
+                box.press("Backspace")
+            assert len(box.input_value()) == 20  # line breaks count once, here as on the server
+            expect(page.locator("#msg-count")).to_have_text("20 / 20 characters")
             box.press("Enter")
             expect(page.locator("[data-role=user]")).to_have_count(1)
             expect(page.locator("#composer-error")).to_be_empty()

@@ -698,3 +698,39 @@ def test_not_found_page_is_one_well_formed_document(client):
     response = client.get("/c/nope")
     assert response.status_code == 404
     assert response.text.lower().count("<!doctype") == 1
+
+
+# Issue 15: copy as Markdown, message times, the composer's limit ---------------------------
+
+
+def test_a_replys_markdown_is_served_to_its_owner_only(client, other_browser):
+    response, _ = chat(client, "Hi")
+    page = parse_html(client.get(conversation_url(response)).text)
+    buttons = page.find(data_role="assistant").find_all("button")
+    (url,) = [b.attrs["data-copy-url"] for b in buttons if "data-copy-url" in b.attrs]
+    source = client.get(url)
+    assert source.status_code == 200
+    assert source.text == REPLY  # the Markdown as written, not the rendered text
+    assert source.headers["content-type"].startswith("text/markdown")
+    assert source.headers["cache-control"] == "no-store"
+    # Someone else's reply, an unknown turn and a turn under another conversation: all 404.
+    assert other_browser.get(url).status_code == 404
+    assert client.get(re.sub(r"/turns/\d+/", "/turns/999/", url)).status_code == 404
+    other, _ = chat(client, "Another conversation")
+    elsewhere = conversation_url(other).rsplit("/", 1)[1]
+    assert client.get(re.sub(r"/c/[\w-]+/", f"/c/{elsewhere}/", url)).status_code == 404
+
+
+def test_messages_carry_the_times_stored_with_their_turn(client, settings):
+    response, _ = chat(client, "When?")
+    page = parse_html(client.get(conversation_url(response)).text)
+    ((created, finished),) = rows(settings, "select created_at, finished_at from turns")
+    assert page.find(data_role="user").find("time").attrs["datetime"] == created
+    assert page.find(data_role="assistant").find("time").attrs["datetime"] == finished
+
+
+def test_the_message_box_does_not_cut_a_long_paste(make_client, model):
+    client = make_client(model, max_message_chars=1234)
+    box = parse_html(client.get("/").text).find("textarea", id="msg")
+    assert "maxlength" not in box.attrs  # a browser would cut a paste without a word
+    assert box.attrs["data-max-chars"] == "1234"  # app.js counts and explains instead

@@ -45,6 +45,7 @@ FEEDBACK = "/c/{cid}/turns/{tid}/feedback"
 ATTACHMENTS = "/attachments"
 ATTACHMENT = "/attachments/{aid}"
 ATTACHMENT_REMOVE = "/attachments/{aid}/remove"
+SOURCE = "/c/{cid}/turns/{tid}/source"  # (web/pages.py) a reply's Markdown, for Copy
 
 # Accounts (web/auth.py)
 LOGIN = "/login"
@@ -80,6 +81,7 @@ def turn_links(turn: dict, siblings: dict[int | None, list[int]]) -> TurnLinks:
         versions=len(group),
         files=tuple((f, url(ATTACHMENT, aid=f["id"])) for f in refs(turn)),
         feedback=url(FEEDBACK, cid=cid, tid=tid),
+        source=url(SOURCE, cid=cid, tid=tid),
     )
 
 

@@ -12,7 +12,12 @@ import re
 from fasthtml.common import H1, APIRouter, Div, Response, Title
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
-from starlette.responses import JSONResponse, RedirectResponse, StreamingResponse
+from starlette.responses import (
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    StreamingResponse,
+)
 
 from chat.service import Refused
 from chat.transcript import MAX_IMPORT_BYTES, json_chunks, markdown_chunks
@@ -77,6 +82,17 @@ def newer(req: Request, cid: str, after: int | None = None):
     return Div(*later_page(req, conv, last), id="later-page", cls="later-page")
 
 
+@ar(links.SOURCE, methods=["get"])
+def source(req: Request, cid: str, tid: int):
+    """A reply's Markdown as the model wrote it (tables and fences kept): what Copy copies."""
+    _, turn = owned_turn(req, cid, tid)
+    run = runs(req).get(tid)  # a reply still being written: the text so far
+    text = run.renderer.source if run is not None else turn["reply_text"] or ""
+    return PlainTextResponse(
+        text, media_type="text/markdown; charset=utf-8", headers={"Cache-Control": "no-store"}
+    )
+
+
 @ar(links.SEARCH, methods=["get"])
 def search(req: Request, q: str = ""):
     """Search the user's conversation titles and messages by word prefix; each result links to
@@ -94,7 +110,8 @@ def search(req: Request, q: str = ""):
 @ar(links.ITEM, methods=["get"])
 def item(req: Request, cid: str):
     """A conversation's entry in the sidebar (used to cancel a rename)."""
-    return ConversationLink(owned_conversation(req, cid), conv_links(cid))
+    conv = owned_conversation(req, cid)
+    return ConversationLink(conv, conv_links(cid), current=_is_current(req, cid))
 
 
 @ar(links.RENAME, methods=["get"])
@@ -113,7 +130,7 @@ def rename(req: Request, cid: str, title: str = ""):
     store(req).rename(cid, uid(req), title)
     conv = owned_conversation(req, cid)
     return (
-        ConversationLink(conv, conv_links(cid)),
+        ConversationLink(conv, conv_links(cid), current=_is_current(req, cid)),
         H1(title, id="chat-title", hx_swap_oob="true") if _is_current(req, cid) else None,
     )
 
@@ -152,7 +169,8 @@ def restore(req: Request, cid: str):
     """Undo a deletion."""
     if not store(req).restore(cid, uid(req)):
         raise missing()
-    return ConversationLink(owned_conversation(req, cid), conv_links(cid))
+    conv = owned_conversation(req, cid)
+    return ConversationLink(conv, conv_links(cid), current=_is_current(req, cid))
 
 
 @ar(links.TITLE, methods=["get"])

@@ -14,6 +14,7 @@ from starlette.requests import Request
 
 from chat import sse
 from chat.runs import Block, Run, ToolUpdate
+from chat.store import now
 from components.messages import (
     ConversationUsage,
     ReplyFooter,
@@ -84,6 +85,7 @@ async def _live(req: Request, run: Run, turn: dict, links, start: int) -> AsyncI
                 last=bool(conv and conv["head_turn_id"] == run.turn_id),
                 copy=bool(run.renderer.source),
                 extra=_title_refresh(turn, run.status),
+                when=now(),
             )
             total = ConversationUsage(spent, oob=True)
             yield sse.event("end", to_xml((*footer, total)))
@@ -133,6 +135,7 @@ async def _stored(req: Request, turn: dict, links, start: int) -> AsyncIterator[
         last=conv is not None and conv["head_turn_id"] == turn["id"],
         copy=bool(turn["reply_text"]),
         extra=_title_refresh(turn, turn["status"]),
+        when=turn.get("finished_at") or turn.get("created_at"),
     )
     yield sse.event("end", to_xml(footer) or " ")
     yield sse.event("done", turn["status"])

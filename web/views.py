@@ -103,6 +103,7 @@ def reply(req: Request, turn: dict, links: TurnLinks, *, last: bool) -> FT:
         model=turn["model"],
         last=last,
         feedback=turn.get("feedback"),
+        when=turn.get("finished_at") or turn.get("created_at"),
     )
 
 
