@@ -27,7 +27,7 @@ from chat.accounts import ACCOUNT_PREFIX
 from chat.agent import ModelUnavailable, build_agent
 from chat.config import Settings
 from chat.drain import Drain
-from chat.limits import Limiter
+from chat.limits import limiter_for
 from chat.runs import RunManager
 from chat.security import SecurityMiddleware, server_error
 from chat.slow_clients import protocol_class
@@ -72,7 +72,8 @@ def create_app(settings: Settings | None = None, *, model: Model | None = None) 
             app.state.runs.model_for(settings.default_model)
         except ModelUnavailable as exc:
             log.warning("%s", exc)
-        app.state.limits = Limiter.from_settings(settings)
+        app.state.limits = limiter_for(settings)
+        await app.state.limits.start()
         # SIGTERM drains (chat/drain.py); SIGINT stops the replies at once.
         drain = app.state.drain = Drain(app.state.runs, settings.drain_grace)
         drain.install()
@@ -81,6 +82,7 @@ def create_app(settings: Settings | None = None, *, model: Model | None = None) 
         finally:
             drain.uninstall()
             await app.state.runs.shutdown()
+            await app.state.limits.close()
             store.close()
 
     async def identify(req: Request, session):

@@ -85,7 +85,7 @@ async def api_chat(req: Request):
         return _error("The server is restarting.", 503)
     if len(await req.body()) > cfg.max_message_chars * 4 + 100_000:
         return _error("The request is too large.", 413)
-    refused = limits.check_send(
+    refused = await limits.check_send(
         who,
         client_addr(req),
         running=manager.running(who),
@@ -99,7 +99,7 @@ async def api_chat(req: Request):
         log.warning("api model unavailable: %r", exc)
         return _error(describe_error(exc), 503)
     # Counted as running until the stream ends, however it ends, like a page's reply.
-    limits.api_started(who)
+    await limits.api_started(who)
     try:
         response = await _Adapter.dispatch_request(
             req,

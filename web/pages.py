@@ -195,7 +195,7 @@ async def import_json(req: Request, file: UploadFile | None = None):
     # An import costs what a message does (parsing, then its history goes to the model): the
     # same per-minute limits, counted before the work, whether or not the file is good.
     try:
-        refused = req.app.state.limits.check_import(uid(req), client_addr(req))
+        refused = await req.app.state.limits.check_import(uid(req), client_addr(req))
         if refused:
             response = error_fragment(refused.message, refused.status, target)
             response.headers.update(refused.headers)
