@@ -3,16 +3,23 @@ one session key is made), and `WORKERS` > 1 needs `REDIS_URL`."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
+from pathlib import Path
 
+import httpx
 import pytest
 
 from chat.migrations import MIGRATIONS
-from tests.live import ROOT
+from tests.live import _APP_ENV, ROOT, free_port
+from tests.redis_server import start_redis
 
 # One interpreter imports the app once, then for each round forks PROCESSES children that block
 # on a pipe until all exist, so they open the fresh database within a millisecond or two of each
@@ -74,3 +81,88 @@ def test_processes_started_together_on_a_fresh_database_all_come_up(tmp_path):
             names = [row[0] for row in conn.execute("select name from _migrations")]
             assert names == [fn.__name__ for fn in MIGRATIONS]  # every step, each once
             assert conn.execute("pragma journal_mode").fetchone()[0] == "wal"
+
+
+def _app_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _APP_ENV and k != "REDIS_URL"}
+    env.update(
+        HOST="127.0.0.1", DB_PATH=str(tmp_path / "chat.db"), MODEL="", NO_PROXY="127.0.0.1", **extra
+    )
+    return env
+
+
+def test_more_than_one_worker_without_redis_is_refused_in_one_line(tmp_path):
+    for args, env in ((["--workers", "2"], {}), ([], {"WORKERS": "3"})):
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "main.py"), *args],
+            cwd=tmp_path,
+            env=_app_env(tmp_path, **env),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 2
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and "REDIS_URL" in lines[0] and "WORKERS" in lines[0], lines
+        assert not (tmp_path / "chat.db").exists()  # refused before opening anything
+
+
+def _workers_of(parent: int) -> list[int]:
+    """The worker processes a uvicorn supervisor started (spawned interpreters)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == parent and b"spawn_main" in (proc / "cmdline").read_bytes():
+                found.append(int(proc.name))
+    return found
+
+
+@pytest.mark.slow
+def test_workers_with_redis_serve_one_database_and_stop_cleanly(tmp_path):
+    server = start_redis(tmp_path / "redis")
+    port = free_port()
+    log = tmp_path / "app.log"
+    try:
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, str(ROOT / "main.py"), "--workers", "2", "--port", str(port)],
+                cwd=tmp_path,
+                env=_app_env(tmp_path, REDIS_URL=server.url),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            deadline = time.monotonic() + 90
+            with httpx.Client(trust_env=False, timeout=5) as http:
+                while len(_workers_of(proc.pid)) < 2 or not _answers(http, port):
+                    assert proc.poll() is None, log.read_text()
+                    assert time.monotonic() < deadline, log.read_text()
+                    time.sleep(0.2)
+                workers = _workers_of(proc.pid)
+                # Both workers finish starting (each runs its lifespan on the one database).
+                while log.read_text().count("Application startup complete") < 2:
+                    assert time.monotonic() < deadline, log.read_text()
+                    time.sleep(0.2)
+                for _ in range(10):  # new connections, spread over the workers by the kernel
+                    assert http.get(f"http://127.0.0.1:{port}/ready").json() == {"ready": True}
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+        assert proc.returncode in (0, -signal.SIGTERM), log.read_text()
+        text = log.read_text()
+        assert text.count("Application shutdown complete") == 2 and "Traceback" not in text, text
+        assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()]
+        with sqlite3.connect(tmp_path / "chat.db") as conn:
+            names = [row[0] for row in conn.execute("select name from _migrations")]
+        assert names == [fn.__name__ for fn in MIGRATIONS]
+    finally:
+        server.stop()
+
+
+def _answers(http: httpx.Client, port: int) -> bool:
+    with contextlib.suppress(httpx.HTTPError):
+        return http.get(f"http://127.0.0.1:{port}/health").status_code == 200
+    return False
