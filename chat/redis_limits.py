@@ -23,6 +23,7 @@ import secrets
 from collections import defaultdict
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from chat.config import Settings
 from chat.limits import (
@@ -115,6 +116,10 @@ return 1
 )
 
 
+class RedisUnavailable(RuntimeError):
+    """REDIS_URL is set but that Redis cannot be reached at start-up."""
+
+
 class RedisLimiter(Limiter):
     """`Limiter`'s rules with the counts in Redis (see the module docstring)."""
 
@@ -147,7 +152,15 @@ class RedisLimiter(Limiter):
 
     async def start(self) -> None:
         """Say this worker is alive (now, and every few seconds until `close`)."""
-        await self._beat()
+        try:
+            await self._beat()
+        except (RedisError, OSError) as exc:
+            kw = self.redis.connection_pool.connection_kwargs
+            where = kw.get("path") or f"{kw.get('host')}:{kw.get('port')}"
+            raise RedisUnavailable(
+                f"REDIS_URL: cannot use Redis at {where} ({exc}). Start it, fix REDIS_URL, or "
+                "unset it (and WORKERS) to run as one process."
+            ) from None
         self._heartbeat = asyncio.create_task(self._beat_forever(), name="limits-heartbeat")
 
     async def close(self) -> None:
