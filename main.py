@@ -27,7 +27,7 @@ from chat.accounts import ACCOUNT_PREFIX
 from chat.agent import ModelUnavailable, build_agent
 from chat.config import Settings
 from chat.drain import Drain
-from chat.limits import limiter_for
+from chat.redis_limits import limiter_for
 from chat.runs import RunManager
 from chat.security import SecurityMiddleware, server_error
 from chat.slow_clients import protocol_class

@@ -8,7 +8,7 @@ request. So every send also counts against the client's address, read from the s
 `Limiter` counts in memory, per process: right for the one-process default. The memory is
 bounded: an entry whose minute has passed is swept, and the table never holds more than
 `max_keys` entries (the least recently active are forgotten first). With `REDIS_URL` set,
-`limiter_for` gives chat/redis_limits.py's `RedisLimiter` instead: the same rules and messages,
+`chat.redis_limits.limiter_for` gives its `RedisLimiter` instead: the same rules and messages,
 counted in Redis, so a visitor gets the same allowance however many workers serve them.
 
 The checks are coroutines in both, as Redis needs; a caller awaits them either way.
@@ -62,15 +62,6 @@ def running_refusal(running: int, limit: int) -> Refusal:
 
 
 SERVER_BUSY = Refusal("The server is busy, try again in a moment.", 503, BUSY_RETRY_AFTER)
-
-
-def limiter_for(settings: Settings) -> Limiter:
-    """The app's limiter: in Redis when REDIS_URL is set, else in this process's memory."""
-    if settings.redis_url:
-        from chat.redis_limits import RedisLimiter  # only a Redis deployment needs the client
-
-        return RedisLimiter.from_settings(settings)
-    return Limiter.from_settings(settings)
 
 
 Network = IPv4Network | IPv6Network

@@ -275,3 +275,10 @@ class RedisLimiter(Limiter):
     async def close_stream(self, who: str) -> None:
         """Give a stream slot back."""
         await self._give_back(PREFIX + "streams:" + who)
+
+
+def limiter_for(settings: Settings) -> Limiter:
+    """The app's limiter: in Redis when REDIS_URL is set, else in this process's memory."""
+    if settings.redis_url:
+        return RedisLimiter.from_settings(settings)
+    return Limiter.from_settings(settings)
