@@ -60,7 +60,10 @@ def create_app(settings: Settings | None = None, *, model: Model | None = None) 
 
     async def lifespan(app):  # FastHTML takes an async generator, not a context manager
         store = ChatStore(settings.db_path)
-        if interrupted := store.mark_interrupted():
+        # One process: whatever is still 'streaming' at start was left by a crash. With Redis,
+        # other workers may be writing those replies right now (a worker restarted by the
+        # supervisor, a rolling restart): only a lapsed run lease says a reply was cut off.
+        if not settings.redis_url and (interrupted := store.mark_interrupted()):
             log.warning("marked %d replies left streaming by a crash as interrupted", interrupted)
         store.purge_deleted((datetime.now(UTC) - timedelta(days=1)).isoformat())
         app.state.store = store
