@@ -166,3 +166,31 @@ def _answers(http: httpx.Client, port: int) -> bool:
     with contextlib.suppress(httpx.HTTPError):
         return http.get(f"http://127.0.0.1:{port}/health").status_code == 200
     return False
+
+
+def test_a_starting_worker_leaves_other_workers_replies_alone(make_client, settings, tmp_path):
+    """One process: a reply left 'streaming' at start was cut off by a crash, and is marked so.
+    With Redis, another worker may be writing it now; a start must not mark it."""
+    from pydantic_ai.messages import ModelRequest, UserPromptPart
+
+    from chat.store import ChatStore
+
+    store = ChatStore(settings.db_path)
+    conv = store.create_conversation("someone")
+    turn = store.add_turn(
+        conv["id"], "hi", [ModelRequest(parts=[UserPromptPart("hi")])], model="demo"
+    )
+    store.close()
+
+    def status() -> str:
+        with sqlite3.connect(settings.db_path) as conn:
+            return conn.execute("select status from turns where id = ?", [turn["id"]]).fetchone()[0]
+
+    server = start_redis(tmp_path / "redis")
+    try:
+        make_client(redis_url=server.url)  # a second worker starting beside a live one
+        assert status() == "streaming"
+    finally:
+        server.stop()
+    make_client()  # one process, after a crash
+    assert status() == "interrupted"
