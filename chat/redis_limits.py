@@ -27,6 +27,7 @@ from redis.exceptions import RedisError
 
 from chat.config import Settings
 from chat.limits import (
+    BUSY_RETRY_AFTER,
     SERVER_BUSY,
     WINDOW,
     Limiter,
@@ -113,6 +114,14 @@ redis.call('SADD', KEYS[1], ARGV[2])
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
 return 1
 """
+)
+
+
+UNCHECKED = Refusal(
+    "The server cannot check its limits right now, so it is not taking messages. "
+    "Try again in a moment.",
+    503,
+    BUSY_RETRY_AFTER,
 )
 
 
@@ -214,7 +223,12 @@ class RedisLimiter(Limiter):
             self._beat_prefix,
             f"{self.worker}:{self._serial}:{secrets.token_hex(4)}",
         ]
-        kind, a, b = await self._check(keys=keys, args=args)
+        try:
+            kind, a, b = await self._check(keys=keys, args=args)
+        except (RedisError, OSError) as exc:
+            # Unchecked sends would be unlimited ones: refuse, clearly, until Redis is back.
+            log.warning("limits: Redis unavailable, refusing a send: %r", exc)
+            return UNCHECKED
         kind = kind.decode() if isinstance(kind, bytes) else kind
         if kind == "rate":
             limit = self.per_minute if a == 1 else self.address_per_minute
@@ -244,9 +258,14 @@ class RedisLimiter(Limiter):
     async def _take_slot(self, key: str, limit: int | None) -> bool:
         slot = self._slot()
         args = [-1 if limit is None else limit, slot, self._beat_prefix, SLOTS_TTL]
-        if not await self._take(keys=[key], args=args):
-            return False
-        self._held[key].append(slot)
+        try:
+            if not await self._take(keys=[key], args=args):
+                return False
+        except (RedisError, OSError) as exc:
+            # A stream or a reply already allowed goes on uncounted rather than failing: what
+            # could be abused (a new send) is refused by `check_send` meanwhile.
+            log.warning("limits: Redis unavailable, slot not counted: %r", exc)
+        self._held[key].append(slot)  # given back on close either way (a no-op if not taken)
         return True
 
     async def _give_back(self, key: str) -> None:
@@ -256,7 +275,10 @@ class RedisLimiter(Limiter):
         slot = slots.pop()
         if not slots:
             del self._held[key]
-        await self.redis.srem(key, slot)
+        try:
+            await self.redis.srem(key, slot)
+        except (RedisError, OSError) as exc:  # the heartbeat's expiry frees it in the end
+            log.warning("limits: Redis unavailable, slot not given back: %r", exc)
 
     async def api_started(self, who: str) -> None:
         """An /api/chat reply began: one slot for `who`, one for the server."""

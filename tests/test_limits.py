@@ -316,3 +316,23 @@ def test_two_apps_on_one_redis_share_a_visitors_allowance(make_client, scripted,
     refused = one.post("/send", data={"msg": "third"}, headers=HX)
     assert refused.status_code == 429 and "You have sent 2 messages" in refused.text
     assert int(refused.headers["Retry-After"]) > 0
+
+
+async def test_with_redis_gone_sends_are_refused_clearly_and_streams_go_on(tmp_path):
+    server = start_redis(tmp_path / "redis")
+    client = AsyncRedis.from_url(server.url, socket_connect_timeout=1, socket_timeout=1)
+    limits = RedisLimiter(client, per_minute=5, concurrent_runs=3, open_streams=2)
+    await limits.start()
+    try:
+        assert await limits.open_stream("v")
+        server.stop()  # Redis goes away mid-run
+        refused = await rsend(limits, "v")
+        assert refused.status == 503 and "cannot check its limits" in refused.message
+        assert refused.retry_after
+        # A stream of a reply already allowed is not cut off, and closing one does not fail.
+        assert await limits.open_stream("v")
+        await limits.close_stream("v")
+        await limits.close_stream("v")
+    finally:
+        server.stop()
+        await limits.close()
