@@ -45,8 +45,9 @@ USER 10001:10001
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request as u; u.build_opener(u.ProxyHandler({})).open('http://127.0.0.1:%s/health' % os.environ.get('PORT', '5001'), timeout=4)"]
 
-# SIGTERM: the app stops accepting replies, saves the ones in flight, then exits (in about 20 s
-# at worst; compose.yaml and kubernetes.yaml allow 30 s). Exec form: python is PID 1
-# and receives the signal itself.
+# SIGTERM drains: no new replies, /ready answers 503, running replies get DRAIN_GRACE (25 s) to
+# finish and what is left is saved as interrupted; compose.yaml and kubernetes.yaml allow 60 s.
+# Exec form: python is PID 1 and receives the signal itself (with WORKERS > 1 it passes it on).
+# One worker by default: more need REDIS_URL (compose.yaml sets WORKERS=2 with a Redis).
 STOPSIGNAL SIGTERM
 CMD ["python", "main.py"]

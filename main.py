@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
+import math
+import multiprocessing
+import os
 import secrets
 import sqlite3
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import quote
@@ -18,12 +21,14 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.staticfiles import StaticFiles
+from uvicorn.supervisors import Multiprocess
 
 from chat.accounts import ACCOUNT_PREFIX
 from chat.agent import ModelUnavailable, build_agent
 from chat.attachments import stale_before
 from chat.config import Settings
-from chat.limits import Limiter
+from chat.drain import Drain
+from chat.redis_limits import limiter_for
 from chat.runs import RunManager
 from chat.security import SecurityMiddleware, server_error
 from chat.service import ChatService
@@ -34,8 +39,9 @@ from web import agui, api, attachments, auth, chat, links, pages, responses, str
 from web.request import off_loop
 
 log = logging.getLogger("chat")
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 # Reachable without signing in when AUTH=password.
-PUBLIC_PATHS = {links.LOGIN, links.SIGNUP, links.HEALTH}
+PUBLIC_PATHS = {links.LOGIN, links.SIGNUP, links.HEALTH, links.READY}
 ROOT = Path(__file__).parent
 
 
@@ -57,7 +63,10 @@ def create_app(settings: Settings | None = None, *, model: Model | None = None) 
 
     async def lifespan(app):  # FastHTML takes an async generator, not a context manager
         store = ChatStore(settings.db_path)
-        if interrupted := store.mark_interrupted():
+        # One process: whatever is still 'streaming' at start was left by a crash. With Redis,
+        # other workers may be writing those replies right now (a worker restarted by the
+        # supervisor, a rolling restart): only a lapsed run lease says a reply was cut off.
+        if not settings.redis_url and (interrupted := store.mark_interrupted()):
             log.warning("marked %d replies left streaming by a crash as interrupted", interrupted)
         store.purge_deleted((datetime.now(UTC) - timedelta(days=1)).isoformat())
         store.purge_pending_attachments(stale_before())  # uploaded a day ago, never sent
@@ -70,14 +79,20 @@ def create_app(settings: Settings | None = None, *, model: Model | None = None) 
             app.state.runs.model_for(settings.default_model)
         except ModelUnavailable as exc:
             log.warning("%s", exc)
-        app.state.limits = Limiter.from_settings(settings)
+        app.state.limits = limiter_for(settings)
+        await app.state.limits.start()
         app.state.chat = ChatService(
             store, app.state.runs, app.state.limits, settings, off_loop=off_loop
         )
+        # SIGTERM drains (chat/drain.py); SIGINT stops the replies at once.
+        drain = app.state.drain = Drain(app.state.runs, settings.drain_grace)
+        drain.install()
         try:
             yield
         finally:
+            drain.uninstall()
             await app.state.runs.shutdown()
+            await app.state.limits.close()
             store.close()
 
     async def identify(req: Request, session):
@@ -152,22 +167,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, help="port to listen on (PORT, default 5001)")
     parser.add_argument("--db", help="SQLite file (DB_PATH, default data/chat.db)")
     parser.add_argument("--model", help="pydantic-ai model string (MODEL, default: offline demo)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="processes to serve with (WORKERS, default 1; >1 needs REDIS_URL)",
+    )
     return parser.parse_args(argv)
 
 
-class _Server(uvicorn.Server):
-    """Uvicorn server that, on SIGTERM/SIGINT, first stops and saves the replies in flight.
-
-    Uvicorn waits for open responses before shutting the app down; ending the runs ends their
-    streams, so shutdown is prompt and every reply is saved rather than lost.
-    """
-
-    def handle_exit(self, sig, frame) -> None:
-        manager = getattr(self.config.app.state, "runs", None)
-        loop = asyncio.get_event_loop()
-        if manager is not None and manager.accepting and loop.is_running():
-            loop.call_soon_threadsafe(lambda: loop.create_task(manager.shutdown()))
-        super().handle_exit(sig, frame)
+def _workers_problem(settings: Settings) -> str | None:
+    if settings.workers < 1:
+        return f"WORKERS={settings.workers}: it must be 1 or more"
+    if settings.workers > 1 and not settings.redis_url:
+        return (
+            f"WORKERS={settings.workers} needs REDIS_URL: the worker processes share replies, "
+            "Stop and limits through Redis. Set REDIS_URL, or use WORKERS=1"
+        )
+    return None
 
 
 def serve(argv: list[str] | None = None) -> None:
@@ -178,23 +194,58 @@ def serve(argv: list[str] | None = None) -> None:
         "port": args.port,
         "db_path": Path(args.db) if args.db else None,
         "model": args.model,
+        "workers": args.workers,
     }
     settings = Settings.from_env(**{k: v for k, v in overrides.items() if v is not None})
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # One line and exit code 2, no traceback: what is wrong and how to put it right.
+    if problem := _workers_problem(settings):
+        print(problem, file=sys.stderr)
+        raise SystemExit(2)
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     if "*" in settings.allowed_hosts:
         log.info("answering any Host name; set ALLOWED_HOSTS to this site's names to restrict")
-    config = uvicorn.Config(
-        create_app(settings),
+    options = dict(
         host=settings.host,
         port=settings.port,
-        timeout_graceful_shutdown=15,
-        http=protocol_class(settings.header_timeout),
+        # Counted from the end of the drain (chat/drain.py): what is still open then, such as a
+        # stream of a reply that has just ended, gets longer than the grace to close.
+        timeout_graceful_shutdown=math.ceil(settings.drain_grace) + 5,
         log_level="info",
     )
-    _Server(config).run()
+    if settings.workers == 1:
+        server = uvicorn.Server(
+            uvicorn.Config(
+                create_app(settings), http=protocol_class(settings.header_timeout), **options
+            )
+        )
+        server.run()
+        if not server.started:
+            raise SystemExit(3)  # as uvicorn.run does: the app could not start
+        return
+    # Each worker is a fresh interpreter that imports `main:app` and reads the environment, so
+    # the command-line options travel there.
+    for name, value in (("HOST", args.host), ("PORT", args.port), ("DB_PATH", args.db)):
+        if value is not None:
+            os.environ[name] = str(value)
+    if args.model:
+        os.environ["MODEL"] = args.model
+    config = uvicorn.Config(
+        "main:app",
+        http="main:http_protocol",
+        workers=settings.workers,
+        # A worker answers the supervisor's pings only once it has imported the app, which
+        # takes seconds on a busy machine; uvicorn's 5 s default killed workers still starting.
+        timeout_worker_healthcheck=30,
+        **options,
+    )
+    Multiprocess(config, sockets=[config.bind_socket()]).run()
 
 
 if __name__ == "__main__":
     serve()
-else:
+elif __name__ != "__mp_main__":  # a worker re-running this file as its parent's script: no app
+    if multiprocessing.parent_process() is not None:  # a worker: log as `python main.py` does
+        logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     app = create_app()
+    # A worker's protocol is named by import string, as a built class cannot cross processes.
+    http_protocol = protocol_class(app.state.settings.header_timeout)

@@ -73,6 +73,12 @@ class Settings:
     # Attachments (chat/attachments.py): the largest file accepted, and files per message.
     max_attachment_bytes: int = 10_000_000
     max_attachments: int = 5
+    # Scale out (issue 14): a Redis shared by every process (empty: everything in this one),
+    # worker processes to serve with (more than 1 needs REDIS_URL), and how long a stopping
+    # worker lets its running replies finish before it interrupts them.
+    redis_url: str = ""
+    workers: int = 1
+    drain_grace: float = 25.0
 
     @property
     def demo(self) -> bool:
@@ -135,6 +141,9 @@ class Settings:
             not in ("0", "false", "no", "off"),
             max_attachment_bytes=int(env.get("MAX_ATTACHMENT_BYTES") or 10_000_000),
             max_attachments=int(env.get("MAX_ATTACHMENTS") or 5),
+            redis_url=(env.get("REDIS_URL") or "").strip(),
+            workers=int(env.get("WORKERS") or 1),
+            drain_grace=float(env.get("DRAIN_GRACE") or 25),
         )
         values.update(overrides)
         # MODEL (from the environment or --model) is always among the models offered.
@@ -223,8 +232,17 @@ def load_or_create_secret(db_path: Path) -> str:
             )
         return key
     key = secrets.token_urlsafe(32)
-    # Owner-only: the key lets anyone forge any browser's identity.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(key)
+    # Owner-only: the key lets anyone forge any browser's identity. Written whole to a file of
+    # its own, then linked into place: workers starting together must neither read a half-written
+    # key nor both win (a link fails if the name exists, and the loser reads the winner's key).
+    tmp = path.with_name(f".secret_key.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(key)
+        os.link(tmp, path)
+    except FileExistsError:
+        return path.read_text().strip()
+    finally:
+        tmp.unlink(missing_ok=True)
     return key

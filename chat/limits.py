@@ -5,9 +5,13 @@ An identity is a cookie, and a cookie costs nothing: a client that drops it gets
 request. So every send also counts against the client's address, read from the socket, or from
 `X-Forwarded-For` when, and only when, the socket's peer is one of `TRUSTED_PROXIES`.
 
-In memory, per process: right for the single-container deployment this app defaults to. The
-memory is bounded: an entry whose minute has passed is swept, and the table never holds more
-than `max_keys` entries (the least recently active are forgotten first).
+`Limiter` counts in memory, per process: right for the one-process default. The memory is
+bounded: an entry whose minute has passed is swept, and the table never holds more than
+`max_keys` entries (the least recently active are forgotten first). With `REDIS_URL` set,
+`chat.redis_limits.limiter_for` gives its `RedisLimiter` instead: the same rules and messages,
+counted in Redis, so a visitor gets the same allowance however many workers serve them.
+
+The checks are coroutines in both, as Redis needs; a caller awaits them either way.
 """
 
 from __future__ import annotations
@@ -36,6 +40,28 @@ class Refusal:
     def headers(self) -> dict[str, str]:
         """`Retry-After` when there is a time to say."""
         return {"Retry-After": str(self.retry_after)} if self.retry_after else {}
+
+
+def rate_refusal(by_address: bool, limit: int, wait: int) -> Refusal:
+    """Too many messages in the last minute, from an identity or from an address."""
+    whose = "Your network address has" if by_address else "You have"
+    return Refusal(
+        f"{whose} sent {limit} messages in the last minute, the limit here. Try again in {wait} s.",
+        429,
+        wait,
+    )
+
+
+def running_refusal(running: int, limit: int) -> Refusal:
+    """Too many of this identity's replies are being written."""
+    return Refusal(
+        f"{running} of your replies are still being written (the limit is "
+        f"{limit}). Wait for one to finish or stop it.",
+        429,
+    )
+
+
+SERVER_BUSY = Refusal("The server is busy, try again in a moment.", 503, BUSY_RETRY_AFTER)
 
 
 Network = IPv4Network | IPv6Network
@@ -140,13 +166,7 @@ class Limiter:
             sent = self._recent(key, now)
             if len(sent) + count > limit:
                 wait = int(WINDOW - (now - sent[0])) + 1 if sent else int(WINDOW)
-                whose = "You have" if key.startswith("id:") else "Your network address has"
-                return Refusal(
-                    f"{whose} sent {limit} messages in the last minute, the limit here. "
-                    f"Try again in {wait} s.",
-                    429,
-                    wait,
-                )
+                return rate_refusal(key.startswith("ip:"), limit, wait)
         return None
 
     def _record(self, who: str, addr: str, count: int, now: float) -> None:
@@ -168,7 +188,7 @@ class Limiter:
         while len(self._sent) > self.max_keys:
             del self._sent[next(iter(self._sent))]
 
-    def check_send(
+    async def check_send(
         self, who: str, addr: str, *, running: int, total_running: int, count: int = 1
     ) -> Refusal | None:
         """Why `who` at `addr` may not start `count` replies now (None if they may); a send
@@ -178,18 +198,14 @@ class Limiter:
             return refused
         running += self._api_running.get(who, 0)
         if running + count > self.concurrent_runs:
-            return Refusal(
-                f"{running} of your replies are still being written (the limit is "
-                f"{self.concurrent_runs}). Wait for one to finish or stop it.",
-                429,
-            )
+            return running_refusal(running, self.concurrent_runs)
         total = total_running + sum(self._api_running.values())
         if self.max_running is not None and total + count > self.max_running:
-            return Refusal("The server is busy, try again in a moment.", 503, BUSY_RETRY_AFTER)
+            return SERVER_BUSY
         self._record(who, addr, count, now)
         return None
 
-    def check_import(self, who: str, addr: str) -> Refusal | None:
+    async def check_import(self, who: str, addr: str) -> Refusal | None:
         """Why `who` at `addr` may not import now: an import counts as one message sent."""
         now = self._clock()
         if refused := self._rate(who, addr, 1, now):
@@ -197,9 +213,15 @@ class Limiter:
         self._record(who, addr, 1, now)
         return None
 
+    async def start(self) -> None:
+        """Nothing to start in memory (the Redis limiter connects and keeps a heartbeat)."""
+
+    async def close(self) -> None:
+        """Nothing to close in memory."""
+
     # Replies served by /api/chat (the pages' replies are counted by the RunManager) ----------
 
-    def api_started(self, who: str) -> None:
+    async def api_started(self, who: str) -> None:
         """An /api/chat reply began."""
         self._api_running[who] = self._api_running.get(who, 0) + 1
 
@@ -213,7 +235,7 @@ class Limiter:
 
     # Streams -------------------------------------------------------------------------------
 
-    def open_stream(self, who: str) -> bool:
+    async def open_stream(self, who: str) -> bool:
         """Take one of `who`'s stream slots; False if they are all in use."""
         if self._streams.get(who, 0) >= self.open_streams:
             return False

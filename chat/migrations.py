@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from sqlite_utils import Database
 
@@ -15,6 +19,28 @@ def migration(fn: Callable[[Database], None]) -> Callable[[Database], None]:
     """Register `fn` as the next schema step."""
     MIGRATIONS.append(fn)
     return fn
+
+
+@contextlib.contextmanager
+def migration_lock(db_path: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock beside the database file while the schema is brought up to date.
+
+    Workers started together (`WORKERS=N`, `uvicorn --workers`, several containers on one
+    volume) each open the database and migrate it: without this, two of them could apply the
+    same step at once, and the loser stopped on "table already exists" or "database is locked".
+    A file lock waits for as long as the winner takes (SQLite's busy timeout would not), is
+    released by the kernel if its holder dies, and leaves the database's own locking alone.
+    """
+    if str(db_path) == ":memory:":
+        yield
+        return
+    lock = Path(f"{db_path}.migrate-lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def migrate(db: Database) -> list[str]:

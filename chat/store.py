@@ -19,7 +19,7 @@ from pathlib import Path
 from pydantic_ai.messages import ModelMessage, ModelMessagesTypeAdapter, ModelResponse, TextPart
 from sqlite_utils import Database
 
-from chat.migrations import migrate
+from chat.migrations import migrate, migration_lock
 
 # SQLite integers are signed 64-bit; a larger id in a URL names nothing (and would not bind).
 SQLITE_INT = range(-(2**63), 2**63)
@@ -103,7 +103,9 @@ class ChatStore:
         # An in-memory database lives and dies with its one connection, so every thread shares
         # it (tests and one-off tools); a file gets one connection per thread, see `db`.
         self._shared = self._open() if path == ":memory:" else None
-        migrate(self.db)
+        # The first connection is opened under the lock too: it switches the file to WAL.
+        with migration_lock(path):
+            migrate(self.db)
 
     @property
     def db(self) -> Database:

@@ -31,12 +31,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
 import yaml
 from dockerfile_parse import DockerfileParser
 
+from chat.config import Settings
 from tests.conftest import iter_sse
 from tests.fake_openai import FakeOpenAI
 from tests.live import (
@@ -61,12 +63,17 @@ START_TIMEOUT = 30.0
 
 
 def graceful_shutdown_seconds() -> float:
-    """How long uvicorn waits for open responses on SIGTERM (main.py's setting)."""
+    """How long a SIGTERM'd app may take at most in the ordinary case: the drain's grace
+    (DRAIN_GRACE's default), then the interrupted replies' save. main.py must give uvicorn's own
+    wait for open responses longer than the grace, or it would cut streams the drain keeps."""
     found = re.search(
-        r"timeout_graceful_shutdown\s*=\s*(\d+(?:\.\d+)?)", (ROOT / "main.py").read_text()
+        r"timeout_graceful_shutdown\s*=\s*math\.ceil\(settings\.drain_grace\)\s*\+\s*(\d+)",
+        (ROOT / "main.py").read_text(),
     )
-    assert found, "main.py no longer sets timeout_graceful_shutdown: update this test"
-    return float(found.group(1))
+    assert found and int(found.group(1)) > 0, (
+        "main.py's uvicorn timeout no longer follows the grace"
+    )
+    return Settings().drain_grace + 15
 
 
 def seconds(duration: str | int) -> float:
@@ -565,7 +572,7 @@ def test_image_command_and_environment_run_the_app_as_the_container_would(tmp_pa
         assert proc.returncode in (0, -signal.SIGTERM), log.read_text()
         assert "Application shutdown complete" in log.read_text()
         assert took < grace, took
-        # The shutdown ended the reply, so its stream was closed properly, not cut.
+        # The reply ended before the shutdown, so its stream was closed properly, not cut.
         assert rest[-2:] == ["end", second.close_event], rest
 
     assert healthcheck() != 0, "the HEALTHCHECK passes with the app stopped"
@@ -574,8 +581,8 @@ def test_image_command_and_environment_run_the_app_as_the_container_would(tmp_pa
         statuses = [s for (s,) in conn.execute("select status from turns order by id")]
     finally:
         conn.close()
-    # The second reply was saved as interrupted by the shutdown, not left streaming.
-    assert statuses == ["complete", "interrupted"], statuses
+    # The stop drained: the second reply, running at SIGTERM, finished and was saved whole.
+    assert statuses == ["complete", "complete"], statuses
     # The app wrote only into the volume: the code directory is read-only in the container.
     assert files_under(image.workdir) == before, files_under(image.workdir) - before
     assert "Traceback" not in log.read_text(), log.read_text()
@@ -657,10 +664,9 @@ def test_yaml_loader_refuses_a_key_given_twice(tmp_path: Path):
 
 
 def compose_service() -> dict:
-    """The one service of compose.yaml."""
+    """compose.yaml's chat site service."""
     [doc] = load_yaml(COMPOSE)
-    [service] = doc["services"].values()
-    return service
+    return doc["services"]["chat"]
 
 
 def compose_grace() -> float:
@@ -668,11 +674,14 @@ def compose_grace() -> float:
     return seconds(compose_service()["stop_grace_period"])
 
 
-def kubernetes() -> dict[str, dict]:
-    """deploy/kubernetes.yaml's objects by kind (one of each)."""
+def kubernetes(app: str = "agent-chat") -> dict[str, dict]:
+    """deploy/kubernetes.yaml's objects of one app (label app.kubernetes.io/name), by kind (one
+    of each): the chat site's, or its Redis's."""
     objects = {}
     for doc in load_yaml(KUBERNETES):
-        assert doc["kind"] not in objects, f"two {doc['kind']} objects"
+        if doc["metadata"].get("labels", {}).get("app.kubernetes.io/name") != app:
+            continue
+        assert doc["kind"] not in objects, f"two {doc['kind']} objects of {app}"
         objects[doc["kind"]] = doc
     return objects
 
@@ -705,14 +714,32 @@ def test_compose_runs_the_image_with_its_data_in_a_named_volume():
     assert compose_grace() >= graceful_shutdown_seconds() + 10
 
 
-def test_kubernetes_manifest_runs_one_pod_with_data_on_a_volume_and_secrets_from_a_secret():
+def test_compose_runs_several_workers_sharing_a_redis_of_its_own():
+    [doc] = load_yaml(COMPOSE)
+    service = compose_service()
+    env = service["environment"]
+    assert int(env["WORKERS"]) >= 2
+    url = urlsplit(env["REDIS_URL"])
+    assert url.scheme == "redis" and url.hostname in doc["services"]
+    redis = doc["services"][url.hostname]
+    assert redis["image"].split(":")[0].endswith("redis")
+    assert "ports" not in redis  # only the app reaches it, on the compose network
+    # Short-lived state only: nothing written to disk.
+    assert redis["command"][redis["command"].index("--save") + 1] == ""
+    assert redis["command"][redis["command"].index("--appendonly") + 1] == "no"
+    # The app waits for Redis to answer, not just to exist.
+    assert service["depends_on"][url.hostname]["condition"] == "service_healthy"
+    assert "redis-cli" in redis["healthcheck"]["test"]
+
+
+def test_kubernetes_manifest_runs_one_pod_of_workers_with_data_on_a_volume_and_a_redis():
     objects = kubernetes()
     assert {"Deployment", "PersistentVolumeClaim", "Secret", "Service"} <= set(objects)
     deploy, secret, pvc, service = (
         objects[k] for k in ("Deployment", "Secret", "PersistentVolumeClaim", "Service")
     )
     spec = deploy["spec"]
-    assert spec["replicas"] == 1  # SQLite and in-process runs: see docs/DEPLOY.md, Scale out
+    assert spec["replicas"] == 1  # one SQLite file: see docs/DEPLOY.md, Scale out
     assert spec["strategy"]["type"] == "Recreate"
     labels = spec["template"]["metadata"]["labels"]
     assert spec["selector"]["matchLabels"].items() <= labels.items()
@@ -738,9 +765,23 @@ def test_kubernetes_manifest_runs_one_pod_with_data_on_a_volume_and_secrets_from
     assert ports["http"] == int(env["PORT"]["value"])
     image_env = env_of(parse_dockerfile(DOCKERFILE.read_text()))
     assert str(ports["http"]) == image_env["PORT"]
-    for probe in ("readinessProbe", "livenessProbe"):
+    # Ready only while taking replies (503 once draining); alive while the process answers.
+    for probe, path in (("readinessProbe", "/ready"), ("livenessProbe", "/health")):
         get = container[probe]["httpGet"]
-        assert get["path"] == "/health" and get["port"] in ("http", ports["http"]), probe
+        assert get["path"] == path and get["port"] in ("http", ports["http"]), probe
+    # More than one worker, so a Redis the manifest runs itself, reached through its Service.
+    assert int(env["WORKERS"]["value"]) >= 2
+    url = urlsplit(env["REDIS_URL"]["value"])
+    redis = kubernetes(url.hostname)
+    assert {"Deployment", "Service"} <= set(redis), f"no Redis called {url.hostname}"
+    redis_pod = redis["Deployment"]["spec"]["template"]
+    assert redis["Service"]["spec"]["selector"].items() <= redis_pod["metadata"]["labels"].items()
+    [redis_container] = redis_pod["spec"]["containers"]
+    assert redis_container["image"].split(":")[0].endswith("redis")
+    assert url.port in [p["port"] for p in redis["Service"]["spec"]["ports"]]
+    assert (
+        "Ingress" not in redis and redis["Service"]["spec"].get("type", "ClusterIP") == "ClusterIP"
+    )
     assert service["spec"]["ports"][0]["targetPort"] in ("http", ports["http"])
     resources = container["resources"]
     assert {"cpu", "memory"} <= set(resources["requests"]) and "memory" in resources["limits"]

@@ -313,7 +313,8 @@ def test_reply_in_flight_when_the_server_stops_is_kept_and_marked_interrupted(
 ):
     fake.configure("one two three four five", hold_after=2)
     workdir = tmp_path / "restart"
-    env = {"OPENAI_BASE_URL": fake.base_url, "OPENAI_API_KEY": "test"}
+    # The held reply outlasts the stop's drain (a second here, not the default 25 s).
+    env = {"OPENAI_BASE_URL": fake.base_url, "OPENAI_API_KEY": "test", "DRAIN_GRACE": "1"}
     with running_app(workdir, **env) as first, HtmxClient(first.url) as client:
         sent = client.send("Keep this across a restart")
         held = fake.wait_until_held()

@@ -3,15 +3,22 @@ proxies), a server-wide cap on replies at once, and limiter memory that follows 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import redis
+from redis.asyncio import Redis as AsyncRedis
 from starlette.testclient import TestClient
 
 from chat.config import Settings
 from chat.limits import Limiter, client_address, parse_proxies
+from chat.redis_limits import RedisLimiter
 from tests.conftest import parse_sse
+from tests.redis_server import start_redis
 
 HX = {"HX-Request": "true"}
 
@@ -31,8 +38,17 @@ def limiter(clock: Clock | None = None, **kw) -> Limiter:
     return Limiter(**{**args, **kw}, clock=clock or Clock())
 
 
+def now(coro):
+    """The value of a coroutine that never waits (every memory Limiter method), run at once."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value
+    raise AssertionError("the in-memory limiter waited on something")
+
+
 def send(limits: Limiter, who: str, addr: str = "198.51.100.7", running: int = 0):
-    return limits.check_send(who, addr, running=running, total_running=running)
+    return now(limits.check_send(who, addr, running=running, total_running=running))
 
 
 def browser(client: TestClient, addr: str = "testclient") -> TestClient:
@@ -166,7 +182,7 @@ def test_the_server_says_busy_instead_of_queueing(make_client, scripted, setting
 
 def test_a_busy_refusal_costs_no_message():
     limits = limiter(per_minute=1, max_running=1)
-    refused = limits.check_send("a", "198.51.100.7", running=0, total_running=1)
+    refused = now(limits.check_send("a", "198.51.100.7", running=0, total_running=1))
     assert refused.status == 503
     assert send(limits, "a") is None  # once the server has room, the minute is intact
 
@@ -178,15 +194,15 @@ def test_limiter_memory_shrinks_back_after_many_identities():
     clock = Clock()
     limits = limiter(clock, address_per_minute=10_000)
     for i in range(5_000):
-        assert limits.check_send(f"id-{i}", f"ip-{i % 50}", running=0, total_running=0) is None
+        assert now(limits.check_send(f"id-{i}", f"ip-{i % 50}", running=0, total_running=0)) is None
     assert len(limits._sent) == 5_050
     clock.now += 61
     assert send(limits, "late") is None
     assert len(limits._sent) == 2  # just "late" and its address
     for i in range(100):
-        assert limits.open_stream(f"id-{i}")
+        assert now(limits.open_stream(f"id-{i}"))
     for i in range(100):
-        client_portal_run(limits.close_stream(f"id-{i}"))
+        now(limits.close_stream(f"id-{i}"))
     assert limits._streams == {}
 
 
@@ -199,10 +215,124 @@ def test_limiter_memory_is_bounded_even_within_a_minute():
     assert "id:id-9999" in limits._sent and "id:id-0" not in limits._sent
 
 
-def client_portal_run(coro) -> None:
-    """Run a coroutine that never awaits (the limiter's async release) to completion."""
+# In Redis: every worker counts against the same allowance -----------------------------------
+
+
+@pytest.fixture(name="redis_url", scope="module")
+def redis_url_fixture(tmp_path_factory) -> Iterator[str]:
+    """A real redis-server for this module's tests."""
+    server = start_redis(tmp_path_factory.mktemp("redis"))
     try:
-        coro.send(None)
-    except StopIteration:
-        return
-    raise AssertionError("expected the coroutine to finish without suspending")
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(name="fresh_redis")
+def fresh_redis_fixture(redis_url: str) -> str:
+    """The module's Redis, emptied for this test."""
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    client.close()
+    return redis_url
+
+
+@contextlib.asynccontextmanager
+async def workers(url: str, n: int = 2, **kw) -> AsyncIterator[list[RedisLimiter]]:
+    """`n` limiters on one Redis, as `n` worker processes would have: started, then closed."""
+    args = dict(per_minute=100, concurrent_runs=3, open_streams=12, address_per_minute=None)
+    limiters = [RedisLimiter(AsyncRedis.from_url(url), **{**args, **kw}) for _ in range(n)]
+    for limiter_ in limiters:
+        await limiter_.start()
+    try:
+        yield limiters
+    finally:
+        for limiter_ in limiters:
+            await limiter_.close()
+
+
+async def rsend(limits, who: str, addr: str = "198.51.100.7", running: int = 0, total: int = 0):
+    return await limits.check_send(who, addr, running=running, total_running=total)
+
+
+async def test_an_identity_has_one_allowance_however_many_workers(fresh_redis):
+    async with workers(fresh_redis, per_minute=3) as (a, b):
+        assert [await rsend(w, "visitor") for w in (a, b, a)] == [None, None, None]
+        for w in (a, b):
+            refused = await rsend(w, "visitor")
+            assert refused.status == 429 and "You have sent 3 messages" in refused.message
+            assert 0 < refused.retry_after <= 61
+        assert await rsend(b, "someone else", addr="203.0.113.9") is None
+        # An import counts as a message, on any worker.
+        assert (await b.check_import("visitor", "198.51.100.7")).status == 429
+
+
+async def test_fresh_cookies_from_one_address_share_its_limit_across_workers(fresh_redis):
+    async with workers(fresh_redis, per_minute=5, address_per_minute=2) as (a, b):
+        assert await rsend(a, "new-1") is None and await rsend(b, "new-2") is None
+        refused = await rsend(a, "new-3")
+        assert refused.status == 429 and "network address" in refused.message
+
+
+async def test_racing_sends_on_two_workers_pass_exactly_the_limit(fresh_redis):
+    async with workers(fresh_redis, per_minute=5) as (a, b):
+        results = await asyncio.gather(*(rsend((a, b)[i % 2], "racer") for i in range(20)))
+        assert sum(r is None for r in results) == 5
+
+
+async def test_stream_slots_and_api_replies_are_counted_over_every_worker(fresh_redis):
+    async with workers(fresh_redis, open_streams=2, concurrent_runs=1, max_running=2) as (a, b):
+        assert await a.open_stream("v") and await b.open_stream("v")
+        assert not await a.open_stream("v")
+        await b.close_stream("v")
+        assert await a.open_stream("v")
+        # An /api/chat reply running on A counts against the same identity's send on B...
+        await a.api_started("v")
+        refused = await rsend(b, "v")
+        assert refused.status == 429 and "still being written" in refused.message
+        # ...and against the server's cap, with the RunManager's count passed in.
+        refused = await rsend(b, "w", total=1)
+        assert refused.status == 503 and refused.retry_after
+        await a.api_finished("v")
+        assert await rsend(b, "v") is None
+
+
+async def test_a_dead_workers_slots_are_given_back(fresh_redis):
+    async with workers(fresh_redis, open_streams=2) as (a, b):
+        assert await a.open_stream("v") and await a.open_stream("v")
+        assert not await b.open_stream("v")
+        # A is killed: no close, its heartbeat stops and lapses.
+        a._heartbeat.cancel()
+        await b.redis.delete(a._beat_prefix + a.worker)
+        assert await b.open_stream("v") and await b.open_stream("v")
+
+
+def test_two_apps_on_one_redis_share_a_visitors_allowance(make_client, scripted, fresh_redis):
+    one = make_client(scripted(["ok"]), redis_url=fresh_redis, messages_per_minute=2)
+    two = make_client(scripted(["ok"]), redis_url=fresh_redis, messages_per_minute=2)
+    finish(one, one.post("/send", data={"msg": "first"}, headers=HX))
+    two.cookies = one.cookies  # the same browser, its next request served by the other worker
+    finish(two, two.post("/send", data={"msg": "second"}, headers=HX))
+    refused = one.post("/send", data={"msg": "third"}, headers=HX)
+    assert refused.status_code == 429 and "You have sent 2 messages" in refused.text
+    assert int(refused.headers["Retry-After"]) > 0
+
+
+async def test_with_redis_gone_sends_are_refused_clearly_and_streams_go_on(tmp_path):
+    server = start_redis(tmp_path / "redis")
+    client = AsyncRedis.from_url(server.url, socket_connect_timeout=1, socket_timeout=1)
+    limits = RedisLimiter(client, per_minute=5, concurrent_runs=3, open_streams=2)
+    await limits.start()
+    try:
+        assert await limits.open_stream("v")
+        server.stop()  # Redis goes away mid-run
+        refused = await rsend(limits, "v")
+        assert refused.status == 503 and "cannot check its limits" in refused.message
+        assert refused.retry_after
+        # A stream of a reply already allowed is not cut off, and closing one does not fail.
+        assert await limits.open_stream("v")
+        await limits.close_stream("v")
+        await limits.close_stream("v")
+    finally:
+        server.stop()
+        await limits.close()

@@ -30,6 +30,7 @@ EXPORT_MD = "/c/{cid}/export.md"
 EXPORT_JSON = "/c/{cid}/export.json"
 IMPORT = "/import"
 HEALTH = "/health"
+READY = "/ready"
 
 # Sending and streaming (web/chat.py)
 SEND = "/send"

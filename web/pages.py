@@ -248,3 +248,12 @@ async def health(req: Request):
     """Liveness: 200 with JSON."""
     cfg = settings(req)
     return JSONResponse({"status": "ok", "model": cfg.model or "demo", "runs": len(runs(req).runs)})
+
+
+@ar(links.READY, methods=["get"])
+async def ready(req: Request):
+    """Readiness: 200 while taking new replies, 503 once told to stop (draining, chat/drain.py),
+    so a load balancer stops routing here while the running replies finish."""
+    if runs(req).accepting:
+        return JSONResponse({"ready": True})
+    return JSONResponse({"ready": False, "draining": True}, status_code=503)

@@ -48,7 +48,7 @@ async def stream(req: Request, cid: str, tid: int):
     links = turn_links(turn, await off_loop(store(req).siblings, cid, [turn["parent_id"]]))
     chunks = _live(req, run, turn, links, start) if run else _stored(req, turn, links, start)
     limits, who = req.app.state.limits, uid(req)
-    if not limits.open_stream(who):
+    if not await limits.open_stream(who):
         return Response("Too many open streams: close some tabs.", status_code=429)
     response = sse.event_stream(chunks, accept_encoding=req.headers.get("accept-encoding", ""))
     # Runs when the stream ends or the client goes away, so the slot is always given back.
