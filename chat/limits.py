@@ -130,7 +130,6 @@ class Limiter:
         # Oldest activity first: a key is moved to the end whenever it sends.
         self._sent: dict[str, deque[float]] = {}
         self._streams: dict[str, int] = {}
-        self._api_running: dict[str, int] = {}
         self._swept = clock()
 
     @classmethod
@@ -196,11 +195,9 @@ class Limiter:
         now = self._clock()
         if refused := self._rate(who, addr, count, now):
             return refused
-        running += self._api_running.get(who, 0)
         if running + count > self.concurrent_runs:
             return running_refusal(running, self.concurrent_runs)
-        total = total_running + sum(self._api_running.values())
-        if self.max_running is not None and total + count > self.max_running:
+        if self.max_running is not None and total_running + count > self.max_running:
             return SERVER_BUSY
         self._record(who, addr, count, now)
         return None
@@ -218,20 +215,6 @@ class Limiter:
 
     async def close(self) -> None:
         """Nothing to close in memory."""
-
-    # Replies served by /api/chat (the pages' replies are counted by the RunManager) ----------
-
-    async def api_started(self, who: str) -> None:
-        """An /api/chat reply began."""
-        self._api_running[who] = self._api_running.get(who, 0) + 1
-
-    async def api_finished(self, who: str) -> None:
-        """An /api/chat reply ended (async: Starlette runs a sync background task in a thread)."""
-        left = self._api_running.get(who, 0) - 1
-        if left > 0:
-            self._api_running[who] = left
-        else:
-            self._api_running.pop(who, None)
 
     # Streams -------------------------------------------------------------------------------
 

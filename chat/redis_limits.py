@@ -2,11 +2,11 @@
 
 - Messages per minute: a sorted set per identity and per address, scored by Redis's own clock
   (workers' clocks may differ), trimmed to the window on every check and expiring with it.
-- Open streams and /api/chat replies running: a set of slots per identity (and one for the
-  server), each slot named after the worker holding it. Every worker keeps a heartbeat key that
-  expires 30 s after it stops refreshing it, and counting drops the slots of workers whose
-  heartbeat is gone: a worker killed mid-stream (SIGKILL, OOM) leaks no slot for long.
-- Replies running on the pages are counted by the RunManager and passed in, as in memory.
+- Open streams: a set of slots per identity, each slot named after the worker holding it.
+  Every worker keeps a heartbeat key that expires 30 s after it stops refreshing it, and
+  counting drops the slots of workers whose heartbeat is gone: a worker killed mid-stream
+  (SIGKILL, OOM) leaks no slot for long.
+- Replies running (pages and APIs alike) are counted by the RunManager and passed in.
 
 Each check is one Lua script, so it is atomic: two workers cannot both take the last slot.
 The scripts touch keys they compute (the heartbeats), which a standalone Redis or a primary
@@ -59,7 +59,7 @@ local function live(key, beat_prefix)
 end
 """
 
-# KEYS: id window, address window, who's api slots, server's api slots.
+# KEYS: id window, address window.
 # ARGV: window ms, id limit, address limit (-1: none), count, running, total running,
 #       concurrent limit (-1: skip the running checks, as for an import), server limit (-1: none),
 #       heartbeat prefix, a unique token for this send's entries.
@@ -83,12 +83,12 @@ for i = 1, 2 do
 end
 local concurrent = tonumber(ARGV[7])
 if concurrent >= 0 then
-  local running = tonumber(ARGV[5]) + live(KEYS[3], ARGV[9])
+  local running = tonumber(ARGV[5])
   if running + count > concurrent then
     return {'mine', running, 0}
   end
   local server = tonumber(ARGV[8])
-  if server >= 0 and tonumber(ARGV[6]) + live(KEYS[4], ARGV[9]) + count > server then
+  if server >= 0 and tonumber(ARGV[6]) + count > server then
     return {'server', 0, 0}
   end
 end
@@ -208,8 +208,6 @@ class RedisLimiter(Limiter):
         keys = [
             PREFIX + "sent:id:" + who,
             PREFIX + "sent:ip:" + addr,
-            PREFIX + "api:id:" + who,
-            PREFIX + "api:all",
         ]
         args = [
             int(WINDOW * 1000),
@@ -249,7 +247,7 @@ class RedisLimiter(Limiter):
         """As `Limiter.check_import`, counted in Redis across every worker."""
         return await self._run_check(who, addr, 1, 0, 0, sending=False)
 
-    # Slots: /api/chat replies running, and streams open ----------------------------------
+    # Slots: streams open -----------------------------------------------------------------
 
     def _slot(self) -> str:
         self._serial += 1
@@ -279,16 +277,6 @@ class RedisLimiter(Limiter):
             await self.redis.srem(key, slot)
         except (RedisError, OSError) as exc:  # the heartbeat's expiry frees it in the end
             log.warning("limits: Redis unavailable, slot not given back: %r", exc)
-
-    async def api_started(self, who: str) -> None:
-        """An /api/chat reply began: one slot for `who`, one for the server."""
-        await self._take_slot(PREFIX + "api:id:" + who, None)
-        await self._take_slot(PREFIX + "api:all", None)
-
-    async def api_finished(self, who: str) -> None:
-        """An /api/chat reply ended."""
-        await self._give_back(PREFIX + "api:id:" + who)
-        await self._give_back(PREFIX + "api:all")
 
     async def open_stream(self, who: str) -> bool:
         """Take one of `who`'s stream slots, over every worker; False if all are in use."""
