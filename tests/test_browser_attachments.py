@@ -97,9 +97,9 @@ def image_drawn(locator) -> bool:
 
 
 def send_text(page: Page, text: str) -> None:
-    box = page.get_by_role("textbox", name="Message")
-    box.fill(text)
-    box.press("Enter")
+    """Type a message and send it with the Send button (on a touch screen Enter adds a line)."""
+    page.get_by_role("textbox", name="Message").fill(text)
+    page.get_by_role("button", name="Send").click()
 
 
 def wait_reply_done(page: Page, n: int = 1) -> None:
