@@ -23,12 +23,13 @@ from chat.accounts import ACCOUNT_PREFIX
 from chat.agent import ModelUnavailable, build_agent
 from chat.config import Settings
 from chat.limits import Limiter
+from chat.mcp import McpServers
 from chat.runs import RunManager
 from chat.security import SecurityMiddleware, server_error
 from chat.slow_clients import protocol_class
 from chat.store import ChatStore, load_messages
 from components.head import Head
-from web import api, auth, chat, links, pages, responses, stream
+from web import api, approvals, auth, chat, links, pages, responses, stream
 
 log = logging.getLogger("chat")
 # Reachable without signing in when AUTH=password.
@@ -59,7 +60,11 @@ def create_app(settings: Settings | None = None, *, model: Model | None = None) 
         store.purge_deleted((datetime.now(UTC) - timedelta(days=1)).isoformat())
         app.state.store = store
         load_messages("[]")  # builds pydantic's message validator now, not on the first message
-        app.state.runs = RunManager(store, build_agent(), settings, model=model)
+        # MCP servers (chat/mcp.py): each started in a task of its own; one that fails is logged
+        # and noted in the replies that miss its tools, and the app starts without it.
+        mcp = McpServers.from_settings(settings)
+        await mcp.start()
+        app.state.runs = RunManager(store, build_agent(mcp), settings, model=model, mcp=mcp)
         # Load the configured model now, not on the first message (its SDK can take seconds to
         # import), and say at once if it cannot be started; replies will then explain it too.
         try:
@@ -71,6 +76,7 @@ def create_app(settings: Settings | None = None, *, model: Model | None = None) 
             yield
         finally:
             await app.state.runs.shutdown()
+            await mcp.stop()
             store.close()
 
     async def identify(req: Request, session):
@@ -128,6 +134,7 @@ def create_app(settings: Settings | None = None, *, model: Model | None = None) 
     stream.ar.to_app(app)
     auth.ar.to_app(app)
     api.ar.to_app(app)
+    approvals.ar.to_app(app)
     return app
 
 

@@ -70,6 +70,11 @@ class Settings:
     provider_keys: tuple[str, ...] = field(default_factory=tuple)
     # OPENAI_FAST_PATHS=0 keeps the OpenAI SDK's own stream reading and request building.
     openai_fast_paths: bool = True
+    # MCP servers and tool approval (chat/mcp.py, chat/approvals.py): the `mcpServers` JSON file,
+    # how long one MCP tool call may take, and how long a call waits for Approve / Deny.
+    mcp_config: Path | None = None
+    mcp_tool_timeout: float = 60.0
+    tool_approval_ttl: float = 3600.0
 
     @property
     def demo(self) -> bool:
@@ -130,6 +135,9 @@ class Settings:
             provider_keys=tuple(k for k in PROVIDER_KEYS if env.get(k)),
             openai_fast_paths=(env.get("OPENAI_FAST_PATHS") or "1").lower()
             not in ("0", "false", "no", "off"),
+            mcp_config=Path(env["MCP_CONFIG"]) if env.get("MCP_CONFIG") else None,
+            mcp_tool_timeout=float(env.get("MCP_TOOL_TIMEOUT") or 60),
+            tool_approval_ttl=float(env.get("TOOL_APPROVAL_TTL") or 3600),
         )
         values.update(overrides)
         # MODEL (from the environment or --model) is always among the models offered.

@@ -26,6 +26,8 @@ from fasthtml.common import (
     Textarea,
 )
 
+from components.approvals import ApprovalLoader
+
 STATUS_NOTES = {
     "stopped": "Stopped. The reply above is what was generated before you stopped it.",
     "interrupted": "Interrupted: the server stopped before this reply finished.",
@@ -46,6 +48,7 @@ class TurnLinks:
     next: str | None = None
     version: int = 1
     versions: int = 1
+    approvals: str | None = None  # the card of a reply paused for tool approval
 
 
 def SafeHTML(html: str, **kw) -> FT:
@@ -235,6 +238,9 @@ def ReplyFooter(
             ),
         )
     parts: list = []
+    if status == "awaiting_approval" and links and links.approvals:
+        # Tool approval (components/approvals.py): the card with the waiting calls.
+        parts.append(ApprovalLoader(links.approvals))
     if error:
         parts.append(
             Div(
@@ -312,6 +318,7 @@ TOOL_STATES = {
     "retried": ("retried", "Error: the model was asked to retry"),
     "denied": ("failed", "Denied"),
     "interrupted": ("failed", "Interrupted"),
+    "awaiting": ("awaiting", "Waiting for approval"),
 }
 
 

@@ -16,7 +16,7 @@ from web import links
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("web", "chat", "components")
-ROUTE_MODULES = {"web.pages", "web.chat", "web.stream", "web.auth", "web.api"}
+ROUTE_MODULES = {"web.pages", "web.chat", "web.stream", "web.auth", "web.api", "web.approvals"}
 LONG_REASON = "Why this module is long:"
 MAX_LINES = 300
 

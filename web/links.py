@@ -39,6 +39,11 @@ EDIT = "/c/{cid}/turns/{tid}/edit"
 USER_MESSAGE = "/c/{cid}/turns/{tid}/user"
 SHOW = "/c/{cid}/turns/{tid}/show"
 
+# Tool approval (web/approvals.py): a paused reply's card, and the decision on its call `seq`
+APPROVALS = "/c/{cid}/turns/{tid}/approvals"
+APPROVE = "/c/{cid}/turns/{tid}/approvals/{seq}/approve"
+DENY = "/c/{cid}/turns/{tid}/approvals/{seq}/deny"
+
 # Accounts (web/auth.py)
 LOGIN = "/login"
 SIGNUP = "/signup"
@@ -71,6 +76,7 @@ def turn_links(turn: dict, siblings: dict[int | None, list[int]]) -> TurnLinks:
         next=url(SHOW, cid=cid, tid=group[i + 1]) if i + 1 < len(group) else None,
         version=i + 1,
         versions=len(group),
+        approvals=url(APPROVALS, cid=cid, tid=tid),
     )
 
 
