@@ -13,6 +13,7 @@ from starlette.background import BackgroundTask
 from starlette.requests import Request
 
 from chat import sse
+from chat.reply import ToolView
 from chat.runs import Block, Run, ToolUpdate
 from components.messages import (
     ConversationUsage,
@@ -67,6 +68,10 @@ async def _live(req: Request, run: Run, turn: dict, links, start: int) -> AsyncI
     async for kind, data in run.follow(start_block=start, heartbeat=heartbeat):
         if kind == "items":
             new, total = data
+            # A call and its result in one batch: the call is drawn settled already, and an
+            # out-of-band update of an element not yet on the page would be an htmx error.
+            fresh = {id(i) for i in new if isinstance(i, ToolView)}
+            new = [i for i in new if not (isinstance(i, ToolUpdate) and id(i.tool) in fresh)]
             yield sse.event("blocks", "".join(_item_markup(i) for i in new), id=str(total))
         elif kind == "tail":
             yield sse.event("tail", " " if run.done else tail_markup(data))
