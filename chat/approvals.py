@@ -43,6 +43,12 @@ def expired_note(ttl: float) -> str:
     )
 
 
+SUPERSEDED = (
+    "A newer message was sent in this conversation before this tool call was approved, so it "
+    "was not run."
+)
+
+
 def _duration(seconds: float) -> str:
     if seconds >= 3600 and seconds % 3600 == 0:
         hours = int(seconds // 3600)
@@ -170,8 +176,9 @@ def expired(rows: list[dict]) -> bool:
     return bool(pending) and any(datetime.fromisoformat(r["expires_at"]) <= now() for r in pending)
 
 
-def expire(store: Any, turn: dict, ttl: float) -> None:
-    """End a turn whose approval expired: failed, with the note, its calls answered as not run."""
+def expire(store: Any, turn: dict, ttl: float, note: str | None = None) -> None:
+    """End a turn whose approval expired (or was superseded by a newer message): failed, with
+    the note, its calls answered as not run."""
     if store.expire_approvals(turn["id"]):
         messages = close_dangling(load_messages(turn["messages"]))
         store.finish_turn(
@@ -179,15 +186,24 @@ def expire(store: Any, turn: dict, ttl: float) -> None:
             status="failed",
             reply_text=turn["reply_text"],
             messages=messages,
-            error=expired_note(ttl),
+            error=note or expired_note(ttl),
         )
 
 
-def decide(store: Any, turn: dict, seq: int, approve: bool, ttl: float) -> Decision:
-    """Record the decision on call `seq` of `turn` (blocking: the store); say what follows."""
+def decide(
+    store: Any, turn: dict, seq: int, approve: bool, ttl: float, *, latest: bool = True
+) -> Decision:
+    """Record the decision on call `seq` of `turn` (blocking: the store); say what follows.
+
+    `latest` is False when the conversation has moved on past the turn: resuming it then would
+    continue a branch the user has left, so its calls are not run.
+    """
     if turn["status"] != AWAITING:
         return Decision("gone")
     rows = store.approvals(turn["id"])
+    if not latest:
+        expire(store, turn, ttl, SUPERSEDED)
+        return Decision("expired")
     if expired(rows):
         expire(store, turn, ttl)
         return Decision("expired")

@@ -190,6 +190,19 @@ def test_an_approval_expires_with_a_clear_note(make_client, guarded_tool, monkey
     )
 
 
+def test_a_newer_message_supersedes_a_pending_approval(make_client, guarded_tool):
+    model = ApprovalModel("launch", {"target": "x"})
+    client = make_client(model.model)
+    url, tid, _ = paused(client)
+    c = card(client, url, tid)
+    model.tool, model.args = "calculate", {"expression": "2+2"}
+    stream(client, send(client, "never mind", cid=url.rsplit("/", 1)[1]).text)
+    decide(client, c, "Approve")
+    assert RAN == []
+    reply = parse_html(client.get(url).text).find("article", id=f"reply-{tid}")
+    assert "newer message was sent" in reply.find(role="alert").text
+
+
 def test_an_mcp_tool_named_in_approve_waits_for_approval(make_client, tmp_path):
     model = ApprovalModel("tools_write_note", {"text": "remember milk"})
     client = make_client(model.model, mcp_config=write_config(tmp_path, approve=["write_note"]))

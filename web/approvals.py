@@ -26,11 +26,14 @@ STOPPING = "The server is restarting; decide again in a moment."
 @ar(urls.APPROVALS, methods=["get"])
 def card(req: Request, cid: str, tid: int):
     """The calls a paused reply waits on, with Approve / Deny (or the note that they expired)."""
-    _, turn = owned_turn(req, cid, tid)
+    conv, turn = owned_turn(req, cid, tid)
     if turn["status"] != approvals.AWAITING:
         return ""
     rows = store(req).approvals(tid)
     ttl = settings(req).tool_approval_ttl
+    if conv["head_turn_id"] != tid:
+        approvals.expire(store(req), turn, ttl, approvals.SUPERSEDED)
+        return ApprovalExpired(approvals.SUPERSEDED)
     if approvals.expired(rows):
         approvals.expire(store(req), turn, ttl)
         return ApprovalExpired(approvals.expired_note(ttl))
@@ -69,7 +72,8 @@ async def _decide(req: Request, cid: str, tid: int, seq: int, approve: bool):
         return error_fragment(STOPPING, 503)
     conv, turn = await off_loop(owned_turn, req, cid, tid)
     ttl = settings(req).tool_approval_ttl
-    decision = await off_loop(approvals.decide, store(req), turn, seq, approve, ttl)
+    latest = conv["head_turn_id"] == tid
+    decision = await off_loop(approvals.decide, store(req), turn, seq, approve, ttl, latest=latest)
     if decision.state == "resume":
         manager.start(decision.turn, uid(req))
         links = turn_links(turn, await off_loop(store(req).siblings, cid, [turn["parent_id"]]))
