@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 
 # A server that is down is tried again on a run that starts this long after the last attempt.
 RESTART_AFTER = 30.0
-# How long a server may take to start and answer MCP's handshake.
-START_TIMEOUT = 10.0
+# How long a server may take to start and answer MCP's handshake (a stdio server is a new
+# process: a Python or Node one on a busy machine, or fetched by npx/uvx, takes seconds).
+START_TIMEOUT = 30.0
 
 
 def _connect(spec: ServerSpec) -> AbstractToolset:
@@ -68,6 +69,7 @@ class Server(WrapperToolset):
     _closing: asyncio.Event | None = None
     _tried: float = -RESTART_AFTER
     _listed: tuple | None = None  # (run id, tools) of the last listing
+    _restart: asyncio.Task | None = None
 
     @property
     def name(self) -> str:
@@ -126,10 +128,14 @@ class Server(WrapperToolset):
             log.warning("MCP server %r is not available: %s", self.name, reason)
         self.down = reason
 
-    async def revive(self) -> None:
-        """Try a server that is down again, if its last attempt is old enough."""
-        if self.down is not None and time.monotonic() - self._tried >= RESTART_AFTER:
-            await self.start()
+    def revive(self) -> None:
+        """Try a server that is down again in the background, if its last attempt is old
+        enough: a reply never waits for a server that may take seconds to fail again."""
+        if self.down is None or time.monotonic() - self._tried < RESTART_AFTER:
+            return
+        if self._restart is None or self._restart.done():
+            self._tried = time.monotonic()
+            self._restart = asyncio.create_task(self.start(), name=f"mcp-restart-{self.name}")
 
     # The run enters and leaves the toolset; the connection is the holder task's, not the run's.
     async def __aenter__(self):
@@ -137,6 +143,10 @@ class Server(WrapperToolset):
 
     async def __aexit__(self, *args: Any) -> bool | None:
         return None
+
+    def visit_and_replace(self, visitor):
+        # A leaf to pydantic-ai: a copy would not share the connection its holder task owns.
+        return visitor(self)
 
     async def for_run(self, ctx: RunContext) -> AbstractToolset:
         return self
@@ -246,16 +256,20 @@ class McpServers:
         await asyncio.gather(*(s.start() for s in self.servers))
 
     async def stop(self) -> None:
-        """Disconnect every server."""
+        """Disconnect every server (and end restarts under way)."""
+        for server in self.servers:
+            if server._restart is not None and not server._restart.done():
+                server._restart.cancel()
         await asyncio.gather(*(s.close() for s in self.servers))
 
     async def notes(self, toolsets: frozenset[str] | None) -> list[str]:
         """For a run that may use `toolsets` (None: all): what is missing, as notes for the reply.
 
-        Servers that are down are tried again first (at most every RESTART_AFTER seconds).
+        Servers that are down are tried again meanwhile (at most every RESTART_AFTER seconds).
         """
         wanted = [s for s in self.servers if toolsets is None or s.name in toolsets]
-        await asyncio.gather(*(s.revive() for s in wanted))
+        for server in wanted:
+            server.revive()
         return [
             f"The tools of the MCP server “{s.name}” are not available for this reply "
             f"(the server is down: {s.down})."

@@ -171,7 +171,9 @@ def test_a_server_that_fails_to_start_is_noted_and_the_app_works(make_client, tm
     assert client.get("/health").status_code == 200
 
 
-def test_a_server_that_dies_fails_the_call_and_is_noted_next_time(make_client, tmp_path):
+def test_a_server_that_dies_fails_the_call_and_is_noted_next_time(
+    make_client, tmp_path, monkeypatch
+):
     model = ToolModel("tools_crash")
     client = make_client(model.model, mcp_config=write_config(tmp_path))
     events = stream(client, send(client, "crash").text)
@@ -183,6 +185,13 @@ def test_a_server_that_dies_fails_the_call_and_is_noted_next_time(make_client, t
     text = " ".join(e.data for e in events)
     assert "MCP server “tools” are not available" in text and "No tool needed." in text
     assert "tools_shout" not in model.tools_seen[-1] and "calculate" in model.tools_seen[-1]
+    # It is started again in the background; a later reply has its tools back.
+    monkeypatch.setattr("chat.mcp.RESTART_AFTER", 0.0)
+    deadline = time.monotonic() + 30
+    while "tools_shout" not in model.tools_seen[-1] and time.monotonic() < deadline:
+        stream(client, send(client, "and now?").text)
+        time.sleep(0.5)
+    assert "tools_shout" in model.tools_seen[-1]
 
 
 def test_a_hanging_tool_call_ends_with_a_timeout_error(make_client, tmp_path):
