@@ -236,3 +236,23 @@ def pending_views(rows: list[dict]) -> list[ToolView]:
         for r in rows
         if r["decision"] is None
     ]
+
+
+def decide_all(
+    store: Any,
+    turn: dict,
+    answers: dict[str, bool],
+    ttl: float,
+    *,
+    latest: bool = True,
+) -> Decision:
+    """Decide several calls at once by tool call id (a front end such as /api/chat, whose
+    AI SDK `tool-approval-response` parts name calls by id); unknown ids are ignored."""
+    seqs = {r["tool_call_id"]: r["seq"] for r in store.approvals(turn["id"])}
+    decision = Decision("gone")
+    for call_id, approve in answers.items():
+        if call_id in seqs:
+            decision = decide(store, turn, seqs[call_id], approve, ttl, latest=latest)
+            if decision.state in ("expired", "resume"):
+                break
+    return decision

@@ -203,6 +203,7 @@ def test_a_newer_message_supersedes_a_pending_approval(make_client, guarded_tool
     assert "newer message was sent" in reply.find(role="alert").text
 
 
+@pytest.mark.slow  # starts the MCP server as a process
 def test_an_mcp_tool_named_in_approve_waits_for_approval(make_client, tmp_path):
     model = ApprovalModel("tools_write_note", {"text": "remember milk"})
     client = make_client(model.model, mcp_config=write_config(tmp_path, approve=["write_note"]))
@@ -221,3 +222,15 @@ def test_stream_of_a_paused_reply_replays_and_ends(make_client, guarded_tool):
         events = parse_sse(b"".join(r.iter_bytes()).decode())
     assert events[-1].data == "awaiting_approval"
     assert "approvals" in next(e.data for e in events if e.name == "end")
+
+
+def test_decide_all_answers_calls_by_id_for_other_front_ends(make_client, guarded_tool):
+    model = ApprovalModel("launch", {"target": "x"})
+    client = make_client(model.model)
+    url, tid, _ = paused(client)
+    store = client.app.state.store
+    turn = store.turn(tid, next(iter(store.all_conversations()))["owner"])
+    assert chat.approvals.decide_all(store, turn, {"nope": True}, 60).state == "gone"
+    decision = chat.approvals.decide_all(store, turn, {"a1": False}, 60)
+    assert decision.state == "resume"
+    assert list(decision.turn["resume"].results.approvals) == ["a1"]

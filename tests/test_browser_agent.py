@@ -24,6 +24,7 @@ from tests.live import (  # noqa: F401  (fixtures are used by name)
     open_context,
     running_app,
     title_reply,
+    wait_settled,
     wait_streams_closed,
 )
 
@@ -73,6 +74,7 @@ def shoot(w, name: str) -> None:
         ("phone", PHONE["viewport"]),
     ):
         page.set_viewport_size(viewport)
+        wait_settled(page, ".sidebar")  # it slides away on a phone-sized screen
         for scheme in ("light", "dark"):
             page.emulate_media(color_scheme=scheme)
             page.screenshot(path=str(SHOTS / f"{name}-{size}-{scheme}.png"))

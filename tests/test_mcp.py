@@ -22,6 +22,8 @@ from chat.personas import Persona
 from tests.conftest import HX, parse_html, send, stream
 
 SERVER = Path(__file__).parent / "mcp_server.py"
+# Tests that start the MCP server as a process are in the slow layer (README, Testing).
+starts_server = pytest.mark.slow
 
 
 def write_config(tmp_path: Path, servers: dict | None = None, **entry) -> Path:
@@ -131,6 +133,7 @@ def test_a_malformed_config_is_a_clear_error(tmp_path, text):
 # Tools offered, called, shown ------------------------------------------------------------------
 
 
+@starts_server
 def test_mcp_tools_reach_the_model_run_and_show_live_and_after_reload(make_client, tmp_path):
     model = ToolModel("tools_shout", {"text": "hello"})
     client = make_client(model.model, mcp_config=write_config(tmp_path))
@@ -150,6 +153,7 @@ def test_mcp_tools_reach_the_model_run_and_show_live_and_after_reload(make_clien
     assert "The tool said: HELLO!" in reply.text
 
 
+@starts_server
 def test_a_server_that_fails_to_start_is_noted_and_the_app_works(make_client, tmp_path, caplog):
     broken = {"command": sys.executable, "args": [str(SERVER)], "env": {"MCP_TEST_FAIL_START": "1"}}
     missing = {"command": str(tmp_path / "no-such-program")}
@@ -171,6 +175,7 @@ def test_a_server_that_fails_to_start_is_noted_and_the_app_works(make_client, tm
     assert client.get("/health").status_code == 200
 
 
+@starts_server
 def test_a_server_that_dies_fails_the_call_and_is_noted_next_time(
     make_client, tmp_path, monkeypatch
 ):
@@ -194,6 +199,7 @@ def test_a_server_that_dies_fails_the_call_and_is_noted_next_time(
     assert "tools_shout" in model.tools_seen[-1]
 
 
+@starts_server
 def test_a_hanging_tool_call_ends_with_a_timeout_error(make_client, tmp_path):
     model = ToolModel("tools_slow", {"seconds": 30})
     client = make_client(model.model, mcp_config=write_config(tmp_path), mcp_tool_timeout=1.0)
@@ -210,6 +216,7 @@ def test_a_hanging_tool_call_ends_with_a_timeout_error(make_client, tmp_path):
     assert "STILL HERE!" in " ".join(e.data for e in events)
 
 
+@starts_server
 def test_stop_cancels_a_tool_call_in_flight(make_client, tmp_path):
     model = ToolModel("tools_slow", {"seconds": 30})
     client = make_client(model.model, mcp_config=write_config(tmp_path))
@@ -232,6 +239,7 @@ def test_stop_cancels_a_tool_call_in_flight(make_client, tmp_path):
 # Personas choose toolsets ----------------------------------------------------------------------
 
 
+@starts_server
 def test_a_persona_only_gets_the_toolsets_it_lists(make_client, tmp_path):
     model = ToolModel(None)
     client = make_client(model.model, mcp_config=write_config(tmp_path))

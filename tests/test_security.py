@@ -45,8 +45,9 @@ def test_every_route_with_an_id_checks_ownership(make_client, scripted):
             continue
         params = set(route.param_convertors)
         # A new kind of id must be added here (and checked in its route) before this passes.
-        assert params <= {"cid", "tid"}, f"{route.path}: teach this test about {params}"
-        path = route.path.replace("{cid}", cid).replace("{tid}", str(tid))
+        # seq: a tool call waiting for approval, numbered within its turn (web/approvals.py).
+        assert params <= {"cid", "tid", "seq"}, f"{route.path}: teach this test about {params}"
+        path = route.path.replace("{cid}", cid).replace("{tid}", str(tid)).replace("{seq}", "0")
         for method in sorted({m.upper() for m in route.methods} - {"HEAD"}):
             r = stranger.request(method, path, params={"before": tid}, headers=HX)
             assert r.status_code == 404, f"{method} {route.path} answered {r.status_code}"
@@ -55,7 +56,8 @@ def test_every_route_with_an_id_checks_ownership(make_client, scripted):
     # The test is only as good as its coverage: the routes that matter must be among them.
     paths = {p for _, p in checked}
     for needed in ("/c/{cid}", "/c/{cid}/turns/{tid}/stream", "/c/{cid}/turns/{tid}/stop",
-                   "/c/{cid}/rename", "/c/{cid}/delete", "/c/{cid}/export.json"):  # fmt: skip
+                   "/c/{cid}/rename", "/c/{cid}/delete", "/c/{cid}/export.json",
+                   "/c/{cid}/turns/{tid}/approvals/{seq}/approve"):  # fmt: skip
         assert needed in paths
     # And the stranger changed nothing: the owner still has the conversation, as it was.
     page = owner.get(f"/c/{cid}")
