@@ -60,8 +60,8 @@ def create_app(settings: Settings | None = None, *, model: Model | None = None) 
         store.purge_deleted((datetime.now(UTC) - timedelta(days=1)).isoformat())
         app.state.store = store
         load_messages("[]")  # builds pydantic's message validator now, not on the first message
-        # MCP servers (chat/mcp.py): each started in a task of its own; one that fails is logged
-        # and noted in the replies that miss its tools, and the app starts without it.
+        # MCP servers (chat/mcp.py): started in the background, each in a task of its own; one
+        # that fails is logged and noted in the replies that miss its tools.
         mcp = McpServers.from_settings(settings)
         await mcp.start()
         app.state.runs = RunManager(store, build_agent(mcp), settings, model=model, mcp=mcp)

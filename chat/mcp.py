@@ -227,6 +227,7 @@ class McpServers:
         self.servers = [
             Server(wrapped=_Unconnected(), spec=s, timeout=s.timeout or timeout) for s in specs
         ]
+        self._starting: asyncio.Task | None = None
 
     @classmethod
     def from_settings(cls, settings: Any) -> McpServers:
@@ -252,11 +253,24 @@ class McpServers:
         return out
 
     async def start(self) -> None:
-        """Start every server at once; those that fail are logged and left down."""
+        """Start every server at once, in the background: the app answers meanwhile, and the
+        first reply waits for them (see `notes`). Those that fail are logged and left down."""
+        if self.servers:
+            self._starting = asyncio.create_task(self._start_all(), name="mcp-start")
+
+    async def _start_all(self) -> None:
         await asyncio.gather(*(s.start() for s in self.servers))
 
+    async def started(self) -> None:
+        """Wait until the servers' first start has ended, however it ended."""
+        if self._starting is not None and not self._starting.done():
+            await asyncio.wait([self._starting], timeout=START_TIMEOUT + 10)
+
     async def stop(self) -> None:
-        """Disconnect every server (and end restarts under way)."""
+        """Disconnect every server (and end starts and restarts under way)."""
+        if self._starting is not None and not self._starting.done():
+            self._starting.cancel()
+            await asyncio.wait([self._starting], timeout=5)
         for server in self.servers:
             if server._restart is not None and not server._restart.done():
                 server._restart.cancel()
@@ -267,6 +281,7 @@ class McpServers:
 
         Servers that are down are tried again meanwhile (at most every RESTART_AFTER seconds).
         """
+        await self.started()
         wanted = [s for s in self.servers if toolsets is None or s.name in toolsets]
         for server in wanted:
             server.revive()

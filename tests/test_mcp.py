@@ -159,12 +159,12 @@ def test_a_server_that_fails_to_start_is_noted_and_the_app_works(make_client, tm
     missing = {"command": str(tmp_path / "no-such-program")}
     config = write_config(tmp_path, {"broken": broken, "missing": missing})
     model = ToolModel("calculate", {"expression": "2+3"})
-    with caplog.at_level("WARNING", logger="chat.mcp"):
-        client = make_client(model.model, mcp_config=config)
-    logged = " ".join(r.getMessage() for r in caplog.records)
-    assert "'broken' is not available" in logged and "'missing' is not available" in logged
+    caplog.set_level("WARNING", logger="chat.mcp")
+    client = make_client(model.model, mcp_config=config)
     r = send(client, "add")
     events = stream(client, r.text)
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert "'broken' is not available" in logged and "'missing' is not available" in logged
     text = " ".join(e.data for e in events)
     assert "MCP server “broken” are not available" in text
     assert "MCP server “missing” are not available" in text
