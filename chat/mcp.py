@@ -5,6 +5,10 @@ task, as anyio requires) and shared by every run. A server that fails to start, 
 logged and marked down: its tools are left out of the runs that follow (which say so in the
 reply, see `notes`), a restart is tried at most every `RESTART_AFTER` seconds, and the app goes
 on without it. A tool call is bounded by the server's timeout and ends with a tool error.
+
+Why this module is long: a server's life (start, the holding task, failure, restart, guarded
+listing and calls) is one small state machine, and the set of servers the app runs sits beside
+it; the config file's reading is chat/mcp_config.py.
 """
 
 from __future__ import annotations
