@@ -28,6 +28,7 @@ from chat.agent import ModelUnavailable, build_agent
 from chat.attachments import stale_before
 from chat.config import Settings
 from chat.drain import Drain
+from chat.mcp import McpServers
 from chat.redis_limits import limiter_for
 from chat.runs import RunManager
 from chat.security import SecurityMiddleware, server_error
@@ -35,7 +36,7 @@ from chat.service import ChatService
 from chat.slow_clients import protocol_class
 from chat.store import ChatStore, load_messages
 from components.head import Head
-from web import agui, api, attachments, auth, chat, links, pages, responses, stream
+from web import agui, api, approvals, attachments, auth, chat, links, pages, responses, stream
 from web.request import off_loop
 
 log = logging.getLogger("chat")
@@ -72,7 +73,11 @@ def create_app(settings: Settings | None = None, *, model: Model | None = None) 
         store.purge_pending_attachments(stale_before())  # uploaded a day ago, never sent
         app.state.store = store
         load_messages("[]")  # builds pydantic's message validator now, not on the first message
-        app.state.runs = RunManager(store, build_agent(), settings, model=model)
+        # MCP servers (chat/mcp.py): started in the background, each in a task of its own; one
+        # that fails is logged and noted in the replies that miss its tools.
+        mcp = McpServers.from_settings(settings)
+        await mcp.start()
+        app.state.runs = RunManager(store, build_agent(mcp), settings, model=model, mcp=mcp)
         # Load the configured model now, not on the first message (its SDK can take seconds to
         # import), and say at once if it cannot be started; replies will then explain it too.
         try:
@@ -93,6 +98,7 @@ def create_app(settings: Settings | None = None, *, model: Model | None = None) 
             drain.uninstall()
             await app.state.runs.shutdown()
             await app.state.limits.close()
+            await mcp.stop()
             store.close()
 
     async def identify(req: Request, session):
@@ -152,6 +158,7 @@ def create_app(settings: Settings | None = None, *, model: Model | None = None) 
     api.ar.to_app(app)
     agui.ar.to_app(app)
     attachments.ar.to_app(app)
+    approvals.ar.to_app(app)
     return app
 
 

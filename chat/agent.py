@@ -8,7 +8,7 @@ import re
 import sys
 from collections.abc import AsyncIterator
 
-from pydantic_ai import Agent
+from pydantic_ai import Agent, DeferredToolRequests
 from pydantic_ai.messages import (
     ModelMessage,
     ModelRequest,
@@ -25,6 +25,7 @@ from pydantic_ai.models.function import AgentInfo, DeltaToolCall, FunctionModel
 from pydantic_ai.profiles import ModelProfile
 
 from chat.config import Settings
+from chat.mcp import BUILTIN, McpServers, allowed
 from chat.tools import ToolDeps, toolset
 
 INSTRUCTIONS = (
@@ -34,9 +35,24 @@ INSTRUCTIONS = (
 DEMO_NAME = "demo"
 
 
-def build_agent() -> Agent[ToolDeps, str]:
-    """The app's agent. The model is chosen per run, so one agent serves every model."""
-    return Agent(instructions=INSTRUCTIONS, name="chat", deps_type=ToolDeps, toolsets=[toolset])
+def build_agent(mcp: McpServers | None = None) -> Agent[ToolDeps, str | DeferredToolRequests]:
+    """The app's agent. The model is chosen per run, so one agent serves every model.
+
+    Its tools are the built-in ones and those of the MCP servers in `mcp`, each toolset offered
+    only to the personas that may use it. A call to a tool that needs approval ends the run with
+    `DeferredToolRequests` instead of text (chat/approvals.py resumes it).
+    """
+    toolsets = [
+        toolset.filtered(lambda ctx, tool_def: allowed(ctx, BUILTIN)),
+        *(mcp.toolsets() if mcp else ()),
+    ]
+    return Agent(
+        instructions=INSTRUCTIONS,
+        name="chat",
+        deps_type=ToolDeps,
+        toolsets=toolsets,
+        output_type=[str, DeferredToolRequests],
+    )
 
 
 class ModelUnavailable(Exception):

@@ -79,6 +79,11 @@ class Settings:
     redis_url: str = ""
     workers: int = 1
     drain_grace: float = 25.0
+    # MCP servers and tool approval (chat/mcp.py, chat/approvals.py): the `mcpServers` JSON file,
+    # how long one MCP tool call may take, and how long a call waits for Approve / Deny.
+    mcp_config: Path | None = None
+    mcp_tool_timeout: float = 60.0
+    tool_approval_ttl: float = 3600.0
 
     @property
     def demo(self) -> bool:
@@ -144,6 +149,9 @@ class Settings:
             redis_url=(env.get("REDIS_URL") or "").strip(),
             workers=int(env.get("WORKERS") or 1),
             drain_grace=float(env.get("DRAIN_GRACE") or 25),
+            mcp_config=Path(env["MCP_CONFIG"]) if env.get("MCP_CONFIG") else None,
+            mcp_tool_timeout=float(env.get("MCP_TOOL_TIMEOUT") or 60),
+            tool_approval_ttl=float(env.get("TOOL_APPROVAL_TTL") or 3600),
         )
         values.update(overrides)
         # MODEL (from the environment or --model) is always among the models offered.

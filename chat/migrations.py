@@ -210,3 +210,29 @@ def m007_attachments(db: Database) -> None:
     db["attachments"].create_index(["owner", "turn_id"])
     db["attachments"].create_index(["turn_id"])
     db["turns"].add_column("attachments", str)
+
+
+@migration
+def m008_tool_approvals(db: Database) -> None:
+    """Tool calls waiting for the user's approval (chat/approvals.py).
+
+    A turn whose reply paused on them has status 'awaiting_approval'; each call is a row here,
+    numbered `seq` within its turn, until it is approved, denied or expired.
+    """
+    db["tool_approvals"].create(
+        {
+            "turn_id": int,
+            "seq": int,
+            "tool_call_id": str,
+            "tool_name": str,
+            "args": str,
+            # null while waiting | approved | denied | expired
+            "decision": str,
+            "created_at": str,
+            "expires_at": str,
+            "decided_at": str,
+        },
+        pk=("turn_id", "seq"),
+        not_null={"turn_id", "seq", "tool_call_id", "tool_name", "created_at", "expires_at"},
+        foreign_keys=[("turn_id", "turns", "id")],
+    )

@@ -38,7 +38,7 @@ from pydantic_ai.messages import (
 )
 from pydantic_ai.models import Model
 
-from chat import attachments, budget
+from chat import approvals, attachments, budget
 from chat.agent import resolve_model
 from chat.config import Settings
 from chat.errors import (
@@ -53,6 +53,7 @@ from chat.errors import (
     expected,
 )
 from chat.markdown import StreamRenderer
+from chat.mcp import McpServers
 from chat.outcome import (
     clean,
     has_text,
@@ -62,7 +63,7 @@ from chat.outcome import (
     usage_of,
     valid_text,
 )
-from chat.personas import load_personas
+from chat.personas import Persona, load_personas
 from chat.reply import ToolView
 from chat.storage import Store
 from chat.store import INTERRUPTED
@@ -178,8 +179,15 @@ class RunManager:
     """Starts, tracks, stops and finishes runs; saves every reply however it ends."""
 
     def __init__(
-        self, store: Store, agent: Agent, settings: Settings, *, model: Model | None = None
+        self,
+        store: Store,
+        agent: Agent,
+        settings: Settings,
+        *,
+        model: Model | None = None,
+        mcp: McpServers | None = None,
     ):
+        self.mcp = mcp  # MCP servers whose tools the agent offers (chat/mcp.py)
         self.store = store
         self.agent = agent
         self.settings = settings
@@ -258,10 +266,9 @@ class RunManager:
             else:
                 log.error("reply %s could not be saved before shutdown", run.turn_id)
 
-    def _persona_instructions(self, run: Run) -> str | None:
+    def _persona(self, run: Run) -> Persona | None:
         conv = self.store.conversation(run.conversation_id, run.owner)
-        persona = self.personas.get((conv or {}).get("persona") or "")
-        return persona.instructions if persona else None
+        return self.personas.get((conv or {}).get("persona") or "")
 
     def model_for(self, name: str) -> Model:
         """The Model for a model string (the test override, when one is set)."""
@@ -281,6 +288,7 @@ class RunManager:
         messages: list[ModelMessage] = [request]
         status, error = "failed", None
         events = None
+        prior = None  # a resumed reply's messages so far (chat/approvals.py)
         try:
             cfg = self.settings
             fitted = budget.fit(
@@ -289,15 +297,30 @@ class RunManager:
                 max_messages=cfg.history_max_messages,
                 max_chars=cfg.history_max_chars,
             )
-            history = fitted.messages
+            # MCP servers and tool approvals (chat/mcp.py, chat/approvals.py): a resumed reply
+            # continues from its stored messages; a missing server is noted in the reply.
+            prompt, history, deferred, prior = approvals.run_input(
+                run, turn, fitted.messages, self._text_done
+            )
+            messages = prior or messages
+            persona = self._persona(run)
+            toolsets = persona.toolsets if persona else None
+            for note in await self.mcp.notes(toolsets) if self.mcp else ():
+                run.renderer.feed(f"*{note}*\n\n")
             if fitted.note:  # shown at the top of this reply, and kept with its text
                 run.renderer.feed(f"*{fitted.note}*\n\n")
                 self._schedule(run)
             model = self._model(run.model_name)
             # The prompt's files, and earlier ones re-sent (chat/attachments.py): read off the loop.
-            prompt, history = await asyncio.to_thread(
-                attachments.model_input, self.store, turn, run.owner, history, model.profile
-            )
+            # A resumed reply (approvals) has no new prompt: its files are in its history.
+            if prompt is not None:
+                prompt, history = await asyncio.to_thread(
+                    attachments.model_input, self.store, turn, run.owner, history, model.profile
+                )
+            else:
+                history = await asyncio.to_thread(
+                    attachments.rehydrate, self.store, run.owner, history, model.profile
+                )
             model_settings = {"max_retries": cfg.model_retries}
             if cfg.output_tokens_limit:
                 # Asked of the model, per request; `_on_event` enforces it if the model ignores it.
@@ -305,9 +328,10 @@ class RunManager:
             async with self.agent.run_stream_events(
                 prompt,
                 message_history=history,
+                deferred_tool_results=deferred,
                 model=model,
-                deps=ToolDeps(self.store, run.owner),
-                instructions=self._persona_instructions(run),
+                deps=ToolDeps(self.store, run.owner, toolsets),
+                instructions=persona.instructions if persona else None,
                 cancellation_token=run.token,
                 usage_limits=UsageLimits(
                     request_limit=cfg.request_limit, output_tokens_limit=cfg.output_tokens_limit
@@ -338,7 +362,7 @@ class RunManager:
             if result is not None:
                 messages = result.new_messages()
                 run.usage = usage_of(result.usage, run.started, run.first_token_at)
-            status = "complete"
+            status = approvals.outcome(self.store, run, result, cfg.tool_approval_ttl)
         except RunCancelled as exc:
             messages = exc.new_messages() or messages
             if run.fault is not None:  # rendering failed between events (see `_flush_later`)
@@ -360,7 +384,7 @@ class RunManager:
             log.warning("reply %s failed: %s", run.turn_id, error, exc_info=not expected(exc))
             messages = salvage(events, messages)
         finally:
-            self._finish(run, status, error, messages)
+            self._finish(run, status, error, approvals.whole(prior, messages))
             if status == "complete" and turn["parent_id"] is None:
                 try:
                     self.titles.start(
@@ -511,7 +535,7 @@ class RunManager:
                 run._save_handle.cancel()
                 run._save_handle = None
             text = clean(run.renderer.source or text_of(messages))
-            if status != "complete" and text and not has_text(messages):
+            if status not in ("complete", approvals.AWAITING) and text and not has_text(messages):
                 # Keep the partial reply in the history, so the next turn sees what the user saw.
                 messages = [*messages, ModelResponse(parts=[TextPart(content=text)])]
             record = dict(

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 # How long a write waits for another connection's write to end. Writes run in worker threads,
 # so this wait never holds up the event loop, only the request that writes.
 BUSY_TIMEOUT_MS = 5000
-FINISHED = ("complete", "stopped", "failed", "interrupted")
+FINISHED = ("complete", "stopped", "failed", "interrupted", "awaiting_approval")
 INTERRUPTED = "Interrupted: the server stopped before this reply finished."
 
 
@@ -751,6 +751,61 @@ class ChatStore:
         for (raw,) in self.db.execute(sql, {"head": turn["parent_id"]}):
             messages.extend(load_messages(raw))
         return messages
+
+    # Tool approvals (chat/approvals.py) -----------------------------------------------------
+
+    def add_approvals(self, tid: int, calls: Sequence[dict], expires_at: str) -> None:
+        """Record the tool calls (tool_call_id, tool_name, args) a reply waits on."""
+        stamp = now()
+        with self.db.conn:
+            self.db.execute("delete from tool_approvals where turn_id = ?", [tid])
+            self.db.conn.executemany(
+                "insert into tool_approvals (turn_id, seq, tool_call_id, tool_name, args, "
+                "created_at, expires_at) values (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (tid, seq, c["tool_call_id"], c["tool_name"], c["args"], stamp, expires_at)
+                    for seq, c in enumerate(calls)
+                ],
+            )
+
+    def approvals(self, tid: int) -> list[dict]:
+        """The tool calls of turn `tid` that waited (or wait) for approval, in order."""
+        rows = self.db.execute(
+            "select * from tool_approvals where turn_id = ? order by seq", [tid]
+        ).fetchall()
+        return self._dicts("tool_approvals", rows)
+
+    def decide_approval(self, tid: int, seq: int, decision: str) -> bool:
+        """Approve or deny a waiting call; False if it is not waiting (decided, or no such call)."""
+        if seq not in SQLITE_INT:
+            return False
+        with self.db.conn:
+            cur = self.db.execute(
+                "update tool_approvals set decision = ?, decided_at = ? "
+                "where turn_id = ? and seq = ? and decision is null",
+                [decision, now(), tid, seq],
+            )
+        return cur.rowcount == 1
+
+    def claim_resume(self, tid: int) -> bool:
+        """Mark a paused reply as streaming again; True for the one caller that may resume it."""
+        with self.db.conn:
+            cur = self.db.execute(
+                "update turns set status = 'streaming' "
+                "where id = ? and status = 'awaiting_approval'",
+                [tid],
+            )
+        return cur.rowcount == 1
+
+    def expire_approvals(self, tid: int) -> bool:
+        """Mark a paused reply's waiting calls expired; True for the one caller that did."""
+        with self.db.conn:
+            cur = self.db.execute(
+                "update tool_approvals set decision = 'expired', decided_at = ? "
+                "where turn_id = ? and decision is null",
+                [now(), tid],
+            )
+        return cur.rowcount > 0
 
     def _dicts(self, table: str, rows: list[tuple]) -> list[dict]:
         cols = [c.name for c in self.db[table].columns]

@@ -1,7 +1,9 @@
 """The agent's tools: one file, one decorator per tool. Add a function here to add a tool.
 
 Each tool's docstring is what the model reads to decide when to call it, and its arguments'
-type hints become the JSON schema the model fills in.
+type hints become the JSON schema the model fills in. A tool with an effect the user should
+confirm first takes `requires_approval=True` (`@toolset.tool(requires_approval=True)`): the reply
+then pauses on the call with Approve / Deny buttons (chat/approvals.py).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ class ToolDeps:
 
     store: Store
     owner: str
+    # The toolsets the conversation's persona may use ("builtin", MCP server names); None: all.
+    toolsets: frozenset[str] | None = None
 
 
 toolset: FunctionToolset[ToolDeps] = FunctionToolset()

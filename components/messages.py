@@ -28,6 +28,7 @@ from fasthtml.common import (
     Time,
 )
 
+from components.approvals import ApprovalLoader
 from components.attachments import MessageFiles
 
 STATUS_NOTES = {
@@ -54,6 +55,7 @@ class TurnLinks:
     files: tuple = ()
     feedback: str | None = None
     source: str | None = None  # the reply's Markdown, which its Copy button copies
+    approvals: str | None = None  # the card of a reply paused for tool approval
 
 
 def SafeHTML(html: str, **kw) -> FT:
@@ -299,6 +301,9 @@ def ReplyFooter(
             ),
         )
     parts: list = []
+    if status == "awaiting_approval" and links and links.approvals:
+        # Tool approval (components/approvals.py): the card with the waiting calls.
+        parts.append(ApprovalLoader(links.approvals))
     if error:
         parts.append(
             Div(
@@ -385,6 +390,7 @@ TOOL_STATES = {
     "retried": ("retried", "Error: the model was asked to retry"),
     "denied": ("failed", "Denied"),
     "interrupted": ("failed", "Interrupted"),
+    "awaiting": ("awaiting", "Waiting for approval"),
 }
 
 

@@ -24,6 +24,7 @@ ROUTE_MODULES = {
     "web.api",
     "web.agui",
     "web.attachments",
+    "web.approvals",
 }
 LONG_REASON = "Why this module is long:"
 MAX_LINES = 300

@@ -48,10 +48,12 @@ def test_every_route_with_an_id_checks_ownership(make_client, scripted):
             continue
         params = set(route.param_convertors)
         # A new kind of id must be added here (and checked in its route) before this passes.
-        assert params <= {"cid", "tid", "chat_id", "aid"}, (
+        # seq: a tool call waiting for approval, numbered within its turn (web/approvals.py).
+        assert params <= {"cid", "tid", "chat_id", "aid", "seq"}, (
             f"{route.path}: teach this test about {params}"
         )
         path = route.path.replace("{cid}", cid).replace("{tid}", str(tid)).replace("{aid}", aid)
+        path = path.replace("{seq}", "0")
         # A client-named chat (/api/chat/{chat_id}) is looked up among the caller's own chats:
         # for a stranger the owner's id names nothing to stop (404) or resume (204, empty).
         path = path.replace("{chat_id}", cid)
@@ -65,7 +67,8 @@ def test_every_route_with_an_id_checks_ownership(make_client, scripted):
     paths = {p for _, p in checked}
     for needed in ("/c/{cid}", "/c/{cid}/turns/{tid}/stream", "/c/{cid}/turns/{tid}/stop",
                    "/c/{cid}/rename", "/c/{cid}/delete", "/c/{cid}/export.json",
-                   "/attachments/{aid}", "/attachments/{aid}/remove"):  # fmt: skip
+                   "/attachments/{aid}", "/attachments/{aid}/remove",
+                   "/c/{cid}/turns/{tid}/approvals/{seq}/approve"):  # fmt: skip
         assert needed in paths
     # And the stranger changed nothing: the owner still has the conversation, as it was.
     page = owner.get(f"/c/{cid}")

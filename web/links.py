@@ -48,6 +48,11 @@ ATTACHMENT = "/attachments/{aid}"
 ATTACHMENT_REMOVE = "/attachments/{aid}/remove"
 SOURCE = "/c/{cid}/turns/{tid}/source"  # (web/pages.py) a reply's Markdown, for Copy
 
+# Tool approval (web/approvals.py): a paused reply's card, and the decision on its call `seq`
+APPROVALS = "/c/{cid}/turns/{tid}/approvals"
+APPROVE = "/c/{cid}/turns/{tid}/approvals/{seq}/approve"
+DENY = "/c/{cid}/turns/{tid}/approvals/{seq}/deny"
+
 # Accounts (web/auth.py)
 LOGIN = "/login"
 SIGNUP = "/signup"
@@ -83,6 +88,7 @@ def turn_links(turn: dict, siblings: dict[int | None, list[int]]) -> TurnLinks:
         files=tuple((f, url(ATTACHMENT, aid=f["id"])) for f in refs(turn)),
         feedback=url(FEEDBACK, cid=cid, tid=tid),
         source=url(SOURCE, cid=cid, tid=tid),
+        approvals=url(APPROVALS, cid=cid, tid=tid),
     )
 
 
