@@ -21,6 +21,7 @@ from starlette.staticfiles import StaticFiles
 
 from chat.accounts import ACCOUNT_PREFIX
 from chat.agent import ModelUnavailable, build_agent
+from chat.cluster import Cluster
 from chat.config import Settings
 from chat.limits import Limiter
 from chat.runs import RunManager
@@ -54,12 +55,15 @@ def create_app(settings: Settings | None = None, *, model: Model | None = None) 
 
     async def lifespan(app):  # FastHTML takes an async generator, not a context manager
         store = ChatStore(settings.db_path)
-        if interrupted := store.mark_interrupted():
+        cluster = await _join_cluster(settings)
+        runs = RunManager(store, build_agent(), settings, model=model, cluster=cluster)
+        if interrupted := await runs.recover():
             log.warning("marked %d replies left streaming by a crash as interrupted", interrupted)
+        runs.share()
         store.purge_deleted((datetime.now(UTC) - timedelta(days=1)).isoformat())
         app.state.store = store
         load_messages("[]")  # builds pydantic's message validator now, not on the first message
-        app.state.runs = RunManager(store, build_agent(), settings, model=model)
+        app.state.runs = runs
         # Load the configured model now, not on the first message (its SDK can take seconds to
         # import), and say at once if it cannot be started; replies will then explain it too.
         try:
@@ -71,6 +75,8 @@ def create_app(settings: Settings | None = None, *, model: Model | None = None) 
             yield
         finally:
             await app.state.runs.shutdown()
+            if cluster is not None:
+                await cluster.close()
             store.close()
 
     async def identify(req: Request, session):
@@ -129,6 +135,23 @@ def create_app(settings: Settings | None = None, *, model: Model | None = None) 
     auth.ar.to_app(app)
     api.ar.to_app(app)
     return app
+
+
+async def _join_cluster(settings: Settings) -> Cluster | None:
+    """With REDIS_URL: the shared run logs, Stop and leases, checked reachable now."""
+    if not settings.redis_url:
+        return None
+    cluster = Cluster.connect(
+        settings.redis_url,
+        lease_seconds=settings.lease_seconds,
+        lease_refresh=settings.lease_refresh,
+    )
+    try:
+        await cluster.redis.ping()
+    except Exception as exc:
+        await cluster.close()
+        raise RuntimeError(f"REDIS_URL is set, but Redis cannot be reached: {exc}") from None
+    return cluster
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -70,6 +70,12 @@ class Settings:
     provider_keys: tuple[str, ...] = field(default_factory=tuple)
     # OPENAI_FAST_PATHS=0 keeps the OpenAI SDK's own stream reading and request building.
     openai_fast_paths: bool = True
+    # Scale-out: run logs, Stop and leases (REDIS_URL; empty keeps everything in this process).
+    # A reply's lease lasts `lease_seconds`, renewed every `lease_refresh` seconds by the
+    # process writing it; once it lapses (that process died) another one ends the reply.
+    redis_url: str = ""
+    lease_seconds: float = 15.0
+    lease_refresh: float = 5.0
 
     @property
     def demo(self) -> bool:
@@ -130,6 +136,10 @@ class Settings:
             provider_keys=tuple(k for k in PROVIDER_KEYS if env.get(k)),
             openai_fast_paths=(env.get("OPENAI_FAST_PATHS") or "1").lower()
             not in ("0", "false", "no", "off"),
+            # Scale-out: run logs, Stop and leases.
+            redis_url=(env.get("REDIS_URL") or "").strip(),
+            lease_seconds=float(env.get("LEASE_SECONDS") or 15),
+            lease_refresh=float(env.get("LEASE_REFRESH_SECONDS") or 5),
         )
         values.update(overrides)
         # MODEL (from the environment or --model) is always among the models offered.
@@ -137,6 +147,11 @@ class Settings:
             values["models"] = (values["model"], *values["models"])
         if not values["allowed_hosts"]:
             values["allowed_hosts"] = default_allowed_hosts(values["host"])
+        if not 0 < values["lease_refresh"] < values["lease_seconds"]:
+            raise ValueError(
+                "LEASE_REFRESH_SECONDS must be above 0 and below LEASE_SECONDS, so a reply's "
+                "lease is renewed before it lapses."
+            )
         settings = cls(**values)
         if not settings.secret_key:
             settings = cls(**{**values, "secret_key": load_or_create_secret(settings.db_path)})

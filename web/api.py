@@ -88,8 +88,8 @@ async def api_chat(req: Request):
     refused = limits.check_send(
         who,
         client_addr(req),
-        running=manager.running(who),
-        total_running=len(manager.runs),
+        running=await manager.running(who),
+        total_running=await manager.total_running(),
     )
     if refused:
         return _error(refused.message, refused.status, refused.headers)

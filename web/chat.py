@@ -106,7 +106,7 @@ async def _send(req: Request, msg: str, cid: str, model: str, persona: str, mode
         return error_fragment("That conversation does not exist.", 404)
     replies = len(models) if len(models) >= 2 else 1
     busy = conv["id"] if conv is not None else None
-    if (problem := check_message(req, msg, replies, cid=busy)) is not None:
+    if (problem := await check_message(req, msg, replies, cid=busy)) is not None:
         return problem
     created = conv is None
     persona = persona or (None if conv else next(iter(runs(req).personas)))
@@ -189,7 +189,7 @@ def _show_url(turn: dict) -> str:
 async def stop(req: Request, cid: str, tid: int):
     """Stop a reply; what it produced so far is kept and saved as stopped."""
     await off_loop(owned_turn, req, cid, tid)
-    runs(req).stop(tid)
+    await runs(req).stop(tid)
     return Response(status_code=204)
 
 
@@ -199,7 +199,7 @@ async def regenerate(req: Request, cid: str, tid: int):
     try:
         async with _send_lock(req):
             conv, turn = await off_loop(owned_turn, req, cid, tid)
-            if (problem := check_message(req, turn["user_text"], cid=cid)) is not None:
+            if (problem := await check_message(req, turn["user_text"], cid=cid)) is not None:
                 return problem
             await _start(req, conv, turn["user_text"], parent_id=turn["parent_id"])
     except sqlite3.OperationalError:
@@ -233,7 +233,7 @@ async def edit(req: Request, cid: str, tid: int, msg: str = ""):
     try:
         async with _send_lock(req):
             conv, turn = await off_loop(owned_turn, req, cid, tid)
-            if (problem := check_message(req, msg, cid=cid)) is not None:
+            if (problem := await check_message(req, msg, cid=cid)) is not None:
                 return problem
             await _start(req, conv, msg, parent_id=turn["parent_id"])
     except sqlite3.OperationalError:

@@ -12,7 +12,7 @@ from web.request import client_addr, runs, settings, uid
 from web.responses import error_fragment
 
 
-def check_message(
+async def check_message(
     req: Request, msg: str, replies: int = 1, cid: str | None = None
 ) -> Response | None:
     """Why a message cannot be sent (as an error response), or None if it can.
@@ -32,13 +32,13 @@ def check_message(
         )
     if not runs(req).accepting:
         return error_fragment("The server is restarting. Send again in a moment.", 503)
-    if cid is not None and runs(req).streaming_in(cid):
+    if cid is not None and await runs(req).streaming_in(cid):
         return error_fragment("Wait for the reply to finish, or stop it, before sending.", 409)
     refused = req.app.state.limits.check_send(
         uid(req),
         client_addr(req),
-        running=runs(req).running(uid(req)),
-        total_running=len(runs(req).runs),
+        running=await runs(req).running(uid(req)),
+        total_running=await runs(req).total_running(),
         count=replies,
     )
     if refused:

@@ -1,0 +1,186 @@
+"""A reply's run log in a Redis Stream (REDIS_URL), so a stream on any process can follow it.
+
+The process writing a reply copies each entry of its MemoryLog (chat/runlog.py) to the Stream
+`chat:log:<turn id>` with the explicit id `0-<entry number>`, capped (`XADD MAXLEN ~`) and
+expiring a while after the end. Entries waiting for Redis are merged into one, so a slow Redis
+means fewer, larger entries, never a backlog per token. Any process replays the Stream with
+`XRANGE` and follows it with `XREAD BLOCK`; entry numbers match the MemoryLog's, so
+`Last-Event-ID` resumes the same way on every process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+from chat.reply import ToolView
+from chat.runlog import Block, End, Entry, Item, ToolUpdate, merge
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+log = logging.getLogger(__name__)
+
+# A stream holds at most about this many entries (XADD MAXLEN ~). A reply is written at most
+# once per tick, and entries waiting for Redis are merged, so even a long reply stays far below.
+MAX_ENTRIES = 20_000
+# How long a finished reply's log stays readable (streams opened just as it ends still read it
+# there; later ones read the saved reply from the database), and how long a running one's does
+# if its writer vanishes without ending it (refreshed by every write).
+ENDED_TTL = 300
+RUNNING_TTL = 3600
+_WRITE_RETRY = 0.5
+_WRITE_TRIES = 20
+
+
+def log_key(turn_id: int) -> str:
+    """The Redis Stream holding a reply's entries."""
+    return f"chat:log:{turn_id}"
+
+
+def _item_data(item: Item) -> dict:
+    if isinstance(item, Block):
+        return {"b": item.html}
+    if isinstance(item, ToolUpdate):
+        return {"u": asdict(item.tool)}
+    return {"t": asdict(item)}
+
+
+def _item(data: dict) -> Item:
+    if "b" in data:
+        return Block(data["b"])
+    if "u" in data:
+        return ToolUpdate(ToolView(**data["u"]))
+    return ToolView(**data["t"])
+
+
+def to_fields(entry: Entry, first: int) -> dict[str, str]:
+    """An entry as Redis Stream fields; `first` is the number of the first entry merged in."""
+    out = {"f": str(first)}
+    if entry.items:
+        out["i"] = json.dumps([_item_data(i) for i in entry.items], ensure_ascii=False)
+    if entry.tail is not None:
+        out["t"] = entry.tail
+    if entry.text:
+        out["x"] = entry.text
+    if entry.end is not None:
+        out["e"] = json.dumps(asdict(entry.end), ensure_ascii=False)
+    return out
+
+
+def from_fields(entry_id: str | bytes, fields: dict) -> tuple[int, Entry]:
+    """(first entry merged in, the entry) from a Redis Stream entry."""
+    f = {_s(k): _s(v) for k, v in fields.items()}
+    seq = int(_s(entry_id).partition("-")[2])
+    items = [_item(d) for d in json.loads(f["i"])] if "i" in f else []
+    end = End(**json.loads(f["e"])) if "e" in f else None
+    return int(f.get("f") or seq), Entry(seq, items, f.get("t"), f.get("x", ""), end)
+
+
+def _s(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class RedisLog:
+    """Copies one reply's entries into its Redis Stream, in order, merging what waits."""
+
+    def __init__(self, redis: Redis, turn_id: int) -> None:
+        self.redis = redis
+        self.key = log_key(turn_id)
+        self.pending: list[Entry] = []
+        self._task: asyncio.Task | None = None
+        self._written = 0  # the last entry number in Redis
+
+    def __call__(self, entry: Entry) -> None:
+        """Queue an entry (called by the run, on the loop, never waiting for Redis)."""
+        self.pending.append(entry)
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._drain(), name=self.key)
+
+    async def flushed(self, timeout: float = 5.0) -> None:
+        """Wait (bounded) until every queued entry is in Redis."""
+        if self._task is not None:
+            await asyncio.wait([self._task], timeout=timeout)
+
+    async def _drain(self) -> None:
+        tries = 0
+        try:
+            while self.pending:
+                batch = merge(self.pending)
+                count = len(self.pending)
+                try:
+                    await write(self.redis, self.key, batch, self._written + 1)
+                except Exception as exc:  # Redis away: keep the entries, merge, try again
+                    tries += 1
+                    if tries >= _WRITE_TRIES:
+                        log.error("gave up writing %s to Redis: %s", self.key, exc)
+                        self.pending.clear()
+                        return
+                    log.warning("could not write %s to Redis yet: %s", self.key, exc)
+                    await asyncio.sleep(_WRITE_RETRY)
+                    continue
+                tries = 0
+                self._written = batch.seq
+                del self.pending[:count]
+        finally:
+            self._task = None
+
+
+async def write(redis: Redis, key: str, entry: Entry, first: int) -> None:
+    """XADD one entry as `0-<seq>` (capped), and set the stream's expiry."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.xadd(key, to_fields(entry, first), id=f"0-{entry.seq}", maxlen=MAX_ENTRIES)
+        pipe.expire(key, ENDED_TTL if entry.end is not None else RUNNING_TTL)
+        await pipe.execute()
+
+
+async def append_end(redis: Redis, turn_id: int, end: End) -> None:
+    """End a reply's log from outside its run (its owner died): numbered after the last entry."""
+    key = log_key(turn_id)
+    last = await redis.xrevrange(key, count=1)
+    seq = int(_s(last[0][0]).partition("-")[2]) + 1 if last else 1
+    await write(redis, key, Entry(seq, tail="", end=end), seq)
+
+
+async def follow_redis(
+    redis: Redis,
+    turn_id: int,
+    after: int = 0,
+    heartbeat: float = 15.0,
+    on_gap: Callable[[], Any] | None = None,
+) -> AsyncIterator[Entry | None]:
+    """Replay a reply's entries after `after` from Redis (with the newest tail), then follow.
+
+    The stream may not exist yet (the owner has not written its first entry): then this waits
+    for it. Entries trimmed by the cap are gone; `on_gap` is called if some were wanted.
+    """
+    key = log_key(turn_id)
+    rows = await redis.xrange(key)
+    parsed = [from_fields(i, f) for i, f in rows]
+    cursor = max([after, *(e.seq for _, e in parsed)])
+    if parsed and parsed[0][0] > after + 1 and on_gap is not None:
+        on_gap()
+    new = [e for _, e in parsed if e.seq > after]
+    tail = next((e.tail for _, e in reversed(parsed) if e.tail is not None), None)
+    if new or tail:
+        batch = merge(new, tail=tail, seq=cursor)
+        yield batch
+        if batch.end is not None:
+            return
+    block = max(1, int(heartbeat * 1000))
+    while True:
+        got = await redis.xread({key: f"0-{cursor}"}, block=block)
+        if not got:
+            yield None
+            continue
+        _, rows = got[0]
+        entries = [from_fields(i, f)[1] for i, f in rows]
+        batch = merge(entries)
+        cursor = batch.seq
+        yield batch
+        if batch.end is not None:
+            return
