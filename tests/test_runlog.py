@@ -251,3 +251,40 @@ async def test_a_reply_on_one_process_streams_and_stops_from_the_other(pair, scr
     assert store.turn(turn["id"], "alice")["status"] == "stopped"
     await eventually(lambda: not a._shared, "the lease given back")
     assert await b.running("alice") == 0 and len(model.calls) == 1
+
+
+@needs_redis
+async def test_a_starting_process_ends_only_replies_no_live_process_holds(pair, scripted):
+    store, make = pair
+    a, b = make(scripted(["never"]), lease_seconds=0.3, lease_refresh=0.1)
+    held, orphan = new_turn(store, "held"), new_turn(store, "orphan")
+    lease = (held["id"], held["conversation_id"], "alice")
+    await a.cluster.register(*lease)
+    for _ in range(4):  # both older than a lease by then; only `held` has a live one
+        await asyncio.sleep(0.1)
+        await a.cluster.renew([lease])
+    follower = asyncio.ensure_future(take(follow_redis(b.cluster.redis, orphan["id"])))
+
+    assert await b.recover() == 1
+    assert store.turn(held["id"], "alice")["status"] == "streaming"
+    assert store.turn(orphan["id"], "alice")["status"] == "interrupted"
+    # A stream following the orphan elsewhere sees it end.
+    assert (await asyncio.wait_for(follower, 5))[-1].end.status == "interrupted"
+
+
+@needs_redis
+async def test_a_dead_process_s_reply_is_ended_by_another_once_its_lease_lapses(pair, scripted):
+    store, make = pair
+    a, b = make(scripted(["never"]), lease_seconds=0.3, lease_refresh=0.1)
+    turn = new_turn(store, "cut off")
+    store.save_partial(turn["id"], "Partial text")
+    # A process took the lease, then died: nobody renews it.
+    dead = Cluster(b.cluster.redis, lease_seconds=0.3, lease_refresh=0.1)
+    await dead.register(turn["id"], turn["conversation_id"], "alice")
+    follower = asyncio.ensure_future(take(follow_redis(b.cluster.redis, turn["id"])))
+
+    ended = await asyncio.wait_for(follower, 5)
+    assert ended[-1].end.status == "interrupted" and ended[-1].end.copy
+    row = store.turn(turn["id"], "alice")
+    assert (row["status"], row["reply_text"]) == ("interrupted", "Partial text")
+    assert await a.running("alice") == 0
