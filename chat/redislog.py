@@ -33,6 +33,10 @@ MAX_ENTRIES = 20_000
 # if its writer vanishes without ending it (refreshed by every write).
 ENDED_TTL = 300
 RUNNING_TTL = 3600
+# A reply's entries reach Redis at most this often (what arrives meanwhile is merged): other
+# processes' streams update 20 times a second, and a fast reply costs Redis (and this process)
+# a round trip per 50 ms, not one per tick. Streams on the writing process read its MemoryLog.
+WRITE_EVERY = 0.05
 _WRITE_RETRY = 0.5
 _WRITE_TRIES = 20
 
@@ -107,13 +111,19 @@ class RedisLog:
             await asyncio.wait([self._task], timeout=timeout)
 
     async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
         tries = 0
+        expires_at = 0.0  # loop time when the stream's running expiry was last set
         try:
             while self.pending:
-                batch = merge(self.pending)
                 count = len(self.pending)
+                batch = self.pending[0] if count == 1 else merge(self.pending)
+                now = loop.time()
+                # The expiry is set on the first write, refreshed now and then, and shortened
+                # at the end: most writes are one XADD.
+                expire = batch.end is not None or now - expires_at > RUNNING_TTL / 4
                 try:
-                    await write(self.redis, self.key, batch, self._written + 1)
+                    await write(self.redis, self.key, batch, self._written + 1, expire=expire)
                 except Exception as exc:  # Redis away: keep the entries, merge, try again
                     tries += 1
                     if tries >= _WRITE_TRIES:
@@ -124,16 +134,24 @@ class RedisLog:
                     await asyncio.sleep(_WRITE_RETRY)
                     continue
                 tries = 0
+                if expire:
+                    expires_at = now
                 self._written = batch.seq
                 del self.pending[:count]
+                if batch.end is None:
+                    await asyncio.sleep(WRITE_EVERY)  # let the next entries gather
         finally:
             self._task = None
 
 
-async def write(redis: Redis, key: str, entry: Entry, first: int) -> None:
-    """XADD one entry as `0-<seq>` (capped), and set the stream's expiry."""
+async def write(redis: Redis, key: str, entry: Entry, first: int, *, expire: bool = True) -> None:
+    """XADD one entry as `0-<seq>` (capped); with `expire`, also set the stream's expiry."""
+    fields = to_fields(entry, first)
+    if not expire:
+        await redis.xadd(key, fields, id=f"0-{entry.seq}", maxlen=MAX_ENTRIES)
+        return
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.xadd(key, to_fields(entry, first), id=f"0-{entry.seq}", maxlen=MAX_ENTRIES)
+        pipe.xadd(key, fields, id=f"0-{entry.seq}", maxlen=MAX_ENTRIES)
         pipe.expire(key, ENDED_TTL if entry.end is not None else RUNNING_TTL)
         await pipe.execute()
 
