@@ -84,6 +84,9 @@ class Cluster:
         async with self.redis.pipeline(transaction=True) as pipe:
             self._lease(pipe, turn_id, cid, owner, until)
             pipe.hset(RUN_INFO, str(turn_id), info)
+            # A log left under this number (a database restored from a backup reuses turn ids)
+            # is another reply's: gone before any stream can read it.
+            pipe.delete(f"chat:log:{turn_id}")
             await pipe.execute()
 
     def _lease(self, pipe, turn_id: int, cid: str, owner: str, until: int, **kw) -> None:

@@ -2,8 +2,9 @@
 
 The process writing a reply copies each entry of its MemoryLog (chat/runlog.py) to the Stream
 `chat:log:<turn id>` with the explicit id `0-<entry number>`, capped (`XADD MAXLEN ~`) and
-expiring a while after the end. Entries waiting for Redis are merged into one, so a slow Redis
-means fewer, larger entries, never a backlog per token. Any process replays the Stream with
+expiring a while after the end. Entries that gather while a write is under way (or for
+`WRITE_EVERY`) go out together in one round trip, each under its own number, with only the
+newest tail: never a round trip per token. Any process replays the Stream with
 `XRANGE` and follows it with `XREAD BLOCK`; entry numbers match the MemoryLog's, so
 `Last-Event-ID` resumes the same way on every process.
 """
@@ -25,17 +26,18 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# A stream holds at most about this many entries (XADD MAXLEN ~). A reply is written at most
-# once per tick, and entries waiting for Redis are merged, so even a long reply stays far below.
+# A stream holds at most about this many entries (XADD MAXLEN ~). A reply has at most one entry
+# per tick (15 ms, longer under load), so only a reply of several minutes comes near it.
 MAX_ENTRIES = 20_000
 # How long a finished reply's log stays readable (streams opened just as it ends still read it
 # there; later ones read the saved reply from the database), and how long a running one's does
 # if its writer vanishes without ending it (refreshed by every write).
 ENDED_TTL = 300
 RUNNING_TTL = 3600
-# A reply's entries reach Redis at most this often (what arrives meanwhile is merged): other
-# processes' streams update 20 times a second, and a fast reply costs Redis (and this process)
-# a round trip per 50 ms, not one per tick. Streams on the writing process read its MemoryLog.
+# A reply's entries reach Redis at most this often (what arrives meanwhile goes out together):
+# other processes' streams update 20 times a second, and a fast reply costs Redis (and this
+# process) a round trip per 50 ms, not one per tick. Streams on the writing process read its
+# MemoryLog.
 WRITE_EVERY = 0.05
 _WRITE_RETRY = 0.5
 _WRITE_TRIES = 20
@@ -62,27 +64,25 @@ def _item(data: dict) -> Item:
     return ToolView(**data["t"])
 
 
-def to_fields(entry: Entry, first: int) -> dict[str, str]:
-    """An entry as Redis Stream fields; `first` is the number of the first entry merged in."""
-    out = {"f": str(first)}
+def to_fields(entry: Entry) -> dict[str, str]:
+    """An entry as Redis Stream fields (at least one: a stream entry cannot be empty)."""
+    out = {"x": entry.text}
     if entry.items:
         out["i"] = json.dumps([_item_data(i) for i in entry.items], ensure_ascii=False)
     if entry.tail is not None:
         out["t"] = entry.tail
-    if entry.text:
-        out["x"] = entry.text
     if entry.end is not None:
         out["e"] = json.dumps(asdict(entry.end), ensure_ascii=False)
     return out
 
 
-def from_fields(entry_id: str | bytes, fields: dict) -> tuple[int, Entry]:
-    """(first entry merged in, the entry) from a Redis Stream entry."""
+def from_fields(entry_id: str | bytes, fields: dict) -> Entry:
+    """The entry a Redis Stream entry holds."""
     f = {_s(k): _s(v) for k, v in fields.items()}
     seq = int(_s(entry_id).partition("-")[2])
     items = [_item(d) for d in json.loads(f["i"])] if "i" in f else []
     end = End(**json.loads(f["e"])) if "e" in f else None
-    return int(f.get("f") or seq), Entry(seq, items, f.get("t"), f.get("x", ""), end)
+    return Entry(seq, items, f.get("t"), f.get("x", ""), end)
 
 
 def _s(value: str | bytes) -> str:
@@ -97,7 +97,6 @@ class RedisLog:
         self.key = log_key(turn_id)
         self.pending: list[Entry] = []
         self._task: asyncio.Task | None = None
-        self._written = 0  # the last entry number in Redis
 
     def __call__(self, entry: Entry) -> None:
         """Queue an entry (called by the run, on the loop, never waiting for Redis)."""
@@ -116,15 +115,16 @@ class RedisLog:
         expires_at = 0.0  # loop time when the stream's running expiry was last set
         try:
             while self.pending:
-                count = len(self.pending)
-                batch = self.pending[0] if count == 1 else merge(self.pending)
+                batch = list(self.pending)
+                count = len(batch)
                 now = loop.time()
                 # The expiry is set on the first write, refreshed now and then, and shortened
                 # at the end: most writes are one XADD.
-                expire = batch.end is not None or now - expires_at > RUNNING_TTL / 4
+                ended = batch[-1].end is not None
+                expire = ended or now - expires_at > RUNNING_TTL / 4
                 try:
-                    await write(self.redis, self.key, batch, self._written + 1, expire=expire)
-                except Exception as exc:  # Redis away: keep the entries, merge, try again
+                    await write(self.redis, self.key, batch, expire=expire)
+                except Exception as exc:  # Redis away: keep the entries, try again
                     tries += 1
                     if tries >= _WRITE_TRIES:
                         log.error("gave up writing %s to Redis: %s", self.key, exc)
@@ -136,23 +136,25 @@ class RedisLog:
                 tries = 0
                 if expire:
                     expires_at = now
-                self._written = batch.seq
                 del self.pending[:count]
-                if batch.end is None:
+                if not ended:
                     await asyncio.sleep(WRITE_EVERY)  # let the next entries gather
         finally:
             self._task = None
 
 
-async def write(redis: Redis, key: str, entry: Entry, first: int, *, expire: bool = True) -> None:
-    """XADD one entry as `0-<seq>` (capped); with `expire`, also set the stream's expiry."""
-    fields = to_fields(entry, first)
-    if not expire:
-        await redis.xadd(key, fields, id=f"0-{entry.seq}", maxlen=MAX_ENTRIES)
-        return
+async def write(redis: Redis, key: str, entries: list[Entry], *, expire: bool = True) -> None:
+    """XADD entries (capped), each as `0-<its number>`, in one round trip; with `expire`, also
+    set the stream's expiry. Each keeps its own number, so `Last-Event-ID` from any process
+    resumes exactly; of the tails only the newest is written (the others were never seen)."""
+    newest_tail = max((i for i, e in enumerate(entries) if e.tail is not None), default=-1)
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.xadd(key, fields, id=f"0-{entry.seq}", maxlen=MAX_ENTRIES)
-        pipe.expire(key, ENDED_TTL if entry.end is not None else RUNNING_TTL)
+        for i, entry in enumerate(entries):
+            if entry.tail is not None and i != newest_tail:
+                entry = Entry(entry.seq, entry.items, None, entry.text, entry.end)
+            pipe.xadd(key, to_fields(entry), id=f"0-{entry.seq}", maxlen=MAX_ENTRIES)
+        if expire:
+            pipe.expire(key, ENDED_TTL if entries[-1].end is not None else RUNNING_TTL)
         await pipe.execute()
 
 
@@ -161,7 +163,7 @@ async def append_end(redis: Redis, turn_id: int, end: End) -> None:
     key = log_key(turn_id)
     last = await redis.xrevrange(key, count=1)
     seq = int(_s(last[0][0]).partition("-")[2]) + 1 if last else 1
-    await write(redis, key, Entry(seq, tail="", end=end), seq)
+    await write(redis, key, [Entry(seq, tail="", end=end)])
 
 
 async def follow_redis(
@@ -179,11 +181,11 @@ async def follow_redis(
     key = log_key(turn_id)
     rows = await redis.xrange(key)
     parsed = [from_fields(i, f) for i, f in rows]
-    cursor = max([after, *(e.seq for _, e in parsed)])
-    if parsed and parsed[0][0] > after + 1 and on_gap is not None:
+    cursor = max([after, *(e.seq for e in parsed)])
+    if parsed and parsed[0].seq > after + 1 and on_gap is not None:
         on_gap()
-    new = [e for _, e in parsed if e.seq > after]
-    tail = next((e.tail for _, e in reversed(parsed) if e.tail is not None), None)
+    new = [e for e in parsed if e.seq > after]
+    tail = next((e.tail for e in reversed(parsed) if e.tail is not None), None)
     if new or tail:
         batch = merge(new, tail=tail, seq=cursor)
         yield batch
@@ -196,7 +198,7 @@ async def follow_redis(
             yield None
             continue
         _, rows = got[0]
-        entries = [from_fields(i, f)[1] for i, f in rows]
+        entries = [from_fields(i, f) for i, f in rows]
         batch = merge(entries)
         cursor = batch.seq
         yield batch
