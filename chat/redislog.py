@@ -14,9 +14,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from chat.reply import ToolView
 from chat.runlog import Block, End, Entry, Item, ToolUpdate, merge
@@ -171,19 +171,17 @@ async def follow_redis(
     turn_id: int,
     after: int = 0,
     heartbeat: float = 15.0,
-    on_gap: Callable[[], Any] | None = None,
 ) -> AsyncIterator[Entry | None]:
     """Replay a reply's entries after `after` from Redis (with the newest tail), then follow.
 
     The stream may not exist yet (the owner has not written its first entry): then this waits
-    for it. Entries trimmed by the cap are gone; `on_gap` is called if some were wanted.
+    for it. Entries trimmed by the cap (`MAX_ENTRIES`) are gone: a stream that joins a reply
+    that long shows it from the oldest entry kept, and the whole reply once it is reloaded.
     """
     key = log_key(turn_id)
     rows = await redis.xrange(key)
     parsed = [from_fields(i, f) for i, f in rows]
     cursor = max([after, *(e.seq for e in parsed)])
-    if parsed and parsed[0].seq > after + 1 and on_gap is not None:
-        on_gap()
     new = [e for e in parsed if e.seq > after]
     tail = next((e.tail for e in reversed(parsed) if e.tail is not None), None)
     if new or tail:
