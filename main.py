@@ -26,6 +26,7 @@ from uvicorn.supervisors import Multiprocess
 from chat.accounts import ACCOUNT_PREFIX
 from chat.agent import ModelUnavailable, build_agent
 from chat.attachments import stale_before
+from chat.cluster import Cluster
 from chat.config import Settings
 from chat.drain import Drain
 from chat.mcp import McpServers
@@ -64,20 +65,22 @@ def create_app(settings: Settings | None = None, *, model: Model | None = None) 
 
     async def lifespan(app):  # FastHTML takes an async generator, not a context manager
         store = ChatStore(settings.db_path)
-        # One process: whatever is still 'streaming' at start was left by a crash. With Redis,
-        # other workers may be writing those replies right now (a worker restarted by the
-        # supervisor, a rolling restart): only a lapsed run lease says a reply was cut off.
-        if not settings.redis_url and (interrupted := store.mark_interrupted()):
-            log.warning("marked %d replies left streaming by a crash as interrupted", interrupted)
-        store.purge_deleted((datetime.now(UTC) - timedelta(days=1)).isoformat())
-        store.purge_pending_attachments(stale_before())  # uploaded a day ago, never sent
-        app.state.store = store
-        load_messages("[]")  # builds pydantic's message validator now, not on the first message
+        cluster = await _join_cluster(settings)
         # MCP servers (chat/mcp.py): started in the background, each in a task of its own; one
         # that fails is logged and noted in the replies that miss its tools.
         mcp = McpServers.from_settings(settings)
         await mcp.start()
-        app.state.runs = RunManager(store, build_agent(mcp), settings, model=model, mcp=mcp)
+        runs = RunManager(store, build_agent(mcp), settings, model=model, mcp=mcp, cluster=cluster)
+        # Replies left 'streaming' were cut off: in one process, all of them (a crash); with
+        # Redis, only those whose run lease has lapsed (other workers may be writing the rest).
+        if interrupted := await runs.recover():
+            log.warning("marked %d replies left streaming by a crash as interrupted", interrupted)
+        runs.share()
+        store.purge_deleted((datetime.now(UTC) - timedelta(days=1)).isoformat())
+        store.purge_pending_attachments(stale_before())  # uploaded a day ago, never sent
+        app.state.store = store
+        load_messages("[]")  # builds pydantic's message validator now, not on the first message
+        app.state.runs = runs
         # Load the configured model now, not on the first message (its SDK can take seconds to
         # import), and say at once if it cannot be started; replies will then explain it too.
         try:
@@ -99,6 +102,8 @@ def create_app(settings: Settings | None = None, *, model: Model | None = None) 
             await app.state.runs.shutdown()
             await app.state.limits.close()
             await mcp.stop()
+            if cluster is not None:
+                await cluster.close()
             store.close()
 
     async def identify(req: Request, session):
@@ -160,6 +165,23 @@ def create_app(settings: Settings | None = None, *, model: Model | None = None) 
     attachments.ar.to_app(app)
     approvals.ar.to_app(app)
     return app
+
+
+async def _join_cluster(settings: Settings) -> Cluster | None:
+    """With REDIS_URL: the shared run logs, Stop and leases, checked reachable now."""
+    if not settings.redis_url:
+        return None
+    cluster = Cluster.connect(
+        settings.redis_url,
+        lease_seconds=settings.lease_seconds,
+        lease_refresh=settings.lease_refresh,
+    )
+    try:
+        await cluster.redis.ping()
+    except Exception as exc:
+        await cluster.close()
+        raise RuntimeError(f"REDIS_URL is set, but Redis cannot be reached: {exc}") from None
+    return cluster
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

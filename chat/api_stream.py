@@ -6,11 +6,10 @@ streams (`VercelAIEventStream`, `AGUIEventStream`) turn into their protocol. It 
 the reply ends: complete, or by raising `ReplyStopped` / `ReplyFailed` with the reply's own
 (generic) message, which the event stream reports as an abort or an error.
 
-Today it reads the in-process run (its text source and items); a shared run log (one log per
-reply, replayable from any process) replaces that source without changing what is yielded.
-Text and tool calls are yielded in the order the follower sees them: a tool call is placed after
-all text that had arrived when this follower woke, which is exact while it keeps up with the run.
-Tool calls come whole (`FunctionToolCallEvent`), with no part events for them.
+It reads the reply's run log (chat/runlog.py): each entry carries the source text added since
+the one before and the tool calls in between, in the order the run produced them, so a slow
+follower, or one in another process (REDIS_URL), sees the same sequence. Tool calls come whole
+(`FunctionToolCallEvent`), with no part events for them.
 
 `ended` waits for a reply's end (after a Stop), `beating` interleaves keep-alive beats.
 """
@@ -36,7 +35,8 @@ from pydantic_ai.messages import (
 )
 
 from chat.reply import ToolView
-from chat.runs import Run, ToolUpdate
+from chat.runlog import Entry, ToolUpdate
+from chat.runs import Run
 
 T = TypeVar("T")
 
@@ -49,39 +49,42 @@ class ReplyFailed(Exception):
     """The reply ended with an error; the message is the one the page shows, never a trace."""
 
 
-async def reply_events(run: Run, *, heartbeat: float = 15.0) -> AsyncIterator[AgentStreamEvent]:
-    """The reply of `run` from its start as pydantic-ai events, following it until it ends."""
-    sent = 0  # characters of the reply's text already yielded
+async def reply_events(
+    run: Run | AsyncIterator[Entry | None], *, heartbeat: float = 15.0
+) -> AsyncIterator[AgentStreamEvent]:
+    """The reply of `run` (or of a run log being followed, from any process: see
+    `RunManager.follow`) from its start as pydantic-ai events, following it until it ends."""
+    entries = run.follow(0, heartbeat) if isinstance(run, Run) else run
     part: int | None = None  # index of the open text part, if one is open
     index = 0
-    async for kind, data in run.follow(heartbeat=heartbeat):
-        source = run.renderer.source
-        if len(source) > sent:
-            delta, sent = source[sent:], len(source)
-            if part is None and index:  # the blank line the page puts between parts, left out
-                delta = delta.lstrip("\n")
-            if delta and part is None:
-                part, index = index, index + 1
-                yield PartStartEvent(index=part, part=TextPart(content=delta))
-            elif delta:
-                yield PartDeltaEvent(index=part, delta=TextPartDelta(content_delta=delta))
-        if kind == "items":
-            new, _ = data
-            for item in new:
-                if isinstance(item, ToolView):
-                    if part is not None:
-                        yield PartEndEvent(index=part, part=TextPart(content=""))
-                        part = None
-                    yield FunctionToolCallEvent(part=_call(item), args_valid=True)
-                elif isinstance(item, ToolUpdate):
-                    yield FunctionToolResultEvent(part=_result(item.tool))
-        elif kind == "end":
+    async for entry in entries:
+        if entry is None:  # a heartbeat: the caller keeps the connection alive (`beating`)
+            continue
+        # The log keeps text and items in the order the run produced them: an entry's text
+        # came before its items (a tool call ends the text before it).
+        delta = entry.text
+        if part is None and index:  # the blank line the page puts between parts, left out
+            delta = delta.lstrip("\n")
+        if delta and part is None:
+            part, index = index, index + 1
+            yield PartStartEvent(index=part, part=TextPart(content=delta))
+        elif delta:
+            yield PartDeltaEvent(index=part, delta=TextPartDelta(content_delta=delta))
+        for item in entry.items:
+            if isinstance(item, ToolView):
+                if part is not None:
+                    yield PartEndEvent(index=part, part=TextPart(content=""))
+                    part = None
+                yield FunctionToolCallEvent(part=_call(item), args_valid=True)
+            elif isinstance(item, ToolUpdate):
+                yield FunctionToolResultEvent(part=_result(item.tool))
+        if (end := entry.end) is not None:
             if part is not None:
                 yield PartEndEvent(index=part, part=TextPart(content=""))
-            if run.status == "stopped" and not run.error:
+            if end.status == "stopped" and not end.error:
                 raise ReplyStopped("stopped")
-            if run.status != "complete":
-                raise ReplyFailed(run.error or "The reply ended early.")
+            if end.status != "complete":
+                raise ReplyFailed(end.error or "The reply ended early.")
             return
 
 
@@ -89,8 +92,8 @@ async def ended(run: Run, timeout: float) -> bool:
     """Wait (at most `timeout` seconds) until `run` has ended, its end saved; True if it has."""
 
     async def end() -> None:
-        async for kind, _ in run.follow(heartbeat=timeout):
-            if kind == "end":
+        async for entry in run.follow(0, timeout):
+            if entry is not None and entry.end is not None:
                 return
 
     try:

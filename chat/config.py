@@ -84,6 +84,11 @@ class Settings:
     mcp_config: Path | None = None
     mcp_tool_timeout: float = 60.0
     tool_approval_ttl: float = 3600.0
+    # Run leases (chat/cluster.py): a running reply's lease lasts `lease_seconds`, renewed every
+    # `lease_refresh` seconds by the process writing it; once it lapses (that process died)
+    # another one ends the reply.
+    lease_seconds: float = 15.0
+    lease_refresh: float = 5.0
 
     @property
     def demo(self) -> bool:
@@ -152,6 +157,8 @@ class Settings:
             mcp_config=Path(env["MCP_CONFIG"]) if env.get("MCP_CONFIG") else None,
             mcp_tool_timeout=float(env.get("MCP_TOOL_TIMEOUT") or 60),
             tool_approval_ttl=float(env.get("TOOL_APPROVAL_TTL") or 3600),
+            lease_seconds=float(env.get("LEASE_SECONDS") or 15),
+            lease_refresh=float(env.get("LEASE_REFRESH_SECONDS") or 5),
         )
         values.update(overrides)
         # MODEL (from the environment or --model) is always among the models offered.
@@ -159,6 +166,11 @@ class Settings:
             values["models"] = (values["model"], *values["models"])
         if not values["allowed_hosts"]:
             values["allowed_hosts"] = default_allowed_hosts(values["host"])
+        if not 0 < values["lease_refresh"] < values["lease_seconds"]:
+            raise ValueError(
+                "LEASE_REFRESH_SECONDS must be above 0 and below LEASE_SECONDS, so a reply's "
+                "lease is renewed before it lapses."
+            )
         settings = cls(**values)
         if not settings.secret_key:
             settings = cls(**{**values, "secret_key": load_or_create_secret(settings.db_path)})

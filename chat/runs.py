@@ -1,14 +1,17 @@
-"""A reply as a server-owned task, with a state log that streams can replay and then follow.
+"""A reply as a server-owned task, with a run log that streams can replay and then follow.
 
 POSTing a message starts a `Run`; the SSE endpoint only ever attaches to one. The run renders
 model text as it arrives (coalesced to at most one update per `stream_tick`), keeps the finished
-blocks and the current tail, and wakes its followers. Any number of followers (tabs, reloads,
-reconnects) read the same state, so one message always means exactly one model call.
+blocks and the current tail, and appends each change to its run log (chat/runlog.py), which
+wakes its followers. Any number of followers (tabs, reloads, reconnects) read the same log, so
+one message always means exactly one model call. With REDIS_URL the log is copied to Redis and
+the reply holds a lease (chat/cluster.py), so streams, Stop and counts work from any process.
 
 Why this module is long: it is one state machine. Driving the model, turning its events
 into blocks, pacing updates under load, flushing partial text and finishing (with retried
 saves) all read and write the same `Run`; the parts with a job of their own live in
-chat/errors.py, chat/outcome.py and chat/titles.py.
+chat/errors.py, chat/outcome.py, chat/titles.py, chat/runlog.py, chat/sharing.py and
+chat/cluster.py.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from pydantic_ai.models import Model
 
 from chat import approvals, attachments, budget
 from chat.agent import resolve_model
+from chat.cluster import Cluster
 from chat.config import Settings
 from chat.errors import (
     NOT_SAVED,
@@ -64,7 +68,10 @@ from chat.outcome import (
     valid_text,
 )
 from chat.personas import Persona, load_personas
+from chat.redislog import RedisLog, follow_redis
 from chat.reply import ToolView
+from chat.runlog import Block, End, Entry, MemoryLog, ToolUpdate
+from chat.sharing import Sharing
 from chat.storage import Store
 from chat.store import INTERRUPTED
 from chat.titles import Titles
@@ -83,20 +90,6 @@ _CHARS_PER_TOKEN = 6
 # doubling up to the maximum.
 _SAVE_RETRY_FIRST = 0.5
 _SAVE_RETRY_MAX = 30.0
-
-
-@dataclass
-class Block:
-    """A finished block of the reply's markdown, rendered to safe HTML."""
-
-    html: str
-
-
-@dataclass
-class ToolUpdate:
-    """A tool call's result arrived: the call already shown must be redrawn."""
-
-    tool: ToolView
 
 
 Item = Block | ToolView | ToolUpdate
@@ -122,7 +115,12 @@ class Run:
     task: asyncio.Task | None = None
     started: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
-    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+    log: MemoryLog = field(default_factory=MemoryLog)
+    # With REDIS_URL: copies each entry to the reply's Redis Stream.
+    mirror: RedisLog | None = None
+    _logged_items: int = 0  # how much of `items` and of the source the log already has
+    _logged_chars: int = 0
+    _logged_tail: str = ""
     _flush_handle: asyncio.TimerHandle | None = None
     _last_flush: float = 0.0
     _save_handle: asyncio.TimerHandle | None = None
@@ -139,43 +137,33 @@ class Run:
         return self.status != "streaming"
 
     def publish(self) -> None:
-        """Wake every follower: the state has changed."""
+        """Append what changed since the last entry to the run log, waking every follower."""
         self.version += 1
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
+        if self.log.ended:  # only the end's error can still change (a save given up)
+            self.log.amend_end(self.end_state())
+            return
+        new = self.items[self._logged_items :]
+        self._logged_items = len(self.items)
+        source = self.renderer.source
+        text = source[self._logged_chars :]
+        self._logged_chars = len(source)
+        tail = None
+        if self.tail != self._logged_tail:
+            tail = self._logged_tail = self.tail
+        entry = self.log.append(new, tail, text, self.end_state() if self.done else None)
+        if self.mirror is not None:
+            self.mirror(entry)
 
-    async def follow(
-        self, *, start_block: int = 0, heartbeat: float = 15.0
-    ) -> AsyncIterator[tuple[str, object]]:
-        """Replay the state so far, then follow it live.
+    def end_state(self) -> End:
+        """How the reply ended (or stands), as its footer shows it."""
+        return End(self.status, self.error, self.usage, self.model_name, bool(self.renderer.source))
 
-        Yields ("items", (new_items, items_sent_total)), ("tail", html), ("ping", None) after
-        `heartbeat` seconds of silence, and finally ("end", self).
-        """
-        sent = min(start_block, len(self.items))
-        sent_tail: str | None = None
-        while True:
-            changed = self._changed  # taken before reading state, so no wake-up is missed
-            # Read once, before the items: a run that ends while this follower is suspended in a
-            # `yield` below adds its last items then, and they must still be sent before "end".
-            done = self.done
-            if len(self.items) > sent:
-                new = self.items[sent:]
-                sent = len(self.items)
-                yield "items", (new, sent)
-            if self.tail != sent_tail and not (sent_tail is None and not self.tail and done):
-                sent_tail = self.tail
-                yield "tail", self.tail
-            if done:
-                yield "end", self
-                return
-            try:
-                await asyncio.wait_for(changed.wait(), heartbeat)
-            except TimeoutError:
-                yield "ping", None
+    def follow(self, after: int = 0, heartbeat: float = 15.0) -> AsyncIterator[Entry | None]:
+        """Replay the log after entry `after`, then follow it live (see MemoryLog.follow)."""
+        return self.log.follow(after, heartbeat)
 
 
-class RunManager:
+class RunManager(Sharing):
     """Starts, tracks, stops and finishes runs; saves every reply however it ends."""
 
     def __init__(
@@ -186,9 +174,14 @@ class RunManager:
         *,
         model: Model | None = None,
         mcp: McpServers | None = None,
+        cluster: Cluster | None = None,
     ):
         self.mcp = mcp  # MCP servers whose tools the agent offers (chat/mcp.py)
         self.store = store
+        # With REDIS_URL: the other processes (leases, Stop, shared logs); None: this one alone.
+        self.cluster = cluster
+        self._shared: set[asyncio.Task] = set()  # lease and log work of this process's runs
+        self._background: list[asyncio.Task] = []
         self.agent = agent
         self.settings = settings
         self._model_override = model  # tests pass a FunctionModel here
@@ -201,21 +194,47 @@ class RunManager:
         self.personas = load_personas()
         self.accepting = True
 
-    def streaming_in(self, cid: str) -> bool:
-        """True while a reply in conversation `cid` is being generated."""
-        return any(run.conversation_id == cid for run in self.runs.values())
+    async def streaming_in(self, cid: str) -> bool:
+        """True while a reply in conversation `cid` is being generated (by any process)."""
+        if any(run.conversation_id == cid for run in self.runs.values()):
+            return True
+        return self.cluster is not None and await self.cluster.streaming_in(cid)
 
-    def running(self, owner: str) -> int:
-        """How many of `owner`'s replies are being generated now."""
-        return sum(1 for run in self.runs.values() if run.owner == owner)
+    async def running(self, owner: str) -> int:
+        """How many of `owner`'s replies are being generated now (by every process)."""
+        here = sum(1 for run in self.runs.values() if run.owner == owner)
+        if self.cluster is None:
+            return here
+        # A run started here a moment ago may not hold its lease in Redis yet.
+        return max(here, await self.cluster.running(owner))
 
-    def total_running(self) -> int:
-        """How many replies are being generated now, over all users."""
-        return len(self.runs)
+    async def total_running(self) -> int:
+        """How many replies are being generated now, server-wide (every process)."""
+        if self.cluster is None:
+            return len(self.runs)
+        return max(len(self.runs), await self.cluster.total())
 
     def get(self, turn_id: int) -> Run | None:
-        """The run for a turn while it is generating, or ended but not saved yet."""
+        """The run for a turn while it is generating here, or ended but not saved yet."""
         return self.runs.get(turn_id) or self.unsaved.get(turn_id)
+
+    def live(self, turn: dict) -> bool:
+        """True if `turn`'s reply is still being written, here or (REDIS_URL) elsewhere."""
+        if self.get(turn["id"]) is not None:
+            return True
+        return self.cluster is not None and turn["status"] == "streaming"
+
+    def follow(
+        self, turn: dict, after: int = 0, heartbeat: float = 15.0
+    ) -> AsyncIterator[Entry | None] | None:
+        """Follow `turn`'s reply log after entry `after`: this process's run, else (REDIS_URL)
+        the shared log of the process writing it; None if it is not being written."""
+        run = self.get(turn["id"])
+        if run is not None:
+            return run.follow(after, heartbeat)
+        if self.cluster is not None and turn["status"] == "streaming":
+            return follow_redis(self.cluster.redis, turn["id"], after, heartbeat)
+        return None
 
     def start(self, turn: dict, owner: str) -> Run:
         """Start generating the reply to `turn` (already committed) as a server-owned task."""
@@ -227,6 +246,9 @@ class RunManager:
             user_text=turn["user_text"],
         )
         self.runs[run.turn_id] = run
+        if self.cluster is not None:
+            run.mirror = RedisLog(self.cluster.redis, run.turn_id)
+            self._in_background(self._lease(run), f"lease-{run.turn_id}")
         run.task = asyncio.create_task(self._drive(run, turn), name=f"run-{run.turn_id}")
         # A task cancelled before its first step never runs `_drive`'s `finally`: this does.
         run.task.add_done_callback(lambda _: self._reap(run, turn))
@@ -237,12 +259,21 @@ class RunManager:
             request = ModelRequest(parts=[UserPromptPart(content=turn["user_text"])])
             self._finish(run, "interrupted", INTERRUPTED, [request])
 
-    def stop(self, turn_id: int) -> bool:
-        """Ask a live run to stop; its partial reply is kept. False if it is not running."""
+    async def stop(self, turn_id: int) -> bool:
+        """Ask a live run to stop, here or (REDIS_URL) in the process writing it; its partial
+        reply is kept. False if it is known not to be running."""
+        if self._stop_here(turn_id):
+            return True
+        if self.cluster is None:
+            return False
+        await self.cluster.request_stop(turn_id)
+        return True
+
+    def _stop_here(self, turn_id: int) -> bool:
         run = self.runs.get(turn_id)
         if run is None or run.done:
             return False
-        run.token.cancel()
+        run.token.cancel()  # pydantic-ai closes the model's stream: the upstream call ends
         return True
 
     async def shutdown(self, timeout: float = 10.0) -> None:
@@ -257,6 +288,11 @@ class RunManager:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=2)
+        # Other processes see these replies end, and their leases go back.
+        if self._shared:
+            await asyncio.wait(list(self._shared), timeout=5)
+        for task in self._background:
+            task.cancel()
         # Replies still waiting for the database get one last try before the process ends.
         for task in list(self._retries.values()):
             task.cancel()
@@ -569,6 +605,8 @@ class RunManager:
                 run.publish()
             except Exception:
                 log.exception("could not wake the followers of reply %s", run.turn_id)
+            if self.cluster is not None:
+                self._in_background(self._unlease(run), f"unlease-{run.turn_id}")
 
     def _save_plainly(self, run: Run, status: str, error: str | None) -> None:
         """Last resort when finishing failed other than on the database (a bug, messages that

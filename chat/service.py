@@ -273,11 +273,11 @@ class ChatService:
     async def stop(self, who: Caller, cid: str, tid: int) -> bool:
         """Stop a reply; what it produced so far is kept and saved as stopped."""
         await self.off_loop(self._owned_turn, who, cid, tid)
-        return self.runs.stop(tid)
+        return await self.runs.stop(tid)
 
     async def stop_chat(self, who: Caller, chat_id: str) -> int:
         """Stop every reply running in a client-named chat; how many were running."""
-        return sum(self.runs.stop(tid) for tid in await self._latest_turns(who, chat_id))
+        return sum([await self.runs.stop(tid) for tid in await self._latest_turns(who, chat_id)])
 
     async def running_reply(self, who: Caller, chat_id: str) -> Run | None:
         """The reply still being written in a client-named chat (its shown one), else None."""
@@ -362,7 +362,7 @@ class ChatService:
         """
         if not self.runs.accepting:
             raise Refused("The server is restarting. Send again in a moment.", 503)
-        if cid is not None and self.runs.streaming_in(cid):
+        if cid is not None and await self.runs.streaming_in(cid):
             raise Refused("Wait for the reply to finish, or stop it, before sending.", 409)
         await self._limit(who, replies=replies)
 
@@ -374,8 +374,8 @@ class ChatService:
             refused = self.limits.check_send(
                 who.uid,
                 who.addr,
-                running=self.runs.running(who.uid),
-                total_running=self.runs.total_running(),
+                running=await self.runs.running(who.uid),
+                total_running=await self.runs.total_running(),
                 count=replies,
             )
         if refused := await _settled(refused):

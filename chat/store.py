@@ -506,17 +506,22 @@ class ChatStore:
         finally:
             db.execute(f"pragma busy_timeout = {BUSY_TIMEOUT_MS}")
 
-    def mark_interrupted(self) -> int:
-        """Mark replies left 'streaming' by a crash as interrupted; return how many.
+    def mark_interrupted(self, only: Sequence[int] | None = None) -> int:
+        """Mark replies left 'streaming' by a crash as interrupted (with `only`, just those
+        turns); return how many.
 
         A reply's saved text becomes a model response in its messages if it is not one yet
         (rows saved before partial saves kept messages), so the next turn's history has it.
         """
         stamp = now()
+        sql = "select id, reply_text, messages from turns where status = 'streaming'"
         with self.db.conn:
-            rows = self.db.execute(
-                "select id, reply_text, messages from turns where status = 'streaming'"
-            ).fetchall()
+            if only is None:
+                rows = self.db.execute(sql).fetchall()
+            else:
+                ids = [int(t) for t in only]
+                marks = ", ".join("?" * len(ids))
+                rows = self.db.execute(f"{sql} and id in ({marks})", ids).fetchall() if ids else []
             for tid, text, raw in rows:
                 self.db.execute(
                     "update turns set status = 'interrupted', finished_at = ?, error = ?, "
@@ -524,6 +529,14 @@ class ChatStore:
                     [stamp, INTERRUPTED, _with_reply(raw, text), tid],
                 )
         return len(rows)
+
+    # Scale-out (REDIS_URL): the replies a start-up may find left by a process that is gone.
+    def streaming_turns(self, before: str) -> list[int]:
+        """Ids of replies still marked 'streaming' whose turn was created before `before`."""
+        rows = self.db.execute(
+            "select id from turns where status = 'streaming' and created_at < ?", [before]
+        ).fetchall()
+        return [r[0] for r in rows]
 
     def branch(self, head: int | None, *, limit: int | None = None) -> list[dict]:
         """Turns from the root to `head`, oldest first; with `limit`, only the newest `limit`."""

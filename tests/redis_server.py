@@ -1,94 +1,113 @@
-"""A real Redis for the tests: Debian's `redis-server` on a free loopback port, in a temp dir,
-with nothing saved to disk. Tests skip, saying why, only when the binary is missing."""
+"""A real redis-server for the tests: loopback, a free port, a temporary directory, no persistence.
+
+Import the fixture a test module uses explicitly (`from tests.redis_server import
+redis_server_fixture`); it is registered as `redis_server` and yields the server's URL. Tests
+that need it are skipped, saying why, when the `redis-server` binary is not installed
+(`.ci/run` installs Debian's).
+"""
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.live import free_port
+
 STARTUP_TIMEOUT = 10.0
 
 
-@dataclass
-class RedisServer:
-    """A running redis-server: its URL, and how to stop it."""
+def redis_binary() -> str:
+    """The redis-server binary ($REDIS_SERVER, else on PATH or /usr/bin); skip if absent."""
+    path = os.environ.get("REDIS_SERVER") or shutil.which("redis-server") or "/usr/bin/redis-server"
+    if not Path(path).exists():
+        pytest.skip(
+            f"tests with Redis need redis-server: {path} not found (apt install redis-server)"
+        )
+    return path
 
-    proc: subprocess.Popen
-    port: int
+
+class RedisServer:
+    """One redis-server process, stopped with `stop`."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        """The `REDIS_URL` that reaches it."""
+        """The redis:// URL the app's REDIS_URL takes."""
         return f"redis://127.0.0.1:{self.port}/0"
 
     @property
-    def pid(self) -> int:
+    def pid(self) -> int | None:
         """The server's process id (its CPU time is part of the bench's cost per reply)."""
-        return self.proc.pid
+        return self.proc.pid if self.proc is not None else None
 
-    def stop(self) -> None:
-        """Stop the server and wait for it to go."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-
-
-def redis_binary() -> str | None:
-    """Where redis-server is, or None."""
-    return shutil.which("redis-server") or next(
-        (p for p in ("/usr/bin/redis-server", "/usr/sbin/redis-server") if Path(p).exists()), None
-    )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_redis(tmp_path: Path) -> RedisServer:
-    """Start a redis-server in `tmp_path` on a free 127.0.0.1 port; skip the test if there is
-    no redis-server binary. The caller stops it (`server.stop()`)."""
-    binary = redis_binary()
-    if binary is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    for _ in range(3):  # a port taken between choosing and binding: choose again
-        port = _free_port()
-        proc = subprocess.Popen(
-            [
-                binary,
-                "--port", str(port),
-                "--bind", "127.0.0.1",
-                "--dir", str(tmp_path),
-                "--save", "",
-                "--appendonly", "no",
-                "--protected-mode", "yes",
-                "--logfile", str(tmp_path / "redis.log"),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+    def start(self) -> RedisServer:
+        """Start the server and wait until it accepts connections."""
+        args = [
+            redis_binary(),
+            "--bind", "127.0.0.1",
+            "--port", str(self.port),
+            "--dir", str(self.workdir),
+            "--save", "",
+            "--appendonly", "no",
+            "--protected-mode", "yes",
+            "--daemonize", "no",
+            "--logfile", str(self.workdir / "redis.log"),
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + STARTUP_TIMEOUT
-        while time.monotonic() < deadline and proc.poll() is None:
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited: {self.log()}")
             try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
                     s.sendall(b"PING\r\n")
                     if s.recv(16).startswith(b"+PONG"):
-                        return RedisServer(proc, port)
+                        return self
             except OSError:
                 time.sleep(0.05)
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=5)
-    raise RuntimeError(f"redis-server did not start; see {tmp_path / 'redis.log'}")
+        self.stop()
+        raise RuntimeError(f"redis-server did not answer: {self.log()}")
+
+    def log(self) -> str:
+        """What the server logged."""
+        path = self.workdir / "redis.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL)."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
+def start_redis(workdir: Path) -> RedisServer:
+    """Start a redis-server in `workdir` (created if need be); the caller stops it. Skips the
+    test when there is no redis-server binary."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    return RedisServer(workdir).start()
+
+
+@pytest.fixture(name="redis_server", scope="module")
+def redis_server_fixture(tmp_path_factory) -> Iterator[str]:
+    """A redis-server for a module's tests; yields its URL."""
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    try:
+        yield server.url
+    finally:
+        server.stop()

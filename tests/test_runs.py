@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 from pydantic_ai.exceptions import ModelAPIError, ModelHTTPError, UsageLimitExceeded
@@ -19,6 +19,7 @@ from chat.agent import build_agent
 from chat.config import Settings
 from chat.errors import describe_error
 from chat.markdown import render
+from chat.runlog import Entry
 from chat.runs import Run, RunManager
 from chat.store import ChatStore
 from tests.conftest import ModelBroke, ScriptedModel, reply_texts, user_prompts
@@ -67,9 +68,30 @@ async def eventually(condition: Callable[[], bool], what: str = "condition") -> 
     raise TimeoutError(f"gave up waiting for {what}")
 
 
+def as_events(entry: Entry | None) -> list[tuple[str, object]]:
+    """A followed entry as what a stream sends: items (with the entry number), tail, end."""
+    if entry is None:
+        return [("ping", None)]
+    out: list[tuple[str, object]] = []
+    if entry.items:
+        out.append(("items", (entry.items, entry.seq)))
+    if entry.tail is not None and entry.end is None:
+        out.append(("tail", entry.tail))
+    if entry.end is not None:
+        out.append(("end", entry.end))
+    return out
+
+
+async def events_of(follower: AsyncIterator[Entry | None]) -> AsyncIterator[tuple[str, object]]:
+    """A follower's entries as stream events (see `as_events`)."""
+    async for entry in follower:
+        for event in as_events(entry):
+            yield event
+
+
 async def collect(run: Run, **kw) -> list[tuple[str, object]]:
     """Everything a follower receives, to the end."""
-    return [(kind, data) for kind, data in [e async for e in run.follow(**kw)]]
+    return [e async for e in events_of(run.follow(**kw))]
 
 
 def text_blocks(items: list) -> list[str]:
@@ -135,16 +157,17 @@ async def test_follow_replays_what_exists_then_follows_live(manager, store, scri
     await asyncio.wait_for(model.paused.wait(), 5)
     await eventually(lambda: "Para two" in run.tail, "the tail to show the text so far")
 
-    follower = run.follow(heartbeat=5)
+    follower = events_of(run.follow(heartbeat=5))
     first = await anext(follower)
     assert blocks_html([first]) == "<p>Para one.</p>\n"
-    assert first[1][1] == 1  # how many items the follower now holds (its Last-Event-ID)
+    # The number of the last entry the follower now holds (its Last-Event-ID).
+    assert first[1][1] == len(run.log.entries)
     kind, tail = await anext(follower)
     assert kind == "tail" and tail == "<p>Para two</p>\n"
 
     model.resume.set()
     rest = [e async for e in follower]
-    assert rest[-1] == ("end", run)
+    assert rest[-1] == ("end", run.end_state())
     assert [k for k, _ in rest].count("end") == 1
     assert "<p>Para one.</p>\n" + blocks_html(rest) == render("".join(model.chunks))
     assert run.status == "complete"
@@ -157,11 +180,12 @@ async def test_a_follower_that_starts_midway_skips_blocks_it_already_has(manager
     await asyncio.wait_for(model.paused.wait(), 5)
     await eventually(lambda: len(text_blocks(run.items)) == 2, "two finished blocks")
 
-    # A reconnecting browser says it holds one block (Last-Event-ID: 1).
-    follower = run.follow(start_block=1, heartbeat=5)
+    # A reconnecting browser says it holds the entry that brought the first block.
+    held = next(e.seq for e in run.log.entries if e.items)
+    follower = events_of(run.follow(after=held, heartbeat=5))
     first = await anext(follower)
     assert blocks_html([first]) == "<p>B.</p>\n"
-    assert first[1][1] == 2
+    assert first[1][1] == len(run.log.entries)
     model.resume.set()
     rest = [e async for e in follower]
     assert blocks_html(rest) == "<p>C.</p>\n<p>D.</p>\n"
@@ -175,7 +199,7 @@ async def test_two_followers_see_the_same_reply(manager, store, scripted):
     a, b = await asyncio.gather(collect(run, heartbeat=5), collect(run, heartbeat=5))
 
     assert blocks_html(a) == blocks_html(b) == render("".join(chunks))
-    assert a[-1] == b[-1] == ("end", run)
+    assert a[-1] == b[-1] == ("end", run.end_state())
     assert len(model.calls) == 1
 
 
@@ -188,13 +212,13 @@ async def test_a_follower_busy_sending_when_the_run_ends_still_gets_everything(
     await asyncio.wait_for(model.paused.wait(), 5)
     await eventually(lambda: len(text_blocks(run.items)) == 2, "two finished blocks")
 
-    follower = run.follow(heartbeat=5)
+    follower = events_of(run.follow(heartbeat=5))
     first = await anext(follower)
     # While this event is on its way to the browser, the reply finishes.
     model.resume.set()
     await run.task
     rest = [e async for e in follower]
-    assert rest[-1] == ("end", run)
+    assert rest[-1] == ("end", run.end_state())
     assert blocks_html([first, *rest]) == render("".join(model.chunks))
 
 
@@ -217,11 +241,11 @@ async def test_follow_sends_a_heartbeat_while_the_model_is_silent(manager, store
     await asyncio.wait_for(model.paused.wait(), 5)
     await eventually(lambda: bool(run.tail), "the first text")
 
-    follower = run.follow(heartbeat=0.01)
+    follower = events_of(run.follow(heartbeat=0.01))
     assert (await anext(follower))[0] == "tail"
     assert await anext(follower) == ("ping", None)
     model.resume.set()
-    assert [e async for e in follower][-1] == ("end", run)
+    assert [e async for e in follower][-1] == ("end", run.end_state())
 
 
 async def test_stop_keeps_the_partial_reply_and_saves_it_as_stopped(manager, store, scripted):
@@ -232,12 +256,12 @@ async def test_stop_keeps_the_partial_reply_and_saves_it_as_stopped(manager, sto
     await asyncio.wait_for(model.paused.wait(), 5)
     follower = asyncio.create_task(collect(run, heartbeat=5))
 
-    assert runs.stop(turn["id"]) is True
+    assert await runs.stop(turn["id"]) is True
     await asyncio.wait_for(run.task, 5)
     events = await follower
 
     assert run.status == "stopped"
-    assert events[-1] == ("end", run)
+    assert events[-1] == ("end", run.end_state())
     assert blocks_html(events) == "<p>Partial answer</p>\n"
     row = store.turn(turn["id"], "alice")
     assert row["status"] == "stopped"
@@ -247,7 +271,7 @@ async def test_stop_keeps_the_partial_reply_and_saves_it_as_stopped(manager, sto
     assert user_prompts(messages) == ["Tell me"]
     # The next turn's history holds what the user saw.
     assert "".join(reply_texts(messages)) == "Partial answer"
-    assert runs.stop(turn["id"]) is False
+    assert await runs.stop(turn["id"]) is False
 
 
 async def test_stop_right_after_start_saves_a_stopped_reply(manager, store, scripted):
@@ -255,7 +279,7 @@ async def test_stop_right_after_start_saves_a_stopped_reply(manager, store, scri
     runs = manager(model)
     turn = new_turn(store, "Quick")
     run = runs.start(turn, "alice")
-    assert runs.stop(turn["id"]) is True
+    assert await runs.stop(turn["id"]) is True
     await asyncio.wait_for(run.task, 5)
     row = store.turn(turn["id"], "alice")
     assert row["status"] == "stopped"
@@ -275,7 +299,7 @@ async def test_a_silent_model_is_given_up_on_and_the_partial_reply_kept(manager,
 
 
 async def test_stop_of_an_unknown_turn_is_refused(manager):
-    assert manager(None).stop(12345) is False
+    assert await manager(None).stop(12345) is False
 
 
 async def test_a_failing_model_gives_a_friendly_error_and_keeps_everything(
@@ -289,7 +313,7 @@ async def test_a_failing_model_gives_a_friendly_error_and_keeps_everything(
     await run.task
 
     assert run.status == "failed"
-    assert events[-1] == ("end", run)
+    assert events[-1] == ("end", run.end_state())
     row = store.turn(turn["id"], "alice")
     assert row["status"] == "failed"
     assert row["error"] == run.error

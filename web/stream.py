@@ -13,7 +13,7 @@ from starlette.background import BackgroundTask
 from starlette.requests import Request
 
 from chat import sse
-from chat.runs import Block, Run, ToolUpdate
+from chat.runlog import Block, Entry, ToolUpdate
 from chat.store import now
 from components.messages import (
     ConversationUsage,
@@ -35,7 +35,8 @@ ar = APIRouter()
 async def stream(req: Request, cid: str, tid: int):
     """Attach to a reply: replay what it has produced so far, then follow it live.
 
-    Never starts a model call. A finished reply is served from the database.
+    Never starts a model call. A reply being written (by this process or, with REDIS_URL,
+    another) is followed through its run log; a finished one is served from the database.
     """
     # The run first, then the row: a run that ends meanwhile has saved its row before it is
     # dropped, so a missing run never meets a row still marked as streaming.
@@ -46,7 +47,9 @@ async def stream(req: Request, cid: str, tid: int):
     except ValueError:
         start = 0
     links = turn_links(turn, await off_loop(store(req).siblings, cid, [turn["parent_id"]]))
-    chunks = _live(req, run, turn, links, start) if run else _stored(req, turn, links, start)
+    heartbeat = settings(req).heartbeat
+    entries = run.follow(start, heartbeat) if run else runs(req).follow(turn, start, heartbeat)
+    chunks = _live(req, entries, turn, links) if entries else _stored(req, turn, links, start)
     limits, who = req.app.state.limits, uid(req)
     if not await limits.open_stream(who):
         return Response("Too many open streams: close some tabs.", status_code=429)
@@ -63,33 +66,39 @@ def _title_refresh(turn: dict, status: str):
     return None
 
 
-async def _live(req: Request, run: Run, turn: dict, links, start: int) -> AsyncIterator[str]:
-    heartbeat = settings(req).heartbeat
-    async for kind, data in run.follow(start_block=start, heartbeat=heartbeat):
-        if kind == "items":
-            new, total = data
-            yield sse.event("blocks", _items_markup(new), id=str(total))
-        elif kind == "tail":
-            yield sse.event("tail", " " if run.done else tail_markup(data))
-        elif kind == "ping":
+async def _live(
+    req: Request, entries: AsyncIterator[Entry | None], turn: dict, links
+) -> AsyncIterator[str]:
+    """A reply's run log as SSE events: `blocks` (id: the entry number), `tail`, then `end`
+    and `done`. Entries are already merged per wake-up, so a slow client skips stale tails."""
+    async for entry in entries:
+        if entry is None:
             yield sse.comment()
-        else:
-            conv, spent = await off_loop(_conv_and_usage, req, run.conversation_id, run.owner)
+            continue
+        if entry.items:
+            markup = _items_markup(entry.items)
+            yield sse.event("blocks", markup, id=str(entry.seq))
+        if entry.tail is not None or entry.end is not None:
+            yield sse.event("tail", " " if entry.end else tail_markup(entry.tail))
+        if (end := entry.end) is not None:
+            cid, owner = turn["conversation_id"], uid(req)
+            conv, spent = await off_loop(_conv_and_usage, req, cid, owner)
             footer = ReplyFooter(
-                run.turn_id,
-                run.status,
+                turn["id"],
+                end.status,
                 links=links,
-                error=run.error,
-                usage=run.usage,
-                model=run.model_name,
-                last=bool(conv and conv["head_turn_id"] == run.turn_id),
-                copy=bool(run.renderer.source),
-                extra=_title_refresh(turn, run.status),
+                error=end.error,
+                usage=end.usage,
+                model=end.model or turn["model"],
+                last=bool(conv and conv["head_turn_id"] == turn["id"]),
+                copy=end.copy,
+                extra=_title_refresh(turn, end.status),
                 when=now(),
             )
             total = ConversationUsage(spent, oob=True)
             yield sse.event("end", to_xml((*footer, total)))
-            yield sse.event("done", run.status)
+            yield sse.event("done", end.status)
+            return
 
 
 def _conv_and_usage(req: Request, cid: str, owner: str) -> tuple[dict | None, dict]:

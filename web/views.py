@@ -91,7 +91,7 @@ def render_cached(req: Request, turns: list[dict]) -> None:
 def reply(req: Request, turn: dict, links: TurnLinks, *, last: bool) -> FT:
     """A turn's reply: live placeholder while its run goes on, else rendered from storage."""
     tid = turn["id"]
-    if runs(req).get(tid) is not None:
+    if runs(req).live(turn):
         return AssistantMessage(tid, links=links, live=True)
     return AssistantMessage(
         tid,

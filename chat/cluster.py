@@ -1,0 +1,186 @@
+"""Several processes as one app, through Redis: who is writing which reply, Stop, dead workers.
+
+Every reply being written holds a lease: its turn id in three sorted sets (all replies, its
+conversation's, its owner's) scored by when the lease lapses. The process writing it renews the
+lease every `lease_refresh` seconds; counts read only unlapsed leases, so a process that dies
+(SIGKILL, OOM) stops counting within `lease_seconds`, and then any other process ends its
+replies as interrupted (`lapsed` hands each to exactly one of them).
+
+Stop reaches the process writing a reply over a pub/sub channel, backed by a key the owner also
+checks at each renewal, so a Stop published while its subscription was reconnecting still lands.
+
+Lease times come from each process's clock: hosts must agree to well within `lease_seconds`
+(NTP does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+log = logging.getLogger(__name__)
+
+LEASES = "chat:leases"  # every reply being written: turn id -> lease end (ms since the epoch)
+RUN_INFO = "chat:runinfo"  # turn id -> {"cid", "owner", "worker"}
+STOP_CHANNEL = "chat:stop"
+# After a lost connection, the Stop subscription tries again after this long.
+_RESUBSCRIBE = 1.0
+
+
+def _conv(cid: str) -> str:
+    return f"chat:conv:{cid}"
+
+
+def _who(owner: str) -> str:
+    return f"chat:who:{owner}"
+
+
+def _stop_key(turn_id: int) -> str:
+    return f"chat:stop:{turn_id}"
+
+
+def _reap_key(turn_id: int) -> str:
+    return f"chat:reap:{turn_id}"
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Cluster:
+    """This process's view of the shared state in Redis (REDIS_URL)."""
+
+    def __init__(self, redis: Redis, *, lease_seconds: float = 15.0, lease_refresh: float = 5.0):
+        self.redis = redis
+        self.worker = secrets.token_hex(6)
+        self.lease_ms = int(lease_seconds * 1000)
+        self.lease_refresh = lease_refresh
+
+    @classmethod
+    def connect(cls, url: str, *, lease_seconds: float, lease_refresh: float) -> Cluster:
+        """A Cluster on the Redis at `url` (redis://, rediss:// or unix://)."""
+        from redis.asyncio import Redis  # only with REDIS_URL: the default needs no Redis
+
+        return cls(Redis.from_url(url), lease_seconds=lease_seconds, lease_refresh=lease_refresh)
+
+    async def close(self) -> None:
+        """Close the connections."""
+        await self.redis.aclose()
+
+    # Leases -------------------------------------------------------------------------------
+
+    async def register(self, turn_id: int, cid: str, owner: str) -> None:
+        """Take the lease of a reply this process starts writing."""
+        until = _now_ms() + self.lease_ms
+        info = json.dumps({"cid": cid, "owner": owner, "worker": self.worker})
+        async with self.redis.pipeline(transaction=True) as pipe:
+            self._lease(pipe, turn_id, cid, owner, until)
+            pipe.hset(RUN_INFO, str(turn_id), info)
+            # A log left under this number (a database restored from a backup reuses turn ids)
+            # is another reply's: gone before any stream can read it.
+            pipe.delete(f"chat:log:{turn_id}")
+            await pipe.execute()
+
+    def _lease(self, pipe, turn_id: int, cid: str, owner: str, until: int, **kw) -> None:
+        for key in (LEASES, _conv(cid), _who(owner)):
+            pipe.zadd(key, {str(turn_id): until}, **kw)
+        # A conversation's or a person's set goes away with their last lease.
+        pipe.pexpire(_conv(cid), 2 * self.lease_ms)
+        pipe.pexpire(_who(owner), 2 * self.lease_ms)
+
+    async def release(self, turn_id: int, cid: str, owner: str) -> None:
+        """Give a reply's lease back: it has ended (and is saved, or is being saved here)."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for key in (LEASES, _conv(cid), _who(owner)):
+                pipe.zrem(key, str(turn_id))
+            pipe.hdel(RUN_INFO, str(turn_id))
+            pipe.delete(_stop_key(turn_id))
+            await pipe.execute()
+
+    async def renew(self, held: Iterable[tuple[int, str, str]]) -> set[int]:
+        """Renew the leases of the replies this process writes; return those asked to stop."""
+        held = list(held)
+        if not held:
+            return set()
+        until = _now_ms() + self.lease_ms
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for turn_id, cid, owner in held:
+                self._lease(pipe, turn_id, cid, owner, until)
+            for turn_id, _, _ in held:
+                pipe.exists(_stop_key(turn_id))
+            answers = await pipe.execute()
+        stops = answers[-len(held) :]
+        return {turn_id for (turn_id, _, _), stop in zip(held, stops, strict=True) if stop}
+
+    async def streaming_in(self, cid: str) -> bool:
+        """True while any process writes a reply in conversation `cid`."""
+        return await self.redis.zcount(_conv(cid), _now_ms(), "+inf") > 0
+
+    async def running(self, owner: str) -> int:
+        """How many of `owner`'s replies are being written, by every process."""
+        return await self.redis.zcount(_who(owner), _now_ms(), "+inf")
+
+    async def total(self) -> int:
+        """How many replies are being written, by every process."""
+        return await self.redis.zcount(LEASES, _now_ms(), "+inf")
+
+    async def unleased(self, turn_ids: Iterable[int]) -> list[int]:
+        """Those of `turn_ids` no process holds a live lease for."""
+        ids = [str(t) for t in turn_ids]
+        if not ids:
+            return []
+        scores = await self.redis.zmscore(LEASES, ids)
+        now = _now_ms()
+        return [int(t) for t, s in zip(ids, scores, strict=True) if s is None or s < now]
+
+    async def lapsed(self) -> list[tuple[int, dict]]:
+        """Replies whose writer stopped renewing their lease, each claimed for this process
+        alone (turn id, {"cid", "owner", "worker"}): the caller ends them, then `release`s."""
+        out = []
+        for raw in await self.redis.zrangebyscore(LEASES, "-inf", _now_ms()):
+            turn_id = int(raw)
+            if not await self.redis.set(_reap_key(turn_id), self.worker, nx=True, ex=60):
+                continue  # another process is ending it
+            info = await self.redis.hget(RUN_INFO, str(turn_id))
+            out.append((turn_id, json.loads(info) if info else {}))
+        return out
+
+    # Stop ---------------------------------------------------------------------------------
+
+    async def request_stop(self, turn_id: int) -> None:
+        """Ask whichever process writes reply `turn_id` to stop it."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(_stop_key(turn_id), "1", px=self.lease_ms * 2)
+            pipe.publish(STOP_CHANNEL, str(turn_id))
+            await pipe.execute()
+
+    async def stops(self) -> AsyncIterator[int]:
+        """The turn ids whose Stop was requested, as they are, for as long as it is iterated."""
+        while True:
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(STOP_CHANNEL)
+                async for message in pubsub.listen():
+                    if message.get("type") == "message":
+                        try:
+                            yield int(message["data"])
+                        except ValueError:
+                            continue
+            except (OSError, ConnectionError) as exc:
+                log.warning("Stop channel lost (%s); subscribing again", exc)
+            except Exception as exc:  # redis-py's own connection errors
+                if type(exc).__module__.startswith("redis"):
+                    log.warning("Stop channel lost (%s); subscribing again", exc)
+                else:
+                    raise
+            finally:
+                await pubsub.aclose()
+            await asyncio.sleep(_RESUBSCRIBE)
