@@ -14,7 +14,7 @@ from chat.config import Settings
 from chat.markdown import render
 from chat.redislog import ENDED_TTL, RedisLog, append_end, follow_redis, log_key
 from chat.reply import ToolView
-from chat.runlog import Block, End, Entry, MemoryLog, ToolUpdate, merge
+from chat.runlog import Block, End, Entry, MemoryLog, ToolUpdate, batches, merge
 from chat.runs import RunManager
 from chat.store import ChatStore
 from tests.redis_server import redis_server_fixture  # noqa: F401  (used by name)
@@ -55,18 +55,37 @@ def fill(log, mirror=None) -> None:
 async def test_memory_log_replays_everything_then_ends():
     log = MemoryLog()
     fill(log)
-    [entry] = await take(log.follow(heartbeat=5))
-    assert entry.seq == 4 and entry.end == End("complete", model="m", copy=True)
-    assert html_of([entry]) == "<p>One</p><p>Two</p><p>Three</p>"
-    assert entry.text == "One\n\nTwo\n\nThree"  # the source, for front ends without HTML
-    assert [type(i).__name__ for i in entry.items].count("ToolUpdate") == 1
+    # Merged as far as order allows: the text after the tool call is an entry of its own.
+    before, after = await take(log.follow(heartbeat=5))
+    assert (before.seq, before.end, before.text) == (3, None, "One\n\nTwo")
+    assert [type(i).__name__ for i in before.items] == ["Block", "Block", "ToolView", "ToolUpdate"]
+    assert after.seq == 4 and after.end == End("complete", model="m", copy=True)
+    assert html_of([before, after]) == "<p>One</p><p>Two</p><p>Three</p>"
+    # The source, for front ends without HTML, in the order it was written.
+    assert before.text + after.text == "One\n\nTwo\n\nThree"
 
 
 async def test_memory_log_resumes_after_an_entry_number():
     log = MemoryLog()
     fill(log)
-    [entry] = await take(log.follow(after=2, heartbeat=5))
-    assert html_of([entry]) == "<p>Three</p>" and entry.text == "\n\nThree"
+    entries = await take(log.follow(after=2, heartbeat=5))
+    assert html_of(entries) == "<p>Three</p>" and "".join(e.text for e in entries) == "\n\nThree"
+    assert entries[-1].seq == 4
+
+
+def test_batches_never_put_text_before_the_tool_call_it_followed():
+    tool = ToolView("c1", "lookup", '{"q": 1}')
+    entries = [
+        Entry(1, [Block("a")], None, "a"),
+        Entry(2, [tool], None, ""),
+        Entry(3, [], "<p>b</p>", "b"),
+        Entry(4, [Block("b")], "", "", End("complete")),
+    ]
+    first, second = batches(entries, seq=4)
+    assert (first.seq, first.text, first.items) == (2, "a", [Block("a"), tool])
+    assert (second.seq, second.text, second.tail) == (4, "b", "")
+    assert second.end == End("complete")
+    assert batches([]) == [Entry(0)]
 
 
 async def test_memory_log_follows_live_merging_what_a_slow_follower_missed():
@@ -114,7 +133,7 @@ async def test_redis_log_holds_the_same_entries_under_the_same_numbers(redis):
     from_memory = await take(log.follow(heartbeat=5))
     from_redis = await take(follow_redis(redis, 7, heartbeat=5))
     assert html_of(from_redis) == html_of(from_memory)
-    assert "".join(e.text for e in from_redis) == from_memory[0].text
+    assert "".join(e.text for e in from_redis) == "".join(e.text for e in from_memory)
     assert from_redis[-1].end == from_memory[-1].end and from_redis[-1].seq == 4
     tools = [i for e in from_redis for i in e.items if isinstance(i, ToolUpdate)]
     assert tools[0].tool.result == "42"
