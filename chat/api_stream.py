@@ -4,7 +4,9 @@
 its start and then follows it live, as the text deltas and tool calls pydantic-ai's UI event
 streams (`VercelAIEventStream`, `AGUIEventStream`) turn into their protocol. It ends as
 the reply ends: complete, or by raising `ReplyStopped` / `ReplyFailed` with the reply's own
-(generic) message, which the event stream reports as an abort or an error.
+(generic) message, which the event stream reports as an abort or an error, or `ReplyAwaiting`
+when it paused for tool approval (chat/approvals.py), which is no error: it ends normally and
+tells `on_pause` which calls wait, so the event stream can ask the client for the decisions.
 
 It reads the reply's run log (chat/runlog.py): each entry carries the source text added since
 the one before and the tool calls in between, in the order the run produced them, so a slow
@@ -18,13 +20,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 from pydantic_ai.messages import (
     AgentStreamEvent,
     FunctionToolCallEvent,
     FunctionToolResultEvent,
+    ModelMessage,
     PartDeltaEvent,
     PartEndEvent,
     PartStartEvent,
@@ -34,7 +38,8 @@ from pydantic_ai.messages import (
     ToolReturnPart,
 )
 
-from chat.reply import ToolView
+from chat.approvals import AWAITING
+from chat.reply import ToolView, segments
 from chat.runlog import Entry, ToolUpdate
 from chat.runs import Run
 
@@ -49,20 +54,63 @@ class ReplyFailed(Exception):
     """The reply ended with an error; the message is the one the page shows, never a trace."""
 
 
+# What a client that cannot decide approvals (no `on_pause`) is told of a paused reply.
+PAUSED = "The reply waits for a tool call to be approved in the app."
+
+
+@dataclass(frozen=True)
+class Shown:
+    """What a client already holds of a reply that was resumed after an approval: the first
+    `chars` characters of its text and its tool calls `calls` (the AI SDK continues the paused
+    message it sent back, so these are not streamed to it again)."""
+
+    chars: int = 0
+    calls: frozenset[str] = frozenset()
+
+
+def shown(prior: list[ModelMessage]) -> Shown:
+    """What the paused reply (a resumed run's `prior` messages) showed, as its run's seed
+    (chat/approvals.py `seed`) puts it back at the start of the run's text."""
+    source, calls = "", set()
+    for part in segments(prior):
+        if isinstance(part, str):
+            source += ("\n\n" if source else "") + part
+        else:
+            calls.add(part.id)
+    return Shown(len(source), frozenset(calls))
+
+
+NOTHING_SHOWN = Shown()
+
+
 async def reply_events(
-    run: Run | AsyncIterator[Entry | None], *, heartbeat: float = 15.0
+    run: Run | AsyncIterator[Entry | None],
+    *,
+    heartbeat: float = 15.0,
+    on_pause: Callable[[list[str]], None] | None = None,
+    skip: Shown = NOTHING_SHOWN,
 ) -> AsyncIterator[AgentStreamEvent]:
     """The reply of `run` (or of a run log being followed, from any process: see
-    `RunManager.follow`) from its start as pydantic-ai events, following it until it ends."""
+    `RunManager.follow`) from its start as pydantic-ai events, following it until it ends.
+
+    A reply that paused for tool approval ends normally after `on_pause` is given the ids of
+    the calls it waits on (the ones announced without a result); without `on_pause` it is
+    reported as failed with `PAUSED`. What `skip` says the client already holds is left out."""
     entries = run.follow(0, heartbeat) if isinstance(run, Run) else run
     part: int | None = None  # index of the open text part, if one is open
     index = 0
+    unanswered: dict[str, None] = {}  # calls announced without a result yet, in order
+    to_skip = skip.chars
     async for entry in entries:
         if entry is None:  # a heartbeat: the caller keeps the connection alive (`beating`)
             continue
         # The log keeps text and items in the order the run produced them: an entry's text
         # came before its items (a tool call ends the text before it).
         delta = entry.text
+        if to_skip:
+            cut = min(to_skip, len(delta))
+            delta, to_skip = delta[cut:], to_skip - cut
+            index = index or 1  # the client's text part is the one before this delta
         if part is None and index:  # the blank line the page puts between parts, left out
             delta = delta.lstrip("\n")
         if delta and part is None:
@@ -71,18 +119,27 @@ async def reply_events(
         elif delta:
             yield PartDeltaEvent(index=part, delta=TextPartDelta(content_delta=delta))
         for item in entry.items:
+            if isinstance(item, ToolView) and item.id in skip.calls:
+                continue
             if isinstance(item, ToolView):
                 if part is not None:
                     yield PartEndEvent(index=part, part=TextPart(content=""))
                     part = None
                 yield FunctionToolCallEvent(part=_call(item), args_valid=True)
-            elif isinstance(item, ToolUpdate):
+                unanswered[item.id] = None
+            elif isinstance(item, ToolUpdate) and item.tool.outcome != "awaiting":
                 yield FunctionToolResultEvent(part=_result(item.tool))
+                unanswered.pop(item.tool.id, None)
         if (end := entry.end) is not None:
             if part is not None:
                 yield PartEndEvent(index=part, part=TextPart(content=""))
             if end.status == "stopped" and not end.error:
                 raise ReplyStopped("stopped")
+            if end.status == AWAITING and on_pause is not None:
+                on_pause(list(unanswered))
+                return
+            if end.status == AWAITING:
+                raise ReplyFailed(PAUSED)
             if end.status != "complete":
                 raise ReplyFailed(end.error or "The reply ended early.")
             return

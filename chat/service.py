@@ -29,7 +29,7 @@ from zlib import crc32
 
 from pydantic_ai.messages import ModelMessage, ModelRequest, UserPromptPart
 
-from chat import attachments, untrusted
+from chat import approvals, attachments, untrusted
 from chat.agent import short_title
 from chat.config import Settings
 from chat.limits import Limiter
@@ -45,6 +45,7 @@ LATER_EXCHANGES = (
     "exchanges after it. To go back to this point, edit your message above it."
 )
 NO_CONVERSATION = "That conversation does not exist."
+NOTHING_WAITS = "No tool call of this chat waits for that approval."
 # A client's chat id longer than this is refused: it is hashed into a conversation id, but a
 # megabyte of id is no one's chat.
 MAX_CHAT_ID = 200
@@ -451,6 +452,43 @@ class ChatService:
             self.store.set_persona(conv["id"], persona)
             conv["persona"] = persona
         return conv
+
+    # Tool approval over /api/chat ------------------------------------------------------------
+
+    async def decide_chat(
+        self, who: Caller, chat_id: str, answers: dict[str, bool]
+    ) -> tuple[Run, list[ModelMessage]]:
+        """Decide the tool calls a client-named chat's paused reply waits on (by tool call id,
+        as the AI SDK's approval responses name them) and resume it; the resumed run, and the
+        messages of the reply before the pause (what the client already shows).
+
+        The rules are the page's (chat/approvals.py): only the caller's own chat, only its
+        shown reply while it waits, and ids that are not its waiting calls decide nothing. A
+        request that decides nothing, leaves calls waiting, or comes too late is refused (409).
+        """
+        if not self.runs.accepting:
+            raise Refused("The server is restarting; decide again in a moment.", 503)
+        async with self._held(who):
+            conv = await self.off_loop(self._chat, who, chat_id)
+            if conv is None or conv["head_turn_id"] is None:
+                raise NotFound()
+            _, turn = await self.off_loop(self._owned_turn, who, conv["id"], conv["head_turn_id"])
+            if turn["status"] != approvals.AWAITING:
+                raise Refused(NOTHING_WAITS, 409)
+            rows = await self.off_loop(self.store.approvals, turn["id"])
+            waiting = {r["tool_call_id"] for r in rows if r["decision"] is None}
+            answers = {k: v for k, v in answers.items() if k in waiting}
+            if not answers:
+                raise Refused(NOTHING_WAITS, 409)
+            ttl = self.settings.tool_approval_ttl
+            decision = await self.off_loop(approvals.decide_all, self.store, turn, answers, ttl)
+            if decision.state == "expired":
+                raise Refused(approvals.expired_note(ttl), 409)
+            if decision.state == "pending":
+                raise Refused("Other tool calls of this reply still wait for a decision.", 409)
+            if decision.state != "resume":
+                raise Refused(NOTHING_WAITS, 409)
+            return self.runs.start(decision.turn, who.uid), decision.turn["resume"].prior
 
     # Client-named chats ----------------------------------------------------------------------
 

@@ -19,19 +19,37 @@ import asyncio
 import logging
 import warnings
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fasthtml.common import APIRouter
 from pydantic import ValidationError
 from pydantic_ai.messages import ModelMessage
 from pydantic_ai.ui.vercel_ai import VercelAIAdapter, VercelAIEventStream
-from pydantic_ai.ui.vercel_ai.request_types import RegenerateMessage, RequestData, TextUIPart
-from pydantic_ai.ui.vercel_ai.response_types import AbortChunk, BaseChunk
+from pydantic_ai.ui.vercel_ai.request_types import (
+    DynamicToolApprovalRespondedPart,
+    RegenerateMessage,
+    RequestData,
+    TextUIPart,
+    ToolApprovalResponded,
+    ToolApprovalRespondedPart,
+)
+from pydantic_ai.ui.vercel_ai.response_types import (
+    AbortChunk,
+    BaseChunk,
+    ToolApprovalRequestChunk,
+)
 from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from chat.api_stream import ReplyFailed, ReplyStopped, reply_events
+from chat.api_stream import (
+    NOTHING_SHOWN,
+    ReplyFailed,
+    ReplyStopped,
+    Shown,
+    reply_events,
+    shown,
+)
 from chat.errors import describe_error
 from chat.runs import Run
 from chat.service import Caller, ChatRequest, Refused
@@ -51,6 +69,15 @@ class _ReplyStream(VercelAIEventStream):
     while the model reads a long prompt or a tool runs."""
 
     heartbeat: float = 15.0
+    awaiting: list[str] = field(default_factory=list)  # calls a paused reply waits on
+
+    async def after_stream(self) -> AsyncIterator[BaseChunk]:
+        """A paused reply asks for its approvals (AI SDK 6 `tool-approval-request`, the call's
+        id doubling as the approval's) before the stream ends as usual: a pause is no error."""
+        for call_id in self.awaiting:
+            yield ToolApprovalRequestChunk(approval_id=call_id, tool_call_id=call_id)
+        async for chunk in super().after_stream():
+            yield chunk
 
     async def encode_stream(self, stream: AsyncIterator[BaseChunk]) -> AsyncIterator[str]:
         """The library's encoding, with a heartbeat comment whenever the reply is silent."""
@@ -129,15 +156,39 @@ def _chat_request(req: Request, run_input: RequestData) -> ChatRequest:
     return ChatRequest(run_input.id, text, history)
 
 
-def _reply_response(req: Request, run: Run, who: Caller | None = None) -> Response:
-    """The protocol stream of a reply, from its start; gives back `who`'s stream slot at the end."""
+def _approval_answers(run_input: RequestData) -> dict[str, bool]:
+    """The approval decisions a request carries (AI SDK 6: tool parts in `approval-responded`
+    state on the last message, the assistant's paused reply), by tool call id. The rest of the
+    messages is the client's copy of the chat and is not read; a denial's reason is not passed
+    to the model either (it is the client's text), the page's denial note is."""
+    last = run_input.messages[-1] if run_input.messages else None
+    if last is None or last.role != "assistant":
+        return {}
+    return {
+        part.tool_call_id: part.approval.approved
+        for part in last.parts
+        if isinstance(part, ToolApprovalRespondedPart | DynamicToolApprovalRespondedPart)
+        and isinstance(part.approval, ToolApprovalResponded)
+    }
+
+
+def _reply_response(
+    req: Request, run: Run, who: Caller | None = None, *, skip: Shown = NOTHING_SHOWN
+) -> Response:
+    """The protocol stream of a reply, from its start (less what `skip` says the client holds);
+    gives back `who`'s stream slot at the end."""
     events = _ReplyStream(
         accept=req.headers.get("accept"),
+        sdk_version=6,
         # The same id however often the reply is resumed, so a client keeps one message for it.
         server_message_id=f"turn-{run.turn_id}",
         heartbeat=settings(req).heartbeat,
     )
-    chunks = events.transform_stream(reply_events(run, heartbeat=settings(req).heartbeat))
+    chunks = events.transform_stream(
+        reply_events(
+            run, heartbeat=settings(req).heartbeat, on_pause=events.awaiting.extend, skip=skip
+        )
+    )
     response = events.streaming_response(chunks)
     response.headers["Cache-Control"] = "no-cache"
     response.headers["X-Accel-Buffering"] = "no"
@@ -157,15 +208,19 @@ async def api_chat(req: Request):
     except ValidationError:
         return _error("That is not a chat request (the Vercel AI SDK's UI messages).", 422)
     service, who = chat_service(req), caller(req)
+    skip = NOTHING_SHOWN
     try:
         if isinstance(run_input, RegenerateMessage):
-            sent = await service.regenerate_chat(who, run_input.id)
+            run = (await service.regenerate_chat(who, run_input.id)).runs[0]
+        elif answers := _approval_answers(run_input):
+            run, prior = await service.decide_chat(who, run_input.id, answers)
+            skip = shown(prior)
         else:
             chat = await off_loop(_chat_request, req, run_input)
-            sent = await service.send_chat(who, chat)
+            run = (await service.send_chat(who, chat)).runs[0]
     except Refused as refusal:
         return _refused(refusal)
-    return _reply_response(req, sent.runs[0])
+    return _reply_response(req, run, skip=skip)
 
 
 @ar("/chat/{chat_id}/stop", methods=["post"])
