@@ -1,5 +1,6 @@
 """/api/chat driven by the Vercel AI SDK's own client (npm `ai`: AbstractChat, DefaultChatTransport)
-against the real app on the fake OpenAI model: send, resume with `reconnectToStream`, stop.
+against the real app on the fake OpenAI model: send, resume with `reconnectToStream`, stop, and
+tool approval (`addToolApprovalResponse`) on a tool of the test MCP server that needs approval.
 
 The Node project is tests/node (its package.json pins `ai`); `npm install` runs once, into
 tests/node/node_modules. Without node and npm, or when npm cannot install, the tests are skipped
@@ -12,22 +13,54 @@ import json
 import queue
 import shutil
 import subprocess
+import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.fake_openai import FakeOpenAI, Fault
 from tests.live import (  # noqa: F401  (fixtures are registered by import)
-    app_fixture,
+    LiveApp,
     fake_fixture,
     fake_server_fixture,
+    is_title_request,
     replies,
+    running_app,
 )
 
 NODE_DIR = Path(__file__).resolve().parent / "node"
+MCP_SERVER = Path(__file__).resolve().parent / "mcp_server.py"
 TIMEOUT = 30.0
+
+
+@pytest.fixture(name="app", scope="module")
+def app_fixture(fake_server: FakeOpenAI, tmp_path_factory) -> Iterator[LiveApp]:
+    """The real app on the fake model, with the test MCP server as `tools`, whose write_note
+    needs approval (MCP_CONFIG's `approve` list)."""
+    workdir = tmp_path_factory.mktemp("app")
+    server = {
+        "command": sys.executable,
+        "args": [str(MCP_SERVER)],
+        "env": {"MCP_TEST_CALLS": str(workdir / "calls.jsonl")},
+        "approve": ["write_note"],
+    }
+    config = workdir / "mcp.json"
+    config.write_text(json.dumps({"mcpServers": {"tools": server}}))
+    env = {"OPENAI_BASE_URL": fake_server.base_url, "OPENAI_API_KEY": "test"}
+    with running_app(workdir, MCP_CONFIG=str(config), **env) as a:
+        a.calls = workdir / "calls.jsonl"
+        yield a
+
+
+def tool_runs(app: LiveApp) -> list[dict]:
+    """The calls the MCP server really ran."""
+    if not app.calls.exists():
+        return []
+    return [json.loads(line) for line in app.calls.read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -193,3 +226,37 @@ def test_stop_ends_the_reply_and_its_upstream_call(driver, fake, app):
         time.sleep(0.05)
     assert held.disconnected  # the app hung up on the model: the upstream call ended
     assert len(replies(fake)) == 1
+
+
+@pytest.mark.parametrize("approved", [True, False])
+def test_tool_approval_with_the_sdks_approval_responses(driver, fake, app, approved):
+    before = len(tool_runs(app))
+    call = {"index": 0, "id": "mcp_9", "type": "function"}
+    call["function"] = {"name": "tools_write_note", "arguments": '{"text": "buy milk"}'}
+    ask = Fault.deltas({"content": "On it. "}, {"tool_calls": [call]}, finish="tool_calls")
+    fake.configure("All done.", script=[ask, None])
+    chat = f"sdk-approval-{approved}"
+    driver.run(op="approve", tag="ask", chat=chat, text="Note milk", approved=approved)
+    done = driver.wait("ask", done=True)
+    # The reply paused and the SDK showed the call waiting for approval, with no error.
+    (asked,) = done["asked"]
+    assert asked["type"] == "tool-tools_write_note" and asked["input"] == {"text": "buy milk"}
+    assert asked["approval"]["id"] == "mcp_9"
+    assert [f["isError"] for f in done["finished"]] == [False, False]
+    # The SDK sent the answer itself; the reply went on in the same message, shown once.
+    assert (done["status"], done["error"]) == ("ready", None)
+    assert done["roles"] == ["user", "assistant"]
+    assert done["pausedText"] == "On it. "
+    assert done["text"] == "On it. All done."
+    (tool,) = done["tools"]
+    assert tool["toolCallId"] == "mcp_9"
+    assert tool["state"] == ("output-available" if approved else "output-denied"), tool
+    runs = tool_runs(app)[before:]
+    assert runs == ([{"tool": "write_note", "args": {"text": "buy milk"}}] if approved else [])
+    last = [r for r in fake.requests if not is_title_request(r.body)][-1]
+    said = json.dumps(last.body["messages"][-1])
+    assert ("note written" in said) if approved else ("denied" in said)
+    app.wait_idle()
+    turn = turns(app, "Note milk")[-1]
+    assert turn["status"] == "complete"
+    assert (turn["reply_text"].count("On it."), turn["reply_text"].count("All done.")) == (1, 1)

@@ -8,8 +8,16 @@
 //   {"op": "send", "tag": "a", "chat": "id", "text": "Hi", "disconnectOnText": false}
 //   {"op": "resume", "tag": "b", "chat": "id"}      (reconnectToStream: a reloaded page)
 //   {"op": "stop", "tag": "c", "chat": "id"}        (POST /api/chat/{id}/stop)
+//   {"op": "approve", "tag": "d", "chat": "id", "text": "Hi", "approved": true}
+//       send; answer each tool approval the reply asks for with `addToolApprovalResponse`,
+//       which sends the answers itself (`sendAutomaticallyWhen`); wait for that reply too.
 import { createInterface } from "node:readline";
-import { AbstractChat, DefaultChatTransport } from "ai";
+import {
+  AbstractChat,
+  DefaultChatTransport,
+  isToolUIPart,
+  lastAssistantMessageIsCompleteWithApprovalResponses,
+} from "ai";
 
 const [base, cookie] = process.argv.slice(2);
 const api = `${base}/api/chat`;
@@ -52,6 +60,8 @@ function chatFor(cmd, finished) {
   let chat;
   chat = new Chat({
     id: cmd.chat,
+    // As an app with approval buttons sets it: the answers go back once every call has one.
+    sendAutomaticallyWhen: lastAssistantMessageIsCompleteWithApprovalResponses,
     onText: (text) => {
       if (text && !announced) {
         announced = true;
@@ -65,6 +75,37 @@ function chatFor(cmd, finished) {
   return chat;
 }
 
+function toolParts(chat) {
+  const last = chat.messages.filter((m) => m.role === "assistant").at(-1);
+  return (last ? last.parts.filter(isToolUIPart) : []).map((p) => ({
+    type: p.type,
+    toolCallId: p.toolCallId,
+    state: p.state,
+    input: p.input,
+    approval: p.approval ?? null,
+  }));
+}
+
+async function until(check, ms = 20000) {
+  const end = Date.now() + ms;
+  while (!check()) {
+    if (Date.now() > end) throw new Error("timed out waiting for the reply after the approval");
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+async function approve(cmd, chat, finished) {
+  await chat.sendMessage({ text: cmd.text });
+  const asked = toolParts(chat).filter((p) => p.state === "approval-requested");
+  const pausedText = replyText(chat.messages);
+  for (const p of asked) {
+    await chat.addToolApprovalResponse({ id: p.approval.id, approved: cmd.approved, reason: cmd.reason });
+  }
+  // The SDK sends the answers on its own, without a promise to wait on: wait for its end.
+  if (asked.length) await until(() => finished.length >= 2 && chat.status !== "submitted" && chat.status !== "streaming");
+  return { asked, pausedText, tools: toolParts(chat) };
+}
+
 async function run(cmd) {
   if (cmd.op === "stop") {
     const r = await fetch(`${api}/${encodeURIComponent(cmd.chat)}/stop`, { method: "POST", headers });
@@ -72,10 +113,13 @@ async function run(cmd) {
   }
   const finished = [];
   const chat = chatFor(cmd, finished);
+  let extra = {};
   if (cmd.op === "send") await chat.sendMessage({ text: cmd.text });
   else if (cmd.op === "resume") await chat.resumeStream();
+  else if (cmd.op === "approve") extra = await approve(cmd, chat, finished);
   else throw new Error(`unknown op ${cmd.op}`);
   return {
+    ...extra,
     status: chat.status,
     error: chat.error ? String(chat.error.message) : null,
     text: replyText(chat.messages),
