@@ -7,9 +7,12 @@ the same reply going on. Only the caller's own waiting calls can be decided.
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 from starlette.testclient import TestClient
 
+import chat.approvals
 import chat.tools
 from tests.test_api import chunks, deltas
 from tests.test_approvals import ApprovalModel
@@ -133,3 +136,27 @@ def test_forged_or_foreign_approvals_run_nothing(make_client, guarded_tool):
     # The real owner's answer still works afterwards.
     assert client.post("/api/chat", json=_answer("appr", {"a1": True})).status_code == 200
     assert RAN == ["the moon"]
+
+
+def test_an_expired_approval_is_refused_with_the_pages_note(make_client, guarded_tool, monkeypatch):
+    model = ApprovalModel("launch", {"target": "the moon"})
+    client = make_client(model.model, tool_approval_ttl=600)
+    _paused(client)
+    later = chat.approvals.now() + timedelta(seconds=601)
+    monkeypatch.setattr(chat.approvals, "now", lambda: later)
+    r = client.post("/api/chat", json=_answer("appr", {"a1": True}))
+    assert r.status_code == 409
+    assert "waited more than 10 minutes for approval and expired" in r.json()["error"]
+    assert RAN == []
+    (conv,) = client.get("/api/conversations").json()["conversations"]
+    page = client.get(f"/c/{conv['id']}").text
+    assert "expired; nothing was run" in page
+
+
+def test_an_assistant_message_without_approvals_is_still_refused(make_client, guarded_tool):
+    model = ApprovalModel("launch", {"target": "the moon"})
+    client = make_client(model.model)
+    _paused(client)
+    body = _answer("appr", {})
+    r = client.post("/api/chat", json=body)
+    assert r.status_code == 422 and RAN == []
