@@ -4,9 +4,10 @@
 its start and then follows it live, as the text deltas and tool calls pydantic-ai's UI event
 streams (`VercelAIEventStream`, `AGUIEventStream`) turn into their protocol. It ends as
 the reply ends: complete, or by raising `ReplyStopped` / `ReplyFailed` with the reply's own
-(generic) message, which the event stream reports as an abort or an error, or `ReplyAwaiting`
-when it paused for tool approval (chat/approvals.py), which is no error: it ends normally and
-tells `on_pause` which calls wait, so the event stream can ask the client for the decisions.
+(generic) message, which the event stream reports as an abort or an error. A reply paused for
+tool approval (chat/approvals.py) is no error: it ends normally and tells `on_pause` which calls
+wait, so the event stream can ask the client for the decisions; the stream of the resumed reply
+can leave out what the client already holds (`shown`).
 
 It reads the reply's run log (chat/runlog.py): each entry carries the source text added since
 the one before and the tool calls in between, in the order the run produced them, so a slow

@@ -1,4 +1,5 @@
-"""The chat's use cases: send, compare, regenerate, edit, stop and import, with their rules.
+"""The chat's use cases: send, compare, regenerate, edit, stop, import and (for /api/chat)
+deciding tool approvals, with their rules.
 
 Every front end goes through here: the pages (web/chat.py, web/pages.py), `/api/chat`
 (web/api.py) and `/api/ag-ui` (web/agui.py) only parse a request, call a method and render its

@@ -5,7 +5,10 @@
   conversation (the SDK's chat `id` names it; see `ChatService.send_chat`) and its reply runs as
   a server-owned run, streamed back by pydantic-ai's `VercelAIEventStream`. The client's history
   is untrusted: a known conversation's stored history is used, and a new chat's history is
-  cleaned (chat/untrusted.py) before it is stored.
+  cleaned (chat/untrusted.py) before it is stored. A reply paused for tool approval ends with
+  AI SDK 6 `tool-approval-request` chunks; a request whose last message carries the answers
+  (`approval-responded` tool parts) decides them (`ChatService.decide_chat`) and streams the
+  reply going on.
 - POST /api/chat/{id}/stop: stop the reply being written in that chat (saved as stopped).
 - GET /api/chat/{id}/stream: the SDK's `reconnectToStream`: 204 when nothing is being written,
   else the running reply's stream from its start.
