@@ -7,13 +7,17 @@ the same reply going on. Only the caller's own waiting calls can be decided.
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 
 import pytest
+from pydantic_ai.messages import ModelRequest, ToolReturnPart
+from pydantic_ai.models.function import AgentInfo, DeltaToolCall
 from starlette.testclient import TestClient
 
 import chat.approvals
 import chat.tools
+from chat.agent import INSTRUCTIONS
 from tests.test_api import chunks, deltas
 from tests.test_approvals import ApprovalModel
 
@@ -160,3 +164,36 @@ def test_an_assistant_message_without_approvals_is_still_refused(make_client, gu
     body = _answer("appr", {})
     r = client.post("/api/chat", json=body)
     assert r.status_code == 422 and RAN == []
+
+
+class TwoCalls(ApprovalModel):
+    """Calls the tool twice in one response (ids a1 and a2)."""
+
+    async def _stream(self, messages, info: AgentInfo):
+        if INSTRUCTIONS not in (info.instructions or ""):
+            yield "Title"
+            return
+        self.calls.append(list(messages))
+        last = messages[-1]
+        returns = [p for p in getattr(last, "parts", []) if isinstance(p, ToolReturnPart)]
+        if isinstance(last, ModelRequest) and returns:
+            yield " / ".join(f"{r.tool_call_id}: {r.outcome}" for r in returns)
+            return
+        for i, target in ((1, "the moon"), (2, "mars")):
+            args = json.dumps({"target": target})
+            yield {i: DeltaToolCall(name="launch", json_args=args, tool_call_id=f"a{i}")}
+
+
+def test_every_waiting_call_is_asked_and_a_partial_answer_waits(make_client, guarded_tool):
+    model = TwoCalls("launch", {})
+    client = make_client(model.model)
+    events = _paused(client)
+    asked = [c["toolCallId"] for c in events if c["type"] == "tool-approval-request"]
+    assert asked == ["a1", "a2"]
+    partial = client.post("/api/chat", json=_answer("appr", {"a1": True}))
+    assert partial.status_code == 409 and "still wait" in partial.json()["error"]
+    assert RAN == []
+    r = client.post("/api/chat", json=_answer("appr", {"a2": False}))
+    assert r.status_code == 200, r.text
+    assert deltas(r.text) == "a1: success / a2: denied"
+    assert RAN == ["the moon"]
