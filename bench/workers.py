@@ -133,7 +133,9 @@ def one(mode: str, load: str, fake: FakeModel, tmp: Path, redis) -> dict:
             raise RuntimeError(f"warm-up failed: {warm['errors']}")
         fake.stats(reset=True)
         pids = tree(proc.pid) + ([redis.pid] if shared else [])
+        redis_pids = [redis.pid] if shared else []
         cpu0, t0 = cpu_of(pids), time.perf_counter()
+        redis0 = cpu_of(redis_pids)
         reply = Reply.for_model(cfg["tokens"], 0)
         summary = asyncio.run(
             run_load(
@@ -147,6 +149,7 @@ def one(mode: str, load: str, fake: FakeModel, tmp: Path, redis) -> dict:
             )
         )
         cpu = cpu_of(pids) - cpu0
+        redis_cpu = cpu_of(redis_pids) - redis0
         wall = time.perf_counter() - t0
         model = fake.stats()
     finally:
@@ -164,6 +167,8 @@ def one(mode: str, load: str, fake: FakeModel, tmp: Path, redis) -> dict:
         "ttft_ms_p95": summary["ttft_ms_p95"],
         "server_cpu_s": round(cpu, 2),
         "cpu_ms_per_reply": round(1000 * cpu / done, 1) if done else None,
+        # The part of it that is redis-server's own (0 without Redis).
+        "redis_cpu_ms_per_reply": round(1000 * redis_cpu / done, 1) if done else None,
         "replies_per_cpu_s": round(done / cpu, 1) if cpu else None,
         "wall_s": round(wall, 2),
         # One model call per message, whichever worker took it.
@@ -176,7 +181,7 @@ def print_table(rows: list[dict]) -> None:
     cols = [
         ("mode", 20), ("load", 11), ("completed", 9), ("replies_per_s", 13),
         ("ttft_ms_p50", 11), ("ttft_ms_p95", 11), ("cpu_ms_per_reply", 16),
-        ("replies_per_cpu_s", 17), ("model_requests", 14),
+        ("redis_cpu_ms_per_reply", 22), ("replies_per_cpu_s", 17), ("model_requests", 14),
     ]  # fmt: skip
     print("  ".join(name.ljust(width) for name, width in cols))
     for row in rows:
@@ -188,7 +193,7 @@ def print_table(rows: list[dict]) -> None:
 def means(rows: list[dict]) -> list[dict]:
     """One row per mode and load: the mean of its rounds (completed and errors summed)."""
     keys = ["replies_per_s", "ttft_ms_p50", "ttft_ms_p95", "cpu_ms_per_reply"]
-    keys += ["replies_per_cpu_s", "model_requests"]
+    keys += ["redis_cpu_ms_per_reply", "replies_per_cpu_s", "model_requests"]
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["mode"], row["load"]), []).append(row)
