@@ -166,6 +166,12 @@ def test_last_event_id_from_a_resumes_on_b_without_repeating(fake, clients):
     assert len(replies(fake)) == 1
 
 
+def own_redis_db(redis_url: str, db: int) -> str:
+    """The same Redis, another logical database: turn ids restart at 1 in each SQLite file, so
+    the module's pair (still running) must not see, and end as lapsed, this test's leases."""
+    return redis_url.rsplit("/", 1)[0] + f"/{db}"
+
+
 def wait_until(check, timeout: float = 15.0, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while not (result := check()):
@@ -179,6 +185,7 @@ def test_a_killed_process_s_reply_ends_interrupted_on_b_and_a_starting_one_spare
     fake_server: FakeOpenAI, redis_server: str, tmp_path
 ):
     fake = fake_server
+    redis_server = own_redis_db(redis_server, 1)
     fake.reset()
     fake.configure("alpha beta gamma delta epsilon", hold_after=3)
     db = tmp_path / "chat.db"
@@ -299,6 +306,7 @@ def test_a_rolling_restart_while_replies_stream_loses_none(
     fake_server: FakeOpenAI, redis_server: str, tmp_path
 ):
     fake = fake_server
+    redis_server = own_redis_db(redis_server, 2)
     fake.reset()
     fake.configure(rolling_reply, delay=ROLL_DELAY)
     db = tmp_path / "chat.db"
