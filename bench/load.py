@@ -262,8 +262,11 @@ async def _read_sse(resp: httpx.Response, on_event, result: UserResult) -> None:
                 on_event(*event, now)
 
 
-async def app_user(base: str, reply: Reply, gauge: Gauge, timeout: float, tag: str) -> UserResult:
-    """One browser: GET /, POST /send as htmx does, then follow the reply's SSE stream."""
+async def app_user(
+    base: str, reply: Reply, gauge: Gauge, timeout: float, tag: str, fresh_stream: bool = False
+) -> UserResult:
+    """One browser: GET /, POST /send as htmx does, then follow the reply's SSE stream (with
+    `fresh_stream`, on a new connection, so it may reach another worker than the send did)."""
     result, counter = UserResult(tag=tag), Counter()
     progress = _Progress(reply.need_letters, result)
     blocks = 0
@@ -299,6 +302,8 @@ async def app_user(base: str, reply: Reply, gauge: Gauge, timeout: float, tag: s
                 "Origin": f"http://{host}",
                 "Sec-Fetch-Site": "same-origin",
                 "Accept": "*/*",
+                # The server closes the connection after this response: the stream connects anew.
+                **({"Connection": "close"} if fresh_stream else {}),
             },
         )
         sent.raise_for_status()
@@ -367,10 +372,12 @@ async def run_load(
     gauge: Gauge | None = None,
     ramp: float = 0.0,
     model_url: str | None = None,
+    fresh_stream: bool = False,
 ) -> dict:
     """Start `users` users against `target` ('app' or 'baseline'), all at once or spread evenly
     over `ramp` seconds; summarise. With `model_url` (the fake model), gaps and latencies are
-    measured against the times the model really sent each token."""
+    measured against the times the model really sent each token. `fresh_stream`: each app user's
+    stream goes on a new connection (see app_user)."""
     gauge = gauge or Gauge()
     cpu0, t0 = time.process_time(), time.perf_counter()
     run_tag = f"{target[0]}{time.monotonic_ns() % 10**9}"
@@ -381,7 +388,7 @@ async def run_load(
             await asyncio.sleep(i * ramp / users)
         tag = f"{run_tag}-{i}"
         if target == "app":
-            coro = app_user(base, reply, gauge, timeout, tag)
+            coro = app_user(base, reply, gauge, timeout, tag, fresh_stream)
         else:
             coro = baseline_user(base, reply, gauge, timeout, tag)
         return await _guarded(coro, gauge, timeout, tag)

@@ -3,23 +3,28 @@
 A reply started on A streams live on B, stops from B (the model's connection closes), resumes on
 B from an event id A sent, and costs one model call; when A is killed mid-reply, B ends that
 reply as interrupted with its partial text once A's lease lapses; a process that starts never
-ends the replies of a live one.
+ends the replies of a live one. A rolling restart (SIGTERM A, which drains; a new A; then B the
+same way) while replies stream, some followed on the other process, loses none of them.
 """
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.fake_openai import FakeOpenAI
 from tests.live import (  # noqa: F401  (fixtures are used by name)
+    STREAM_TIMEOUT,
     HtmxClient,
     LiveApp,
+    Sent,
     fake_server_fixture,
     replies,
     reply_html,
@@ -31,6 +36,7 @@ pytestmark = pytest.mark.slow
 
 # Short leases, so a dead process's replies end within seconds here.
 LEASE_SECONDS, LEASE_REFRESH = 3, 1
+DRAIN_GRACE = 20.0
 PARAGRAPHS = "First paragraph.\n\nSecond paragraph.\n\nThird paragraph.\n\nFourth paragraph."
 
 
@@ -46,7 +52,9 @@ class SharedApp(LiveApp):
         return self.shared_db
 
 
-def start_app(workdir: Path, db: Path, fake: FakeOpenAI, redis_url: str) -> SharedApp:
+def start_app(
+    workdir: Path, db: Path, fake: FakeOpenAI, redis_url: str, port: int = 0
+) -> SharedApp:
     env = {
         "REDIS_URL": redis_url,
         "LEASE_SECONDS": str(LEASE_SECONDS),
@@ -54,8 +62,9 @@ def start_app(workdir: Path, db: Path, fake: FakeOpenAI, redis_url: str) -> Shar
         "OPENAI_BASE_URL": fake.base_url,
         "OPENAI_API_KEY": "test",
         "SECRET_KEY": "scale-test-key",  # one browser identity on every process
+        "DRAIN_GRACE": str(DRAIN_GRACE),
     }
-    return SharedApp(workdir, env=env, shared_db=db).start()
+    return SharedApp(workdir, env=env, port=port, shared_db=db).start()
 
 
 def stop_app(app: SharedApp) -> None:
@@ -157,6 +166,12 @@ def test_last_event_id_from_a_resumes_on_b_without_repeating(fake, clients):
     assert len(replies(fake)) == 1
 
 
+def own_redis_db(redis_url: str, db: int) -> str:
+    """The same Redis, another logical database: turn ids restart at 1 in each SQLite file, so
+    the module's pair (still running) must not see, and end as lapsed, this test's leases."""
+    return redis_url.rsplit("/", 1)[0] + f"/{db}"
+
+
 def wait_until(check, timeout: float = 15.0, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while not (result := check()):
@@ -170,6 +185,7 @@ def test_a_killed_process_s_reply_ends_interrupted_on_b_and_a_starting_one_spare
     fake_server: FakeOpenAI, redis_server: str, tmp_path
 ):
     fake = fake_server
+    redis_server = own_redis_db(redis_server, 1)
     fake.reset()
     fake.configure("alpha beta gamma delta epsilon", hold_after=3)
     db = tmp_path / "chat.db"
@@ -213,3 +229,133 @@ def test_a_killed_process_s_reply_ends_interrupted_on_b_and_a_starting_one_spare
         for app in (a, b):
             if app is not None:
                 stop_app(app)
+
+
+# Rolling restart ------------------------------------------------------------------------------
+
+# Long enough for every reply to still be streaming when its process is told to stop, short
+# enough for the drain to let it finish well within the grace period.
+ROLL_WORDS, ROLL_DELAY = 24, 0.12
+
+
+def rolling_reply(body: dict) -> str:
+    """A reply naming the message it answers, so a mixed-up or repeated reply shows."""
+    asked = next(m["content"] for m in reversed(body["messages"]) if m["role"] == "user")
+    if isinstance(asked, list):
+        asked = " ".join(p.get("text", "") for p in asked)
+    words = " ".join(f"w{i}" for i in range(ROLL_WORDS))
+    return f"Answer to {asked.strip()}: {words}."
+
+
+class Rolling:
+    """The replies of a rolling restart: who sent them where, and who followed them elsewhere."""
+
+    def __init__(self, fake: FakeOpenAI):
+        self.fake = fake
+        self.sent: dict[str, Sent] = {}  # message text -> what its send returned
+        self.followers: list[tuple[str, threading.Thread, list]] = []
+
+    def send(self, on: SharedApp, msg: str, follow_on: SharedApp | None = None) -> None:
+        """A new conversation on `on`; with `follow_on`, another client follows it there."""
+        with HtmxClient(on.url) as client:
+            client.open()
+            self.sent[msg] = sent = client.send(msg)
+            cookies = client.http.cookies
+        if follow_on is not None:
+            seen: list = []
+
+            def follow() -> None:
+                with HtmxClient(follow_on.url) as other:
+                    other.http.cookies = cookies
+                    seen.extend(other.follow(sent.stream_url))
+
+            reader = threading.Thread(target=follow, daemon=True)
+            reader.start()
+            self.followers.append((msg, reader, seen))
+
+    def wait_started(self) -> None:
+        """Until the model has every message sent so far (so each reply is streaming)."""
+        wait_until(lambda: len(replies(self.fake)) >= len(self.sent), what="every reply to start")
+
+    def refused_while_draining(self, draining: SharedApp, other: SharedApp, msg: str) -> None:
+        """A draining process is not ready and refuses a send; the same send works elsewhere."""
+        with httpx.Client(trust_env=False, timeout=10) as http:
+            assert http.get(f"{draining.url}/ready").status_code == 503
+            assert http.get(f"{other.url}/ready").status_code == 200
+        with HtmxClient(draining.url) as client:
+            client.open()
+            refused = client.send(msg, expect=503)
+            assert "restarting" in refused.text.lower(), refused.text
+            with HtmxClient(other.url) as elsewhere:
+                elsewhere.http.cookies = client.http.cookies
+                elsewhere.open()
+                self.sent[msg] = elsewhere.send(msg)
+
+
+def restart(app: SharedApp, workdir: Path, db: Path, fake: FakeOpenAI, redis_url: str) -> SharedApp:
+    """After its SIGTERM, as an orchestrator does: wait for the process to end (it drains), then
+    start a new one on the same port."""
+    assert app.proc is not None
+    # uvicorn re-raises the signal once it has shut down cleanly.
+    assert app.proc.wait(DRAIN_GRACE + 15) in (0, -signal.SIGTERM), app.log()
+    app.proc = None
+    return start_app(workdir, db, fake, redis_url, port=app.port)
+
+
+def test_a_rolling_restart_while_replies_stream_loses_none(
+    fake_server: FakeOpenAI, redis_server: str, tmp_path
+):
+    fake = fake_server
+    redis_server = own_redis_db(redis_server, 2)
+    fake.reset()
+    fake.configure(rolling_reply, delay=ROLL_DELAY)
+    db = tmp_path / "chat.db"
+    a = start_app(tmp_path / "a", db, fake, redis_server)
+    b = start_app(tmp_path / "b", db, fake, redis_server)
+    roll = Rolling(fake)
+    try:
+        # A restarts while three replies run on it (two followed on B) and two on B.
+        roll.send(a, "a1", follow_on=b)
+        roll.send(a, "a2", follow_on=b)
+        roll.send(a, "a3")
+        roll.send(b, "b1")
+        roll.send(b, "b2")
+        roll.wait_started()
+        a.proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: "stopping: no new replies" in a.log(), what="A to drain")
+        roll.refused_while_draining(a, b, "sent during A's drain")
+        a = restart(a, tmp_path / "a2", db, fake, redis_server)
+        # Then B, while replies run on it (two followed on the new A) and on the new A.
+        roll.send(b, "b3", follow_on=a)
+        roll.send(b, "b4", follow_on=a)
+        roll.send(a, "a4")
+        roll.wait_started()
+        b.proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: "stopping: no new replies" in b.log(), what="B to drain")
+        roll.refused_while_draining(b, a, "sent during B's drain")
+        b = restart(b, tmp_path / "b2", db, fake, redis_server)
+        for app in (a, b):
+            app.wait_idle()
+        for _, reader, _ in roll.followers:
+            reader.join(STREAM_TIMEOUT)
+
+        rows = {row["user_text"]: row for row in a.turns()}
+        assert set(rows) == set(roll.sent)
+        for msg, row in rows.items():
+            assert (row["status"], row["reply_text"]) == ("complete", rolling_reply_for(msg))
+        # One model call per message, whichever process ran it.
+        asked = [r.messages[-1]["content"] for r in replies(fake)]
+        assert sorted(asked) == sorted(roll.sent), asked
+        for msg, reader, seen in roll.followers:
+            assert not reader.is_alive(), f"the follower of {msg} never saw it end"
+            assert seen and seen[-1].data == "complete", (msg, [e.name for e in seen])
+            assert text_of(reply_html(seen)) == text_of(rolling_reply_for(msg))
+    finally:
+        fake.release()
+        for app in (a, b):
+            stop_app(app)
+
+
+def rolling_reply_for(msg: str) -> str:
+    """The reply the fake model gives to `msg`."""
+    return rolling_reply({"messages": [{"role": "user", "content": msg}]})
