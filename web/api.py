@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import warnings
 from collections.abc import AsyncIterator, Sequence
@@ -50,6 +49,7 @@ from chat.api_stream import (
     ReplyFailed,
     ReplyStopped,
     Shown,
+    beating,
     reply_events,
     shown,
 )
@@ -84,28 +84,8 @@ class _ReplyStream(VercelAIEventStream):
 
     async def encode_stream(self, stream: AsyncIterator[BaseChunk]) -> AsyncIterator[str]:
         """The library's encoding, with a heartbeat comment whenever the reply is silent."""
-        chunks = aiter(stream)
-        pending: asyncio.Future | None = None
-        try:
-            while True:
-                if pending is None:
-                    pending = asyncio.ensure_future(anext(chunks))
-                done, _ = await asyncio.wait({pending}, timeout=self.heartbeat)
-                if not done:
-                    yield ": ping\n\n"
-                    continue
-                task, pending = pending, None
-                try:
-                    chunk = task.result()
-                except StopAsyncIteration:
-                    return
-                yield self.encode_event(chunk)
-        finally:
-            # The client went away (or the stream ended): stop following the run.
-            if pending is not None:
-                pending.cancel()
-                await asyncio.gather(pending, return_exceptions=True)
-            await chunks.aclose()
+        async for chunk in beating(stream, self.heartbeat):
+            yield ": ping\n\n" if chunk is None else self.encode_event(chunk)
 
     async def on_error(self, error: Exception) -> AsyncIterator[BaseChunk]:
         """Stopped replies end with an abort; failed ones with the reply's generic message."""
