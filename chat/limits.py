@@ -132,10 +132,10 @@ class Limiter:
         self._streams: dict[str, int] = {}
         self._swept = clock()
 
-    @classmethod
-    def from_settings(cls, settings: Settings) -> Limiter:
-        """A limiter for the app's settings."""
-        return cls(
+    @staticmethod
+    def options(settings: Settings) -> dict:
+        """The limits the app's settings ask for, as constructor keywords (every limiter's)."""
+        return dict(
             per_minute=settings.messages_per_minute,
             concurrent_runs=settings.concurrent_runs,
             open_streams=settings.open_streams,
@@ -143,6 +143,11 @@ class Limiter:
             max_running=settings.max_running_replies,
             proxies=parse_proxies(settings.trusted_proxies),
         )
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Limiter:
+        """A limiter for the app's settings."""
+        return cls(**cls.options(settings))
 
     def address(self, peer: str | None, forwarded_for: str | None) -> str:
         """The client address to count a request against (see `client_address`)."""

@@ -32,7 +32,6 @@ from chat.limits import (
     WINDOW,
     Limiter,
     Refusal,
-    parse_proxies,
     rate_refusal,
     running_refusal,
 )
@@ -147,15 +146,7 @@ class RedisLimiter(Limiter):
     @classmethod
     def from_settings(cls, settings: Settings) -> RedisLimiter:
         """A limiter on the Redis at REDIS_URL, for the app's settings."""
-        return cls(
-            Redis.from_url(settings.redis_url),
-            per_minute=settings.messages_per_minute,
-            concurrent_runs=settings.concurrent_runs,
-            open_streams=settings.open_streams,
-            address_per_minute=settings.address_messages_per_minute,
-            max_running=settings.max_running_replies,
-            proxies=parse_proxies(settings.trusted_proxies),
-        )
+        return cls(Redis.from_url(settings.redis_url), **cls.options(settings))
 
     # Lifetime ----------------------------------------------------------------------------
 
