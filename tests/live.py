@@ -359,6 +359,31 @@ def reply_html(events: list[Event]) -> str:
     return "".join(e.data for e in events if e.name == "blocks")
 
 
+def check_resume_after_drop(
+    sender: HtmxClient, resumer: HtmxClient, fake: FakeOpenAI, text: str, message: str
+) -> None:
+    """Send `message` on `sender`, read its stream until its second paragraph, then reconnect
+    on `resumer` with the last event id seen (what EventSource does after a dropped
+    connection; `resumer` may be another process behind a balancer): the rest of the reply
+    arrives once, nothing repeated, from one model call."""
+    fake.configure(text, hold_after=6)
+    sent = sender.send(message)
+    fake.wait_until_held()
+    before = sender.wait_for_text(sent.stream_url, "Second paragraph.")
+    blocks = [e for e in before if e.name == "blocks"]
+    assert blocks and blocks[-1].id, before
+    with resumer.events(sent.stream_url, {"Last-Event-ID": blocks[-1].id}) as events:
+        fake.release()
+        after = []
+        for ev in events:
+            after.append(ev)
+            if ev.name == "done":
+                break
+    assert after[-1].data == "complete"
+    assert text_of(reply_html(blocks) + reply_html(after)) == text_of(text.replace("\n", " "))
+    assert len(replies(fake)) == 1
+
+
 # Chromium -----------------------------------------------------------------------------------
 
 CHROMIUM_ARGS = [

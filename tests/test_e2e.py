@@ -27,6 +27,7 @@ from tests.live import (  # noqa: F401  (fixtures are used by name)
     HtmxClient,
     LiveApp,
     app_fixture,
+    check_resume_after_drop,
     demo_app_fixture,
     fake_fixture,
     fake_server_fixture,
@@ -341,20 +342,4 @@ def test_reconnect_with_last_event_id_resumes_without_repeating(
     visitor: HtmxClient, fake: FakeOpenAI
 ):
     text = "First paragraph.\n\nSecond paragraph.\n\nThird paragraph.\n\nFourth paragraph."
-    fake.configure(text, hold_after=6)
-    sent = visitor.send("Four paragraphs")
-    fake.wait_until_held()
-    before = visitor.wait_for_text(sent.stream_url, "Second paragraph.")
-    blocks = [e for e in before if e.name == "blocks"]
-    assert blocks and blocks[-1].id, before
-    # What EventSource does after a dropped connection: reconnect with the last id it saw.
-    with visitor.events(sent.stream_url, {"Last-Event-ID": blocks[-1].id}) as events:
-        fake.release()
-        after = []
-        for ev in events:
-            after.append(ev)
-            if ev.name == "done":
-                break
-    assert after[-1].data == "complete"
-    assert text_of(reply_html(blocks) + reply_html(after)) == text_of(text.replace("\n", " "))
-    assert len(replies(fake)) == 1
+    check_resume_after_drop(visitor, visitor, fake, text, "Four paragraphs")

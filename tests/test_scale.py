@@ -25,6 +25,7 @@ from tests.live import (  # noqa: F401  (fixtures are used by name)
     HtmxClient,
     LiveApp,
     Sent,
+    check_resume_after_drop,
     fake_server_fixture,
     replies,
     reply_html,
@@ -147,23 +148,8 @@ def test_stop_pressed_on_b_ends_the_model_call_on_a(fake, clients):
 
 def test_last_event_id_from_a_resumes_on_b_without_repeating(fake, clients):
     on_a, on_b = clients
-    fake.configure(PARAGRAPHS, hold_after=6)
-    sent = on_a.send("Four paragraphs, resumed elsewhere")
-    fake.wait_until_held()
-    before = on_a.wait_for_text(sent.stream_url, "Second paragraph.")
-    blocks = [e for e in before if e.name == "blocks"]
-    assert blocks and blocks[-1].id, before
     # A's connection dropped; the browser reconnects through the balancer and lands on B.
-    with on_b.events(sent.stream_url, {"Last-Event-ID": blocks[-1].id}) as events:
-        fake.release()
-        after = []
-        for ev in events:
-            after.append(ev)
-            if ev.name == "done":
-                break
-    assert after[-1].data == "complete"
-    assert text_of(reply_html(blocks) + reply_html(after)) == text_of(PARAGRAPHS.replace("\n", " "))
-    assert len(replies(fake)) == 1
+    check_resume_after_drop(on_a, on_b, fake, PARAGRAPHS, "Four paragraphs, resumed elsewhere")
 
 
 def own_redis_db(redis_url: str, db: int) -> str:
