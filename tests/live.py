@@ -21,7 +21,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urljoin
@@ -357,6 +357,19 @@ class HtmxClient:
 def reply_html(events: list[Event]) -> str:
     """The reply as the page would hold it at the end: every `blocks` event in order."""
     return "".join(e.data for e in events if e.name == "blocks")
+
+
+def wait_until(
+    check: Callable[[], object], timeout: float = 15.0, what: str = "condition", every: float = 0.05
+):
+    """Poll `check` every `every` seconds until it is truthy, for at most `timeout` seconds;
+    return its value (TimeoutError naming `what` otherwise)."""
+    deadline = time.monotonic() + timeout
+    while not (result := check()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(every)
+    return result
 
 
 def check_resume_after_drop(

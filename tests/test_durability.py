@@ -8,7 +8,6 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import time
 
 import pytest
 from pydantic_ai.messages import ModelMessagesTypeAdapter
@@ -25,18 +24,10 @@ from tests.live import (  # noqa: F401  (fixtures are used by name)
     replies,
     running_app,
     wait_for_replies,
+    wait_until,
 )
 
 KEY = {"SECRET_KEY": "durability-test-key"}  # the same browser identity across restarts
-
-
-def wait_until(check, timeout: float = 15.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while not (result := check()):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-    return result
 
 
 def test_sigkill_mid_reply_loses_nothing_typed(fake: FakeOpenAI, tmp_path):

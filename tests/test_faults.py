@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Callable
+from functools import partial
 
 import pytest
 from starlette.testclient import TestClient
@@ -23,8 +23,12 @@ from tests.live import (  # noqa: F401  (the fixture is used by name)
     fake_server_fixture,
     replies,
     running_app,
+    wait_until,
 )
 from tests.test_routes import conversation_url, open_stream, replay, rows, send, stream_url
+
+# In-process waits are short: a shorter bound and a quicker poll than the live servers' default.
+until = partial(wait_until, timeout=5.0, every=0.02)
 
 
 class Injected(Exception):
@@ -47,16 +51,6 @@ def fail_once(monkeypatch, owner, name: str, exc: BaseException | None = None, w
 
 def manager_of(client: TestClient) -> RunManager:
     return client.app.state.runs
-
-
-def until(check: Callable[[], object], timeout: float = 5.0, what: str = "condition"):
-    """Poll `check` (bounded) until it is truthy; return its value."""
-    deadline = time.monotonic() + timeout
-    while not (result := check()):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-    return result
 
 
 def cancel_task(client: TestClient, tid: int) -> None:
@@ -300,7 +294,7 @@ def test_a_save_that_never_succeeds_tells_the_user(make_client, scripted, settin
         assert "could not be saved yet" in " ".join(parse_html(e.data).text for e in events)
         tid = next(iter(manager.unsaved))
         run = manager.unsaved[tid]
-        until(lambda: "yet" not in (run.error or "yet"), 5, what="the retries to stop")
+        until(lambda: "yet" not in (run.error or "yet"), timeout=5, what="the retries to stop")
         # Still shown from memory, with a note that says it is not stored, and no slot taken.
         again = shown_stream(client, conversation_url(response))
         assert "Kept reply text." in again

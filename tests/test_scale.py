@@ -30,6 +30,7 @@ from tests.live import (  # noqa: F401  (fixtures are used by name)
     replies,
     reply_html,
     text_of,
+    wait_until,
 )
 from tests.redis_server import redis_server_fixture  # noqa: F401  (used by name)
 
@@ -156,15 +157,6 @@ def own_redis_db(redis_url: str, db: int) -> str:
     """The same Redis, another logical database: turn ids restart at 1 in each SQLite file, so
     the module's pair (still running) must not see, and end as lapsed, this test's leases."""
     return redis_url.rsplit("/", 1)[0] + f"/{db}"
-
-
-def wait_until(check, timeout: float = 15.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while not (result := check()):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-    return result
 
 
 def test_a_killed_process_s_reply_ends_interrupted_on_b_and_a_starting_one_spares_it(
