@@ -12,8 +12,9 @@ import re
 import shutil
 from pathlib import Path
 
-from playwright.sync_api import Page, expect
+from playwright.sync_api import expect
 
+from tests.browser_steps import assistant, message_box, send, wait_done
 from tests.fake_openai import FakeOpenAI, Fault
 from tests.live import (  # noqa: F401  (fixtures are used by name)
     ROOT,
@@ -57,34 +58,6 @@ RECORD_STEPS = """() => {
     window.__steps.push({html, writing: !!reply.querySelector(".writing")});
   }).observe(box, {subtree: true, childList: true, characterData: true, attributes: true});
 }"""
-
-
-def message_box(page: Page):
-    """The composer's textarea, found the way assistive technology finds it."""
-    return page.get_by_role("textbox", name="Message")
-
-
-def send(page: Page, text: str) -> None:
-    """Type a message and press Enter."""
-    box = message_box(page)
-    box.fill(text)
-    box.press("Enter")
-
-
-def assistant(page: Page, n: int):
-    """The n-th reply (1-based), waiting until it exists."""
-    replies_ = page.locator("[data-role=assistant]")
-    expect(replies_).to_have_count(n, timeout=15_000)
-    return replies_.nth(n - 1)
-
-
-def wait_done(page: Page, n: int, timeout: float = 20_000):
-    """Wait until the n-th reply has finished streaming; return it."""
-    reply = assistant(page, n)
-    expect(reply.get_by_text("Writing…")).to_have_count(0, timeout=timeout)
-    expect(reply.get_by_role("button", name="Stop")).to_have_count(0)
-    expect(reply).not_to_have_attribute("aria-busy", "true")
-    return reply
 
 
 def stream_requests(w: Watched) -> list[str]:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect
 
+from tests.browser_steps import send
 from tests.fake_openai import FakeOpenAI, Fault
 from tests.live import (  # noqa: F401  (fixtures are used by name)
     LiveApp,
@@ -80,12 +81,6 @@ def shoot(w, name: str) -> None:
             page.screenshot(path=str(SHOTS / f"{name}-{size}-{scheme}.png"))
     page.set_viewport_size({"width": 1280, "height": 800})
     page.emulate_media(color_scheme="light")
-
-
-def send(page, text: str) -> None:
-    box = page.get_by_role("textbox", name="Message")
-    box.fill(text)
-    box.press("Enter")
 
 
 def test_an_mcp_tool_call_shows_live_and_after_reload(browser, agent_app, fake):

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Locator, Page, expect
 
+from tests.browser_steps import assistant, send, wait_done
 from tests.fake_openai import FakeOpenAI
 from tests.live import (  # noqa: F401  (fixtures are used by name)
     FAKE_MODEL,
@@ -73,29 +74,6 @@ def shots_dir() -> Path:
     path = Path(os.environ.get("SHOTS_DIR") or "/tmp/shots-content")
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def send(w: Watched, text: str) -> None:
-    """Type a message and send it: Enter on a desktop, a tap on Send on a phone."""
-    box = w.page.get_by_role("textbox", name="Message")
-    box.fill(text)
-    if getattr(w, "phone", False):
-        w.page.get_by_role("button", name="Send").tap()
-    else:
-        box.press("Enter")
-
-
-def assistant(page: Page, n: int) -> Locator:
-    all_ = page.locator("[data-role=assistant]")
-    expect(all_).to_have_count(n, timeout=15_000)
-    return all_.nth(n - 1)
-
-
-def wait_done(page: Page, n: int, timeout: float = 20_000) -> Locator:
-    reply = assistant(page, n)
-    expect(reply.get_by_text("Writing…")).to_have_count(0, timeout=timeout)
-    expect(reply).not_to_have_attribute("aria-busy", "true")
-    return reply
 
 
 def conv_id(page: Page) -> str:

@@ -22,6 +22,7 @@ from pydantic_ai.messages import (
     ModelMessagesTypeAdapter,
 )
 
+from tests.browser_steps import assistant, message_box, send, wait_done
 from tests.conftest import reply_texts, user_prompts
 from tests.fake_openai import FakeOpenAI, Fault
 from tests.live import (  # noqa: F401  (fixtures are used by name)
@@ -84,37 +85,6 @@ def mark(page: Page) -> None:
 def assert_same_page(page: Page) -> None:
     """The page was not reloaded (nor navigated) since `mark`."""
     assert page.evaluate("window.__samePage === true"), "the page was reloaded"
-
-
-def message_box(page: Page) -> Locator:
-    """The composer's textarea, found the way assistive technology finds it."""
-    return page.get_by_role("textbox", name="Message")
-
-
-def send(page: Page, text: str, w: Watched | None = None) -> None:
-    """Type a message; press Enter (on a phone: tap Send)."""
-    box = message_box(page)
-    box.fill(text)
-    if w is not None and getattr(w, "phone", False):
-        page.get_by_role("button", name="Send").tap()
-    else:
-        box.press("Enter")
-
-
-def assistant(page: Page, n: int) -> Locator:
-    """The n-th reply (1-based), waiting until it exists."""
-    all_ = page.locator("[data-role=assistant]")
-    expect(all_).to_have_count(n, timeout=15_000)
-    return all_.nth(n - 1)
-
-
-def wait_done(page: Page, n: int, timeout: float = 20_000) -> Locator:
-    """Wait until the n-th reply has finished streaming; return it."""
-    reply = assistant(page, n)
-    expect(reply.get_by_text("Writing…")).to_have_count(0, timeout=timeout)
-    expect(reply.get_by_role("button", name="Stop")).to_have_count(0)
-    expect(reply).not_to_have_attribute("aria-busy", "true")
-    return reply
 
 
 def last_user(body: dict) -> str:

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from playwright.sync_api import Locator, Page, expect
+from playwright.sync_api import Page, expect
 from pydantic_ai.messages import (
     ModelMessagesTypeAdapter,
     ModelRequest,
@@ -26,6 +26,7 @@ from pydantic_ai.messages import (
     UserPromptPart,
 )
 
+from tests.browser_steps import assistant, message_box, send, wait_done
 from tests.fake_openai import FakeOpenAI
 from tests.live import (  # noqa: F401  (fixtures are used by name)
     TITLE,
@@ -67,33 +68,6 @@ def browsing(browser, app: LiveApp, **kw) -> Iterator[Watched]:
         yield w
     finally:
         w.context.close()
-
-
-def message_box(page: Page) -> Locator:
-    """The composer's textarea, found the way assistive technology finds it."""
-    return page.get_by_role("textbox", name="Message")
-
-
-def send(page: Page, text: str) -> None:
-    """Type a message and press Enter (a desktop keyboard)."""
-    box = message_box(page)
-    box.fill(text)
-    box.press("Enter")
-
-
-def assistant(page: Page, n: int) -> Locator:
-    """The n-th reply (1-based), waiting until it exists."""
-    all_ = page.locator("[data-role=assistant]")
-    expect(all_).to_have_count(n, timeout=15_000)
-    return all_.nth(n - 1)
-
-
-def wait_done(page: Page, n: int, timeout: float = 20_000) -> Locator:
-    """Wait until the n-th reply has finished streaming; return it."""
-    reply = assistant(page, n)
-    expect(reply.get_by_text("Writing…")).to_have_count(0, timeout=timeout)
-    expect(reply).not_to_have_attribute("aria-busy", "true")
-    return reply
 
 
 def start_conversation(page: Page, text: str) -> str:
