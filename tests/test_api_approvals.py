@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from datetime import timedelta
 
-import pytest
 from pydantic_ai.messages import ModelRequest, ToolReturnPart
 from pydantic_ai.models.function import AgentInfo, DeltaToolCall
 from starlette.testclient import TestClient
@@ -19,24 +18,11 @@ import chat.approvals
 import chat.tools
 from chat.agent import INSTRUCTIONS
 from tests.test_api import chunks, deltas
-from tests.test_approvals import ApprovalModel
-
-RAN: list[str] = []
-
-
-@pytest.fixture
-def guarded_tool():
-    """A built-in tool that needs approval, for the length of a test."""
-
-    def launch(target: str) -> str:
-        """Launch something at a target (needs the user's approval)."""
-        RAN.append(target)
-        return f"launched at {target}"
-
-    RAN.clear()
-    chat.tools.toolset.tool_plain(requires_approval=True)(launch)
-    yield "launch"
-    chat.tools.toolset.tools.pop("launch", None)
+from tests.test_approvals import (  # noqa: F401  (the fixture is used by name)
+    RAN,
+    ApprovalModel,
+    guarded_tool_fixture,
+)
 
 
 def _send(chat_id: str, text: str = "go") -> dict:

@@ -23,8 +23,8 @@ from tests.test_mcp import calls_made, write_config
 RAN: list[str] = []
 
 
-@pytest.fixture
-def guarded_tool():
+@pytest.fixture(name="guarded_tool")
+def guarded_tool_fixture():
     """A built-in tool marked with the decorator argument, for the length of a test."""
 
     def launch(target: str) -> str:
