@@ -17,8 +17,10 @@ from pydantic_ai.messages import ModelMessage, ModelRequest, ModelResponse, Text
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 from starlette.testclient import TestClient
 
-from chat.agent import INSTRUCTIONS
+from chat.agent import INSTRUCTIONS, build_agent
 from chat.config import Settings
+from chat.runs import RunManager
+from chat.store import ChatStore
 
 # Unit and route tests never reach a real model: only FunctionModels may answer.
 pydantic_ai.models.ALLOW_MODEL_REQUESTS = False
@@ -285,6 +287,34 @@ def settings(tmp_path: Path) -> Settings:
     return Settings.from_env(
         {}, db_path=tmp_path / "chat.db", secret_key="test", allowed_hosts=hosts
     )
+
+
+@pytest.fixture
+def store(settings: Settings):
+    """The chat store on the test's fresh database."""
+    s = ChatStore(settings.db_path)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+async def manager(store, settings):
+    """Factory: `manager(model, **settings_overrides)` -> RunManager; shut down at teardown."""
+    made: list[RunManager] = []
+
+    def make(scripted: ScriptedModel | None, /, **overrides) -> RunManager:
+        s = Settings(**{**settings.__dict__, **overrides})
+        m = RunManager(store, build_agent(), s, model=scripted.model if scripted else None)
+        made.append(m)
+        return m
+
+    yield make
+    for m in made:
+        await m.shutdown(timeout=5)
+    # Background work a run leaves behind (such as naming the conversation) ends with the test.
+    others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    if others:
+        await asyncio.wait(others, timeout=5)
 
 
 @pytest.fixture

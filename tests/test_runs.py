@@ -16,40 +16,12 @@ from pydantic_ai.messages import (
 )
 
 from chat.agent import build_agent
-from chat.config import Settings
 from chat.errors import describe_error
 from chat.markdown import render
 from chat.runlog import Entry
 from chat.runs import Run, RunManager
 from chat.store import ChatStore
-from tests.conftest import ModelBroke, ScriptedModel, reply_texts, user_prompts
-
-
-@pytest.fixture
-def store(settings):
-    s = ChatStore(settings.db_path)
-    yield s
-    s.close()
-
-
-@pytest.fixture
-async def manager(store, settings):
-    """Factory: `manager(model, **settings_overrides)` -> RunManager; shut down at teardown."""
-    made: list[RunManager] = []
-
-    def make(model: ScriptedModel | None, **overrides) -> RunManager:
-        s = Settings(**{**settings.__dict__, **overrides})
-        m = RunManager(store, build_agent(), s, model=model.model if model else None)
-        made.append(m)
-        return m
-
-    yield make
-    for m in made:
-        await m.shutdown(timeout=5)
-    # Background work a run leaves behind (such as naming the conversation) ends with the test.
-    others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-    if others:
-        await asyncio.wait(others, timeout=5)
+from tests.conftest import ModelBroke, reply_texts, user_prompts
 
 
 def new_turn(store: ChatStore, text: str = "Hi", cid: str | None = None) -> dict:

@@ -8,11 +8,8 @@ import sqlite3
 import pytest
 from pydantic_ai.messages import ModelRequest, ModelResponse, TextPart, UserPromptPart
 
-from chat.agent import build_agent
 from chat.api_stream import ReplyFailed, ReplyStopped, reply_events
-from chat.config import Settings
 from chat.limits import Limiter
-from chat.runs import RunManager
 from chat.service import (
     BUSY,
     Caller,
@@ -22,7 +19,6 @@ from chat.service import (
     Refused,
     chat_conversation_id,
 )
-from chat.store import ChatStore
 from tests.conftest import ModelBroke, ScriptedModel
 
 ALICE = Caller("alice", "198.51.100.1")
@@ -30,29 +26,14 @@ BOB = Caller("bob", "198.51.100.2")
 
 
 @pytest.fixture
-def store(settings):
-    s = ChatStore(settings.db_path)
-    yield s
-    s.close()
-
-
-@pytest.fixture
-async def service(store, settings):
+def service(manager):
     """Factory: `service(model, **settings_overrides)` -> ChatService over a fresh RunManager."""
-    made: list[RunManager] = []
 
     def make(scripted: ScriptedModel, **overrides) -> ChatService:
-        s = Settings(**{**settings.__dict__, **overrides})
-        runs = RunManager(store, build_agent(), s, model=scripted.model)
-        made.append(runs)
-        return ChatService(store, runs, Limiter.from_settings(s), s)
+        runs = manager(scripted, **overrides)
+        return ChatService(runs.store, runs, Limiter.from_settings(runs.settings), runs.settings)
 
-    yield make
-    for runs in made:
-        await runs.shutdown(timeout=5)
-    others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-    if others:
-        await asyncio.wait(others, timeout=5)
+    return make
 
 
 async def finished(svc: ChatService, sent) -> list[dict]:
