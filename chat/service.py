@@ -154,16 +154,18 @@ class ChatService:
                 raise NotFound()
             # Checked before the message is counted or committed: a bad file changes nothing.
             to = models if len(models) >= 2 else [self._model_of(conv, model)]
+            refs: list[dict] = []
             try:
-                refs = await self.off_loop(
-                    attachments.claim,
-                    self.store,
-                    self.runs,
-                    who.uid,
-                    files,
-                    to,
-                    self.settings.max_attachments,
-                )
+                if any(files):  # most messages carry none: no trip to a thread for them
+                    refs = await self.off_loop(
+                        attachments.claim,
+                        self.store,
+                        self.runs,
+                        who.uid,
+                        files,
+                        to,
+                        self.settings.max_attachments,
+                    )
             except attachments.AttachmentError as exc:
                 raise Refused(str(exc), exc.status) from None
             return await self._send(who, conv, text, model, persona, models, refs)
