@@ -302,9 +302,10 @@ class RunManager(Sharing):
             else:
                 log.error("reply %s could not be saved before shutdown", run.turn_id)
 
-    def _persona(self, run: Run) -> Persona | None:
+    def _context(self, run: Run, turn: dict) -> tuple[list[ModelMessage], Persona | None]:
+        """The turn's history and the conversation's persona (blocking: call it in a thread)."""
         conv = self.store.conversation(run.conversation_id, run.owner)
-        return self.personas.get((conv or {}).get("persona") or "")
+        return self.store.history(turn), self.personas.get((conv or {}).get("persona") or "")
 
     def model_for(self, name: str) -> Model:
         """The Model for a model string (the test override, when one is set)."""
@@ -327,11 +328,11 @@ class RunManager(Sharing):
         prior = None  # a resumed reply's messages so far (chat/approvals.py)
         try:
             cfg = self.settings
+            # A long conversation's history takes a while to read and validate, and the persona
+            # is a read too: both in one trip off the loop.
+            stored, persona = await asyncio.to_thread(self._context, run, turn)
             fitted = budget.fit(
-                # A long conversation's history takes a while to read and validate: not on the loop.
-                await asyncio.to_thread(self.store.history, turn),
-                max_messages=cfg.history_max_messages,
-                max_chars=cfg.history_max_chars,
+                stored, max_messages=cfg.history_max_messages, max_chars=cfg.history_max_chars
             )
             # MCP servers and tool approvals (chat/mcp.py, chat/approvals.py): a resumed reply
             # continues from its stored messages; a missing server is noted in the reply.
@@ -339,7 +340,6 @@ class RunManager(Sharing):
                 run, turn, fitted.messages, self._text_done
             )
             messages = prior or messages
-            persona = self._persona(run)
             toolsets = persona.toolsets if persona else None
             for note in await self.mcp.notes(toolsets) if self.mcp else ():
                 run.renderer.feed(f"*{note}*\n\n")
