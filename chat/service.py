@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import inspect
 import sqlite3
 from base64 import urlsafe_b64encode
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
@@ -373,25 +372,25 @@ class ChatService:
     async def _limit(self, who: Caller, *, replies: int | None) -> None:
         """The one place the limits are asked: `replies` to start, or None for an import."""
         if replies is None:
-            refused = self.limits.check_import(who.uid, who.addr)
+            refused = await self.limits.check_import(who.uid, who.addr)
         else:
-            refused = self.limits.check_send(
+            refused = await self.limits.check_send(
                 who.uid,
                 who.addr,
                 running=await self.runs.running(who.uid),
                 total_running=await self.runs.total_running(),
                 count=replies,
             )
-        if refused := await _settled(refused):
+        if refused:
             raise Refused(refused.message, refused.status, refused.headers)
 
     async def open_stream(self, who: Caller) -> bool:
         """Take one of the caller's open-stream slots; False if they are all in use."""
-        return await _settled(self.limits.open_stream(who.uid))
+        return await self.limits.open_stream(who.uid)
 
     async def close_stream(self, who: Caller) -> None:
         """Give back a stream slot taken by `open_stream`."""
-        await _settled(self.limits.close_stream(who.uid))
+        await self.limits.close_stream(who.uid)
 
     # Committing ----------------------------------------------------------------------------
 
@@ -571,11 +570,6 @@ def chat_conversation_id(uid: str, chat_id: str) -> str:
     id and one user's chat ids can never name, collide with or probe another user's."""
     digest = hashlib.sha256(f"{uid}\x00{chat_id}".encode()).digest()
     return urlsafe_b64encode(digest).decode()[:16]
-
-
-async def _settled(value):
-    """A limiter's answer: a limiter shared between processes answers asynchronously."""
-    return await value if inspect.isawaitable(value) else value
 
 
 def _is_prompt(message: ModelMessage) -> bool:
