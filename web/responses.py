@@ -6,6 +6,7 @@ from fasthtml.common import H1, A, Body, Div, Html, P, Response, Title, to_xml
 from fasthtml.common import Head as HtmlHead
 from starlette.requests import Request
 
+from chat.service import BUSY
 from components.head import Head
 from web.request import is_htmx
 
@@ -33,9 +34,6 @@ def not_found(req: Request, exc: Exception | None = None) -> Response:
         cls="not-found",
     )
     return full_page((Title("Not found · Agent chat"), body), 404)
-
-
-BUSY = "The server is busy saving other changes. Try again in a moment."
 
 
 def busy(req: Request, exc: Exception | None = None) -> Response:
