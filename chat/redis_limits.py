@@ -61,10 +61,8 @@ end
 # KEYS: id window, address window.
 # ARGV: window ms, id limit, address limit (-1: none), count, running, total running,
 #       concurrent limit (-1: skip the running checks, as for an import), server limit (-1: none),
-#       heartbeat prefix, a unique token for this send's entries.
-_CHECK = (
-    _LIVE
-    + """
+#       a unique token for this send's entries.
+_CHECK = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local window, count = tonumber(ARGV[1]), tonumber(ARGV[4])
@@ -93,13 +91,12 @@ if concurrent >= 0 then
 end
 for i = 1, 2 do
   for j = 1, count do
-    redis.call('ZADD', KEYS[i], now, ARGV[10] .. ':' .. j)
+    redis.call('ZADD', KEYS[i], now, ARGV[9] .. ':' .. j)
   end
   redis.call('PEXPIRE', KEYS[i], window)
 end
 return {'ok', 0, 0}
 """
-)
 
 # KEYS: a slot set. ARGV: limit (-1: none), slot name, heartbeat prefix, set ttl s.
 _TAKE = (
@@ -209,7 +206,6 @@ class RedisLimiter(Limiter):
             total,
             self.concurrent_runs if sending else -1,
             -1 if self.max_running is None else self.max_running,
-            self._beat_prefix,
             f"{self.worker}:{self._serial}:{secrets.token_hex(4)}",
         ]
         try:
