@@ -57,7 +57,10 @@ DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 COMPOSE = ROOT / "compose.yaml"
 KUBERNETES = ROOT / "deploy" / "kubernetes.yaml"
+KUBERNETES_POSTGRES = ROOT / "deploy" / "kubernetes-postgres.yaml"
 NGINX_CONF = ROOT / "deploy" / "nginx.conf"
+NGINX_COMPOSE = ROOT / "deploy" / "nginx-compose.conf"
+NGINX_PROXY = ROOT / "deploy" / "nginx-proxy.conf"
 DEPLOY_DOC = ROOT / "docs" / "DEPLOY.md"
 START_TIMEOUT = 30.0
 
@@ -635,7 +638,13 @@ class StrictLoader(yaml.SafeLoader):
 
 
 def _mapping_without_duplicates(loader: StrictLoader, node: yaml.MappingNode) -> dict:
-    keys = [loader.construct_object(key, deep=True) for key, _ in node.value]
+    # Merge keys (`<<: *anchor`, as compose.yaml uses) are not keys of their own: what they bring
+    # in may be overridden by the mapping's own keys, which must still be unique.
+    keys = [
+        loader.construct_object(key, deep=True)
+        for key, _ in node.value
+        if key.tag != "tag:yaml.org,2002:merge"
+    ]
     twice = sorted({str(k) for k in keys if keys.count(k) > 1})
     if twice:
         raise yaml.constructor.ConstructorError(
@@ -661,6 +670,13 @@ def test_yaml_loader_refuses_a_key_given_twice(tmp_path: Path):
     bad.write_text("a: 1\nb:\n  c: 2\n  c: 3\n")
     with pytest.raises(yaml.YAMLError, match="duplicate keys"):
         load_yaml(bad)
+    # A merge key brings an anchor's keys in; the mapping's own keys override them.
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("x: &base {a: 1, b: 2}\ny:\n  <<: *base\n  b: 3\n")
+    assert load_yaml(merged) == [{"x": {"a": 1, "b": 2}, "y": {"a": 1, "b": 3}}]
+    merged.write_text("x: &base {a: 1}\ny:\n  <<: *base\n  b: 3\n  b: 4\n")
+    with pytest.raises(yaml.YAMLError, match="duplicate keys"):
+        load_yaml(merged)
 
 
 def compose_service() -> dict:
@@ -674,11 +690,11 @@ def compose_grace() -> float:
     return seconds(compose_service()["stop_grace_period"])
 
 
-def kubernetes(app: str = "agent-chat") -> dict[str, dict]:
-    """deploy/kubernetes.yaml's objects of one app (label app.kubernetes.io/name), by kind (one
-    of each): the chat site's, or its Redis's."""
+def kubernetes(app: str = "agent-chat", path: Path = KUBERNETES) -> dict[str, dict]:
+    """A manifest's objects of one app (label app.kubernetes.io/name), by kind (one of each):
+    the chat site's, or its Redis's; deploy/kubernetes.yaml unless `path` names the other."""
     objects = {}
-    for doc in load_yaml(KUBERNETES):
+    for doc in load_yaml(path):
         if doc["metadata"].get("labels", {}).get("app.kubernetes.io/name") != app:
             continue
         assert doc["kind"] not in objects, f"two {doc['kind']} objects of {app}"
@@ -793,8 +809,307 @@ def test_kubernetes_manifest_runs_one_pod_of_workers_with_data_on_a_volume_and_a
         notes = ingress["metadata"]["annotations"]
         assert notes["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
         assert int(notes["nginx.ingress.kubernetes.io/proxy-read-timeout"]) > 15
+        assert megabytes(notes["nginx.ingress.kubernetes.io/proxy-body-size"]) >= body_limit_mb()
         backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
         assert backend["name"] == service["metadata"]["name"]
+
+
+# Many replicas: compose.yaml's `scale` profile, deploy/kubernetes-postgres.yaml ----------------
+
+SCALE = "scale"
+REPLICAS = ("replica-1", "replica-2")
+SNIPPET = "snippets/chat-proxy.conf"  # where both nginx sites include the shared settings from
+
+
+def compose_interpolate(text: str, env: dict[str, str]) -> str:
+    """compose.yaml's text with `${VAR}`, `${VAR:-default}`, `${VAR-default}` and the required
+    `${VAR:?error}` / `${VAR?error}` filled from `env`, as Compose does; `$$` is a literal `$`.
+    A required variable that is missing raises ValueError with its message."""
+
+    def fill(m: re.Match) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name, op, arg = m.group("name"), m.group("op") or "", m.group("arg") or ""
+        value = env.get(name)
+        empty = value is None or (op.startswith(":") and value == "")
+        if op.endswith("?") and empty:
+            raise ValueError(f"{name}: {arg}")
+        if op.endswith("-") and empty:
+            return arg
+        return value or ""
+
+    pattern = r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}"
+    return re.sub(pattern, fill, text)
+
+
+def megabytes(size: str) -> float:
+    """An nginx size ('11m', '512k', '1g', or bytes) in megabytes."""
+    found = re.fullmatch(r"(\d+)([kKmMgG]?)", size.strip())
+    assert found, f"bad size {size!r}"
+    return (
+        int(found.group(1)) * {"": 2**-20, "k": 2**-10, "m": 1, "g": 2**10}[found.group(2).lower()]
+    )
+
+
+def nginx_text(text: str) -> str:
+    """An nginx config without its comments."""
+    return re.sub(r"#[^\n]*", "", text)
+
+
+def nginx_directives(text: str, name: str) -> list[str]:
+    """The arguments of every `name ...;` directive in an nginx config (any block, any line)."""
+    statements = (s.split(None, 1) for s in re.split(r"[;{}]", nginx_text(text)))
+    return [" ".join(s[1].split()) if len(s) > 1 else "" for s in statements if s and s[0] == name]
+
+
+def nginx_locations(text: str) -> dict[str, str]:
+    """Each `location` block's match (`~ regex` or a prefix) and its body (no nested blocks)."""
+    return dict(re.findall(r"location\s+([^{]+?)\s*\{([^}]*)\}", nginx_text(text)))
+
+
+def upstream_servers(text: str) -> list[str]:
+    """The addresses of the `chat_app` upstream's servers."""
+    block = re.search(r"upstream\s+chat_app\s*\{([^}]*)\}", nginx_text(text))
+    assert block, "no `upstream chat_app` block"
+    return [s.split()[0] for s in nginx_directives(block.group(1), "server")]
+
+
+def body_limit_mb() -> float:
+    """The request body size the shared nginx settings allow, in megabytes."""
+    [size] = nginx_directives(NGINX_PROXY.read_text(), "client_max_body_size")
+    return megabytes(size)
+
+
+def test_compose_interpolation_emulation_on_examples():
+    env = {"A": "x", "E": ""}
+    assert compose_interpolate("${A} ${A:-d} ${B:-d} ${E:-d} ${E-d} $${A}", env) == "x x d d  ${A}"
+    assert compose_interpolate("${A:?need A}", env) == "x"
+    with pytest.raises(ValueError, match="need B"):
+        compose_interpolate("${B:?need B}", env)
+    with pytest.raises(ValueError, match="need E"):
+        compose_interpolate("${E:?need E}", env)
+
+
+def test_compose_default_set_up_needs_no_variable_and_no_profile():
+    # Compose fills in variables over the whole file before it sets aside the services of
+    # inactive profiles: a `${VAR:?}` anywhere, even in the scale profile, would stop the
+    # default `docker compose up` of a fresh clone with no .env.
+    text = COMPOSE.read_text()
+    [doc] = yaml.load_all(compose_interpolate(text, {}), Loader=StrictLoader)
+    services = doc["services"]
+    scale = {name for name, s in services.items() if SCALE in s.get("profiles", [])}
+    assert scale == {"postgres", *REPLICAS, "nginx"}
+    for name in set(services) - scale:
+        assert "profiles" not in services[name], name  # the default `up` starts them
+        assert not set(services[name].get("depends_on", {})) & scale, name
+        for env_file in services[name].get("env_file", []):
+            assert env_file["required"] is False, name
+    # With the profile on, everything a scale service depends on is there.
+    for name in scale:
+        for dep in services[name].get("depends_on", {}):
+            assert dep in scale or "profiles" not in services[dep], (name, dep)
+
+
+def test_compose_scale_replicas_share_postgres_and_redis_and_nothing_else():
+    [doc] = load_yaml(COMPOSE)
+    services = doc["services"]
+    one, two = (services[name] for name in REPLICAS)
+    assert one == two  # the same container twice: nothing in compose tells them apart
+    default = compose_service()
+    for key in ("build", "image", "healthcheck", "restart", "stop_signal", "stop_grace_period"):
+        assert one[key] == default[key], key
+    assert seconds(one["stop_grace_period"]) >= graceful_shutdown_seconds() + 10
+    # Stateless: no volume (none shared, none of their own), a read-only filesystem with a
+    # private /tmp, no published port (nginx is the way in), no SQLite path.
+    assert "volumes" not in one
+    assert one["read_only"] is True and one["tmpfs"] == ["/tmp"]
+    assert "ports" not in one
+    env = one["environment"]
+    assert "DB_PATH" not in env
+    # Secrets come from the (then required) .env file, never from compose.yaml itself.
+    assert one["env_file"] == [{"path": ".env", "required": True}]
+    assert "SECRET_KEY" not in env and "POSTGRES_PASSWORD" not in env
+    # Postgres: the URL names the service, its user, its database and the password from .env.
+    filled = compose_interpolate(env["DATABASE_URL"], {"POSTGRES_PASSWORD": "s3cret"})
+    db = urlsplit(filled)
+    assert db.scheme in ("postgresql", "postgres") and db.port == 5432
+    assert db.password == "s3cret"
+    postgres = services[db.hostname]
+    pg_env = postgres["environment"]
+    assert (db.username, db.path) == (pg_env["POSTGRES_USER"], "/" + pg_env["POSTGRES_DB"])
+    assert postgres["env_file"] == [{"path": ".env", "required": True}]  # POSTGRES_PASSWORD
+    image, _, tag = postgres["image"].partition(":")
+    assert image == "postgres" and int(tag.split(".")[0].split("-")[0]) >= 13, tag
+    [volume] = postgres["volumes"]
+    name, _, target = volume.partition(":")
+    assert target == "/var/lib/postgresql/data" and name in doc["volumes"]
+    health = postgres["healthcheck"]["test"]
+    assert health[:2] == ["CMD", "pg_isready"]
+    assert health[health.index("-U") + 1] == db.username
+    assert health[health.index("-d") + 1] == pg_env["POSTGRES_DB"]
+    # Redis: the compose one, in a database of its own (one per deployment).
+    redis = urlsplit(env["REDIS_URL"])
+    assert redis.hostname in services and "profiles" not in services[redis.hostname]
+    assert redis.path != urlsplit(default["environment"]["REDIS_URL"]).path
+    assert int(env["WORKERS"]) >= 1
+    for dep in (db.hostname, redis.hostname):
+        assert one["depends_on"][dep]["condition"] == "service_healthy", dep
+    # No volume is shared by two app containers (the default one's is its own).
+    app_volumes = [
+        {v.split(":")[0] for v in services[name].get("volumes", [])} for name in ("chat", *REPLICAS)
+    ]
+    assert all(not (a & b) for i, a in enumerate(app_volumes) for b in app_volumes[i + 1 :])
+
+
+def test_compose_scale_replicas_see_the_client_address_behind_nginx():
+    from chat.limits import client_address, parse_proxies
+
+    [doc] = load_yaml(COMPOSE)
+    env = doc["services"][REPLICAS[0]]["environment"]
+    proxies = parse_proxies(env["TRUSTED_PROXIES"].split(","))
+    nginx, host_proxy, client = "172.18.0.5", "172.18.0.1", "203.0.113.7"
+    # Straight to the compose nginx, or through a proxy on the host first.
+    assert client_address(nginx, client, proxies) == client
+    assert client_address(nginx, f"{client}, {host_proxy}", proxies) == client
+    # A client cannot pick its address by sending its own X-Forwarded-For.
+    assert client_address(nginx, f"198.51.100.9, {client}", proxies) == client
+
+
+def test_compose_scale_nginx_is_the_one_entry_point_to_both_replicas():
+    [doc] = load_yaml(COMPOSE)
+    services = doc["services"]
+    nginx = services["nginx"]
+    assert nginx["image"].split(":")[0] == "nginx"
+    for name in REPLICAS:
+        assert nginx["depends_on"][name]["condition"] == "service_healthy", name
+    # Published where the default set-up's app is, so deploy/nginx.conf on the host fits both.
+    [published] = nginx["ports"]
+    [default_port] = compose_service()["ports"]
+    assert published.rsplit(":", 1)[0] == default_port.rsplit(":", 1)[0]
+    [listen] = nginx_directives(NGINX_COMPOSE.read_text(), "listen")
+    assert published.rsplit(":", 1)[1] == listen
+    # The site and the shared settings are the repository's files, mounted read-only where the
+    # site includes them from (relative paths in nginx are relative to /etc/nginx).
+    mounts = {}
+    for volume in nginx["volumes"]:
+        source, target, mode = volume.split(":")
+        assert mode == "ro" and (ROOT / source).is_file(), volume
+        mounts[target] = (ROOT / source).resolve()
+    assert mounts["/etc/nginx/conf.d/default.conf"] == NGINX_COMPOSE
+    [include] = nginx_directives(NGINX_COMPOSE.read_text(), "include")
+    assert mounts[posixpath.join("/etc/nginx", include)] == NGINX_PROXY
+    # Both replicas, on the app's port, and no affinity of any kind.
+    port = services[REPLICAS[0]]["environment"]["PORT"]
+    assert sorted(upstream_servers(NGINX_COMPOSE.read_text())) == [f"{r}:{port}" for r in REPLICAS]
+    for sticky in ("ip_hash", "hash", "sticky", "least_conn"):
+        assert not nginx_directives(NGINX_COMPOSE.read_text(), sticky), sticky
+    assert nginx_directives(NGINX_COMPOSE.read_text(), "keepalive")
+    assert "/health" in " ".join(nginx["healthcheck"]["test"])
+
+
+def test_nginx_sites_share_one_set_of_proxy_settings():
+    from web import links
+
+    for site in (NGINX_CONF, NGINX_COMPOSE):
+        text = site.read_text()
+        assert nginx_directives(text, "include") == [SNIPPET], site.name
+        # The proxying is written once, in the shared file: a site adds none of its own.
+        assert not re.search(r"(?m)^\s*(proxy_\w+|client_max_body_size|gzip)\s", nginx_text(text))
+        assert nginx_directives(text, "keepalive"), site.name
+    proxy = NGINX_PROXY.read_text()
+    # HTTP/1.1 with an empty Connection header: upstream keepalive works.
+    assert nginx_directives(proxy, "proxy_http_version") == ["1.1"]
+    assert 'Connection ""' in nginx_directives(proxy, "proxy_set_header")
+    assert "Host $http_host" in nginx_directives(proxy, "proxy_set_header")
+    # An attachment of the largest allowed size, with its multipart wrapping, gets through.
+    assert body_limit_mb() * 2**20 >= Settings().max_attachment_bytes + 2**20
+    # Every stream the app serves lands in a location that neither buffers nor compresses it,
+    # and waits well past the app's heartbeat.
+    locations = nginx_locations(proxy)
+    streams = [
+        links.url(links.STREAM, cid="a1B2c3", tid=12),
+        "/api/chat",
+        "/api/chat/a1B2c3/stream",
+        "/api/ag-ui",
+    ]
+    for path in streams:
+        regex = [m[1:].strip() for m in locations if m.startswith("~")]
+        matched = [r for r in regex if re.search(r, path)]
+        assert len(matched) == 1, (path, regex)
+        body = locations["~ " + matched[0]]
+        assert nginx_directives(body, "proxy_buffering") == ["off"], path
+        assert nginx_directives(body, "gzip") == ["off"], path
+        assert nginx_directives(body, "proxy_pass") == ["http://chat_app"], path
+        [timeout] = nginx_directives(body, "proxy_read_timeout")
+        assert seconds(timeout) > 4 * Settings().heartbeat, path
+    for path in ("/", "/c/a1B2c3", "/api/conversations", "/send"):
+        assert not any(re.search(m[1:].strip(), path) for m in locations if m.startswith("~"))
+    assert nginx_directives(locations["/"], "proxy_pass") == ["http://chat_app"]
+
+
+def test_kubernetes_postgres_variant_runs_stateless_replicas_with_rolling_updates():
+    for doc in load_yaml(KUBERNETES_POSTGRES):
+        # Postgres and Redis are the operator's: the file holds the chat site only.
+        assert doc["metadata"]["labels"]["app.kubernetes.io/name"] == "agent-chat", doc["kind"]
+    objects = kubernetes(path=KUBERNETES_POSTGRES)
+    assert {"Deployment", "Secret", "Service", "PodDisruptionBudget"} <= set(objects)
+    assert "PersistentVolumeClaim" not in objects
+    deploy, secret, service = (objects[k] for k in ("Deployment", "Secret", "Service"))
+    spec = deploy["spec"]
+    assert spec["replicas"] >= 3
+    # A new pod before an old one goes, one at a time; never all stopped at once.
+    assert spec["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+    }
+    labels = spec["template"]["metadata"]["labels"]
+    assert spec["selector"]["matchLabels"].items() <= labels.items()
+    assert service["spec"]["selector"].items() <= labels.items()
+    pdb = objects["PodDisruptionBudget"]["spec"]
+    assert pdb["selector"]["matchLabels"].items() <= labels.items()
+    assert pdb.get("maxUnavailable") == 1 or pdb.get("minAvailable", 0) < spec["replicas"]
+    pod = spec["template"]["spec"]
+    # No shared (or any persistent) volume: only scratch space.
+    assert all(set(v) == {"name", "emptyDir"} for v in pod["volumes"]), pod["volumes"]
+    [container] = pod["containers"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert [m["mountPath"] for m in container["volumeMounts"]] == ["/tmp"]
+    env = {e["name"]: e for e in container["env"]}
+    assert "DB_PATH" not in env
+    values = {**secret.get("stringData", {})}
+    for name in ("DATABASE_URL", "REDIS_URL", "SECRET_KEY", "OPENAI_API_KEY"):
+        ref = env[name]["valueFrom"]["secretKeyRef"]
+        assert ref["name"] == secret["metadata"]["name"] and ref["key"] in values, name
+        assert "value" not in env[name], name
+    assert urlsplit(values["DATABASE_URL"]).scheme in ("postgresql", "postgres")
+    assert urlsplit(values["REDIS_URL"]).scheme in ("redis", "rediss")
+    # Ready only while taking replies (503 once draining); alive while the process answers.
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["http"] == int(env["PORT"]["value"])
+    for probe, path in (("readinessProbe", "/ready"), ("livenessProbe", "/health")):
+        get = container[probe]["httpGet"]
+        assert get["path"] == path and get["port"] in ("http", ports["http"]), probe
+    # The pause before SIGTERM, then the drain and the save, all inside the grace period.
+    pause = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert pause[0] == "sleep"
+    grace = pod["terminationGracePeriodSeconds"]
+    assert grace > Settings().drain_grace
+    assert grace >= float(pause[1]) + graceful_shutdown_seconds() + 10
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    ingress = objects["Ingress"]
+    notes = ingress["metadata"]["annotations"]
+    assert not [k for k in notes if "affinity" in k or "sticky" in k]
+    assert notes["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
+    assert int(notes["nginx.ingress.kubernetes.io/proxy-read-timeout"]) > 4 * Settings().heartbeat
+    assert megabytes(notes["nginx.ingress.kubernetes.io/proxy-body-size"]) >= body_limit_mb()
+    # The variants replace each other: the same names, so applying one file takes over.
+    single = kubernetes()
+    for kind in ("Deployment", "Service", "Secret", "Ingress"):
+        assert objects[kind]["metadata"]["name"] == single[kind]["metadata"]["name"], kind
+    # What it needs from Postgres and Redis is written down where the operator reads it.
+    text = KUBERNETES_POSTGRES.read_text()
+    for needed in ("Postgres 13", "CREATE", "advisory lock", "One Redis database per deployment"):
+        assert needed in text, needed
 
 
 # The docs --------------------------------------------------------------------------------------
@@ -843,6 +1158,13 @@ def render_nginx(text: str, *, app_port: int, http_port: int, https_port: int, t
     return text
 
 
+def install_proxy_snippet(prefix: Path) -> None:
+    """deploy/nginx-proxy.conf where the sites include it from: relative paths in nginx are
+    relative to the main config's directory (/etc/nginx when installed, `prefix` here)."""
+    (prefix / SNIPPET).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(NGINX_PROXY, prefix / SNIPPET)
+
+
 def nginx_main_conf(prefix: Path, site: Path) -> str:
     """A minimal nginx.conf around the site file: temp paths in `prefix`, and Debian's default of
     gzip on, so the stream location has to hold its own against it."""
@@ -876,6 +1198,7 @@ def nginx_in_front(app_port: int, tmp: Path) -> Iterator[tuple[int, int, Path]]:
         check=True, capture_output=True, timeout=30,
     )  # fmt: skip
     https_port, http_port = free_port(), free_port()
+    install_proxy_snippet(tmp)
     site = tmp / "chat.conf"
     site.write_text(
         render_nginx(
