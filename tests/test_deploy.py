@@ -1047,6 +1047,26 @@ def test_nginx_sites_share_one_set_of_proxy_settings():
     assert nginx_directives(locations["/"], "proxy_pass") == ["http://chat_app"]
 
 
+PG_MAX_CONNECTIONS = 100  # PostgreSQL's default max_connections
+PG_RESERVED = 20  # left for superuser_reserved_connections, pg_dump, psql, monitoring
+
+
+def test_replicas_connections_fit_in_postgres_default_max_connections():
+    # Each worker process opens up to DATABASE_POOL_SIZE connections (by default as many as
+    # its thread pool has threads: up to 32 each), so the deploy files must set it, and the
+    # most processes they run at once, times that, must leave Postgres room.
+    [doc] = load_yaml(COMPOSE)
+    compose_env = [doc["services"][name]["environment"] for name in REPLICAS]
+    compose_total = sum(int(e["WORKERS"]) * int(e["DATABASE_POOL_SIZE"]) for e in compose_env)
+    deploy = kubernetes(path=KUBERNETES_POSTGRES)["Deployment"]["spec"]
+    [container] = deploy["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    pods = deploy["replicas"] + deploy["strategy"]["rollingUpdate"]["maxSurge"]
+    k8s_total = pods * int(env["WORKERS"]) * int(env["DATABASE_POOL_SIZE"])
+    for total in (compose_total, k8s_total):
+        assert total <= PG_MAX_CONNECTIONS - PG_RESERVED, total
+
+
 def test_kubernetes_postgres_variant_runs_stateless_replicas_with_rolling_updates():
     for doc in load_yaml(KUBERNETES_POSTGRES):
         # Postgres and Redis are the operator's: the file holds the chat site only.
