@@ -1196,7 +1196,8 @@ def nginx_main_conf(prefix: Path, site: Path) -> str:
     return f"""{user}worker_processes 1;
 events {{ worker_connections 128; }}
 http {{
-    access_log {prefix / "access.log"};
+    log_format upstreams '$upstream_addr $request_method $uri $status';
+    access_log {prefix / "access.log"} upstreams;
 {temp}
     gzip on;
     gzip_types text/event-stream text/plain application/json;
@@ -1206,9 +1207,37 @@ http {{
 
 
 @contextlib.contextmanager
+def running_nginx(prefix: Path, site_text: str, port: int) -> Iterator[Path]:
+    """A real nginx with `site_text` as its one site (and the shared proxy settings where the
+    site includes them from), all in `prefix`, until the block ends; it has passed `nginx -t`
+    and listens on `port`. Yields its access log: `upstream method path status` per line."""
+    nginx = tool("nginx", "the reverse-proxy test runs the shipped nginx config")
+    install_proxy_snippet(prefix)
+    site = prefix / "chat.conf"
+    site.write_text(site_text)
+    conf = prefix / "nginx.conf"
+    conf.write_text(nginx_main_conf(prefix, site))
+    argv = [nginx, "-p", str(prefix), "-c", str(conf), "-g",
+            f"daemon off; pid {prefix / 'nginx.pid'}; error_log stderr;"]  # fmt: skip
+    check = subprocess.run([*argv, "-t"], capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check.stderr
+    log = prefix / "nginx.log"
+    with open(log, "wb") as out, started(argv, prefix, dict(os.environ), out) as proc:
+        deadline = time.monotonic() + 10
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"nginx exited:\n{log.read_text()}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                break
+            if time.monotonic() > deadline:
+                pytest.fail(f"nginx did not listen:\n{log.read_text()}")
+            time.sleep(0.05)
+        yield prefix / "access.log"
+
+
+@contextlib.contextmanager
 def nginx_in_front(app_port: int, tmp: Path) -> Iterator[tuple[int, int, Path]]:
     """nginx running deploy/nginx.conf in front of the app: (https port, http port, CA file)."""
-    nginx = tool("nginx", "the reverse-proxy test runs the shipped nginx config")
     openssl = tool("openssl", "the reverse-proxy test makes a TLS certificate")
     tmp.mkdir()
     subprocess.run(
@@ -1218,37 +1247,14 @@ def nginx_in_front(app_port: int, tmp: Path) -> Iterator[tuple[int, int, Path]]:
         check=True, capture_output=True, timeout=30,
     )  # fmt: skip
     https_port, http_port = free_port(), free_port()
-    install_proxy_snippet(tmp)
-    site = tmp / "chat.conf"
-    site.write_text(
-        render_nginx(
-            NGINX_CONF.read_text(),
-            app_port=app_port,
-            http_port=http_port,
-            https_port=https_port,
-            tls=tmp,
-        )
+    site = render_nginx(
+        NGINX_CONF.read_text(),
+        app_port=app_port,
+        http_port=http_port,
+        https_port=https_port,
+        tls=tmp,
     )
-    conf = tmp / "nginx.conf"
-    conf.write_text(nginx_main_conf(tmp, site))
-    argv = [nginx, "-p", str(tmp), "-c", str(conf), "-g",
-            f"daemon off; pid {tmp / 'nginx.pid'}; error_log stderr;"]  # fmt: skip
-    check = subprocess.run([*argv, "-t"], capture_output=True, text=True, timeout=30)
-    assert check.returncode == 0, check.stderr
-    log = tmp / "nginx.log"
-    with open(log, "wb") as out, started(argv, tmp, dict(os.environ), out) as proc:
-        deadline = time.monotonic() + 10
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"nginx exited:\n{log.read_text()}")
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", https_port), 1),
-            ):
-                break
-            if time.monotonic() > deadline:
-                pytest.fail(f"nginx did not listen:\n{log.read_text()}")
-            time.sleep(0.05)
+    with running_nginx(tmp, site, https_port):
         yield https_port, http_port, tmp / "cert.pem"
 
 
