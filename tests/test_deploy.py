@@ -1150,6 +1150,45 @@ def test_deploy_doc_covers_every_setting():
         assert needed in doc, needed
 
 
+def test_docs_describe_the_postgres_mode_with_commands_that_match_the_files():
+    doc = DEPLOY_DOC.read_text()
+    section = doc[doc.index("## Many machines: Postgres") :]
+    for needed in [
+        "DATABASE_URL=postgresql://",
+        "SECRET_KEY",
+        "REDIS_URL",
+        "PostgreSQL 13",
+        "websearch_to_tsquery",
+        "CREATE",
+        "advisory lock",
+        "pg_dump --format=custom",
+        "manage.py check",
+        "deploy/kubernetes-postgres.yaml",
+        "DATABASE_POOL_SIZE",
+    ]:
+        assert needed in section, needed
+    # The compose commands name the profile and services compose.yaml has.
+    [compose] = load_yaml(COMPOSE)
+    for command in re.findall(r"docker compose --profile (\S+) ([^\n]+)", doc):
+        profile, rest = command
+        assert any(profile in s.get("profiles", []) for s in compose["services"].values()), profile
+        named = re.findall(
+            r"(?:exec(?: -T)?|up -d(?: --build| --no-deps)*|build) ([a-z0-9-]+)", rest
+        )
+        for service in named:
+            assert service in compose["services"], service
+    # Every file the table of shipped files names exists.
+    for name in re.findall(r"^\| `([^`]+)` \|", doc, re.M):
+        if "/" in name or "." in name:
+            assert (ROOT / name).exists(), name
+    # The README names the three modes and sends readers to the guide, quick start unchanged.
+    readme = (ROOT / "README.md").read_text()
+    deploy = readme[readme.index("## Deploy") : readme.index("## API")]
+    assert "DATABASE_URL" in deploy and "docs/DEPLOY.md" in deploy and "--profile scale" in deploy
+    quick = readme[readme.index("## Quick start") : readme.index("## What you get")]
+    assert re.findall(r"(?m)^uv run \S+", quick) == ["uv run main.py", "uv run pytest"]
+
+
 # nginx in front of the app -----------------------------------------------------------------------
 
 
