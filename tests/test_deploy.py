@@ -1132,6 +1132,21 @@ def test_kubernetes_postgres_variant_runs_stateless_replicas_with_rolling_update
         assert needed in text, needed
 
 
+def test_ci_runs_the_whole_suite_on_both_stores_and_fails_if_either_fails():
+    script = (ROOT / ".ci" / "run").read_text()
+    check = subprocess.run(["bash", "-n", str(ROOT / ".ci" / "run")], capture_output=True)
+    assert check.returncode == 0, check.stderr
+    assert re.search(r"(?m)^set -euo pipefail$", script)  # any failing step ends CI, failing
+    commands = [line.strip() for line in script.splitlines() if "uv run pytest" in line]
+    # The README's test command, then the same on Postgres; neither narrowed by -m or -k.
+    assert commands[-2:] == ["uv run pytest", "TEST_DATABASE=postgres uv run pytest"], commands
+    # The server binaries the tests start Postgres from are installed when missing, and the
+    # package's own cluster is not left running.
+    install = script[script.index("tests/postgres_server.py") : script.index("== syncing")]
+    assert "apt-get install" in install and "postgresql" in install
+    assert "policy-rc.d" in install and "exit 101" in install
+
+
 # The docs --------------------------------------------------------------------------------------
 
 
