@@ -82,13 +82,14 @@ class Stack:
 
 @contextlib.contextmanager
 def scale_stack(root: Path, fake: FakeOpenAI, redis_url: str) -> Iterator[Stack]:
-    """The `scale` profile on this machine: two replicas on one database and one Redis, with
-    one session key, and deploy/nginx-compose.conf in front of them."""
+    """The `scale` profile on this machine: two replicas on one database and one Redis, and
+    deploy/nginx-compose.conf in front of them. They sign sessions with one key: the key file
+    beside the shared SQLite database, or on Postgres the SECRET_KEY tests/live.py gives every
+    app on that database."""
     env = {
         "REDIS_URL": redis_url,
         "OPENAI_BASE_URL": fake.base_url,
         "OPENAI_API_KEY": "test",
-        "SECRET_KEY": "replicas-share-this-key",
         "DRAIN_GRACE": "5",
     }
     replicas: dict[str, SharedApp] = {}
