@@ -66,6 +66,7 @@ TS_CONFIG = "chat_english"
 HEADLINE = "StartSel=\x02, StopSel=\x03, MaxWords=12, MinWords=6, ShortWord=0, MaxFragments=1"
 # A lexeme in tsquery text: quoted, with quotes inside doubled.
 _LEXEME = re.compile(r"'((?:[^']|'')*)'")
+_WORD = re.compile(r"\w")
 # How long `cache_html` waits for a row lock before it gives the write up.
 CACHE_LOCK_TIMEOUT = "50ms"
 
@@ -714,7 +715,7 @@ class PostgresStore:
                         "conversation_id": cid,
                         "title": title,
                         "created_at": stamp,
-                        "snippet": _ellipsis(snippet, text),
+                        "snippet": _snippet(snippet, text),
                     }
                 )
         return titles + hits
@@ -1068,15 +1069,23 @@ def _last_as_prefix(tsquery: str) -> str:
     return tsquery[:end] + ":*" + tsquery[end:]
 
 
-def _ellipsis(snippet: str, text: str) -> str:
-    """Mark a snippet that starts after or ends before its text with '…', as SQLite's does."""
-    plain = snippet.replace("\x02", "").replace("\x03", "")
-    if not plain or plain == text:
-        return snippet
+def _snippet(headline: str, text: str) -> str:
+    """`ts_headline`'s fragment of `text`, marked as SQLite's `snippet` marks one.
+
+    A word that SQLite reads as a phrase of tokens (well-known, O'Neil) is one marked span
+    there; ts_headline marks each token, so marks split only by punctuation are joined. The
+    fragment runs to the text's start or end when only punctuation or spaces are left out
+    there (ts_headline drops them, SQLite keeps them), else '…' shows the text goes on.
+    """
+    headline = re.sub(r"\x03([^\s\w\x02\x03]+)\x02", r"\1", headline)
+    plain = headline.replace("\x02", "").replace("\x03", "")
     start = text.find(plain)
-    before = "…" if start > 0 else ""
-    after = "…" if start < 0 or start + len(plain) < len(text) else ""
-    return before + snippet + after
+    if not plain or start < 0:
+        return headline
+    head, tail = text[:start], text[start + len(plain) :]
+    head = "…" if _WORD.search(head) else head
+    tail = "…" if _WORD.search(tail) else tail
+    return head + headline + tail
 
 
 # integrity(): every reference between rows that the app relies on, with what it means.

@@ -113,7 +113,10 @@ def start_postgres(directory: Path) -> tuple[str, Callable[[], None]]:
                 "--username", USER,
                 "--auth", "trust",
                 "--encoding", "UTF8",
-                "--locale", "C",
+                # C collation (byte order, as SQLite compares text) with UTF-8 character
+                # classes, so search folds the case of every letter, as SQLite's does.
+                "--lc-collate", "C",
+                "--lc-ctype", "C.UTF-8",
                 "--no-sync",
             ],
             check=True,
