@@ -42,6 +42,7 @@ from pydantic_ai.messages import ModelMessage
 import chat.store as base
 from chat.pg_migrations import migrate
 from chat.store import FINISHED, INTERRUPTED, SQLITE_INT, _with_reply, dump_messages, load_messages
+from chat.stores import BackupElsewhere
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +89,9 @@ class StoreError(sqlite3.DatabaseError):
     """Any other database error, so `except sqlite3.Error` around a store call still works."""
 
 
-class PgBackupError(RuntimeError):
-    """`backup` is not done by the app on Postgres: the message says how to run pg_dump."""
-
-
 BACKUP_HINT = (
-    "backups of a Postgres database are made with pg_dump, not by the app: "
+    "The conversations are in Postgres (DATABASE_URL): back them up with pg_dump, which takes "
+    "a consistent copy while the app serves: "
     'pg_dump --format=custom --file=chat.dump "$DATABASE_URL" '
     '(restore into an empty database with: pg_restore --dbname="$DATABASE_URL" chat.dump)'
 )
@@ -174,7 +172,7 @@ class PostgresStore:
 
     def backup(self, target: str | Path) -> Path:
         """Not done by the app on Postgres: raises, saying how to run pg_dump instead."""
-        raise PgBackupError(BACKUP_HINT)
+        raise BackupElsewhere(BACKUP_HINT)
 
     def integrity(self) -> str:
         """'ok' when every reference between rows holds, else what does not (one per line)."""
