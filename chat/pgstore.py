@@ -63,7 +63,11 @@ ATTACHMENT_META = "id, owner, turn_id, name, media_type, size, created_at"
 # The text search configuration made by chat/pg_migrations.py (stemming, no stop words).
 TS_CONFIG = "chat_english"
 # ts_headline options that come closest to SQLite's `snippet(..., '…', 12)`: about 12 words
-# around the hits, every word kept (ShortWord=0), one fragment; the '…' is added in Python.
+# around the hits, every word kept (ShortWord=0), one fragment; the '…' is added in Python. A
+# text of at most 12 tokens (as SQLite counts them: runs of letters and digits) is shown whole,
+# as SQLite shows it, whatever ts_headline would count.
+SNIPPET_TOKENS = 12
+WHOLE_HEADLINE = "StartSel=\x02, StopSel=\x03, HighlightAll=true"
 HEADLINE = "StartSel=\x02, StopSel=\x03, MaxWords=12, MinWords=6, ShortWord=0, MaxFragments=1"
 # A lexeme in tsquery text: quoted, with quotes inside doubled.
 _LEXEME = re.compile(r"'((?:[^']|'')*)'")
@@ -680,42 +684,43 @@ class PostgresStore:
             return []
         titles = self._search_titles(owner, words, min(limit, 10))
         with self._conn() as conn:
-            every, some = _tsqueries(conn, words)
-            if every is None:
+            queries = _tsqueries(conn, words)
+            if queries is None:  # no word has a searchable token ("!!!"): nothing matches
                 return titles
+            # The hits first, then each one's snippet: ts_headline reads the whole text, so it
+            # runs on the page of hits only, from the column where the words are (SQLite's
+            # snippet picks its column the same way).
             rows = conn.execute(
-                "select t.id, t.conversation_id, c.title, t.created_at, t.user_text, "
-                "t.reply_text, ts_rank(to_tsvector(%(cfg)s::regconfig, t.user_text), "
+                "select id, conversation_id, title, created_at, text, "
+                "ts_headline(%(cfg)s::regconfig, text, %(marks)s::tsquery, "
+                "case when (select count(*) from regexp_matches(text, '[[:alnum:]]+', 'g')) "
+                "<= %(words)s then %(whole)s else %(opts)s end) "
+                "from (select t.id, t.conversation_id, c.title, t.created_at, "
+                "case when ts_rank(to_tsvector(%(cfg)s::regconfig, t.user_text), "
                 "%(some)s::tsquery) >= ts_rank(to_tsvector(%(cfg)s::regconfig, "
                 "coalesce(t.reply_text, '')), %(some)s::tsquery) "
+                "then t.user_text else coalesce(t.reply_text, '') end as text, "
+                "ts_rank(t.search, %(every)s::tsquery, 1) as rank "
                 "from turns t join conversations c on c.id = t.conversation_id "
                 "where t.search @@ %(every)s::tsquery and c.owner = %(owner)s "
                 "and c.deleted_at is null "
-                "order by ts_rank(t.search, %(every)s::tsquery, 1) desc, t.id limit %(limit)s",
+                "order by rank desc, t.id limit %(limit)s) hits "
+                "order by rank desc, id",
                 {
                     "cfg": TS_CONFIG,
-                    "every": every,
-                    "some": some,
+                    "opts": HEADLINE,
+                    "whole": WHOLE_HEADLINE,
+                    "words": SNIPPET_TOKENS,
                     "owner": owner,
                     "limit": max(limit - len(titles), 0),
+                    **queries,
                 },
             ).fetchall()
-            hits = []
-            for tid, cid, title, stamp, user_text, reply_text, in_user in rows:
-                text = user_text if in_user else reply_text or ""
-                snippet = conn.execute(
-                    "select ts_headline(%s::regconfig, %s, %s::tsquery, %s)",
-                    [TS_CONFIG, text, some, HEADLINE],
-                ).fetchone()[0]
-                hits.append(
-                    {
-                        "turn_id": tid,
-                        "conversation_id": cid,
-                        "title": title,
-                        "created_at": stamp,
-                        "snippet": _snippet(snippet, text),
-                    }
-                )
+        keys = ("turn_id", "conversation_id", "title", "created_at")
+        hits = [
+            {**dict(zip(keys, row[:4], strict=True)), "snippet": _snippet(row[5], row[4])}
+            for row in rows
+        ]
         return titles + hits
 
     def _search_titles(self, owner: str, words: list[str], limit: int) -> list[dict]:
@@ -1041,22 +1046,31 @@ def _chain(cols: str, order: str, bound: str) -> str:
     )
 
 
-def _tsqueries(conn: psycopg.Connection, words: list[str]) -> tuple[str | None, str | None]:
-    """The tsquery text matching every word (None if no word has a searchable token), and the
-    one matching any of them (to choose the column a snippet is taken from).
+def _tsqueries(conn: psycopg.Connection, words: list[str]) -> dict[str, str] | None:
+    """The tsquery texts for `words` (None if no word has a searchable token): `every` (what a
+    hit must match: every word), `some` (any word: to choose a snippet's column) and `marks`
+    (what ts_headline marks).
 
     Each word is quoted for `websearch_to_tsquery` (its own quotes dropped), so it is read as a
     phrase of its tokens, never as an operator (`or`, `-`), just as SQLite's search quotes it.
+    In `marks`, a phrase's last token is no prefix: ts_headline marks matching tokens wherever
+    they are, and "don't" would otherwise mark every word starting with "t".
     """
     phrases = ['"' + w.replace('"', " ") + '"' for w in words]
     rows = conn.execute(
         "select websearch_to_tsquery(%s::regconfig, w)::text from unnest(%s::text[]) as w",
         [TS_CONFIG, phrases],
     ).fetchall()
-    parts = [_last_as_prefix(text) for (text,) in rows if text]
-    if not parts:
-        return None, None
-    return " & ".join(f"( {p} )" for p in parts), " | ".join(f"( {p} )" for p in parts)
+    parsed = [text for (text,) in rows if text]
+    if not parsed:
+        return None
+    prefixed = [_last_as_prefix(p) for p in parsed]
+    marked = [_last_as_prefix(p) if len(_LEXEME.findall(p)) == 1 else p for p in parsed]
+    return {
+        "every": " & ".join(f"( {p} )" for p in prefixed),
+        "some": " | ".join(f"( {p} )" for p in prefixed),
+        "marks": " | ".join(f"( {p} )" for p in marked),
+    }
 
 
 def _last_as_prefix(tsquery: str) -> str:
