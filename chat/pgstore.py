@@ -36,6 +36,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import psycopg
+from psycopg.types.string import StrDumperUnknown
 from psycopg_pool import ConnectionPool
 from pydantic_ai.messages import ModelMessage
 
@@ -72,6 +73,9 @@ HEADLINE = "StartSel=\x02, StopSel=\x03, MaxWords=12, MinWords=6, ShortWord=0, M
 # A lexeme in tsquery text: quoted, with quotes inside doubled.
 _LEXEME = re.compile(r"'((?:[^']|'')*)'")
 _WORD = re.compile(r"\w")
+# How long a store call waits for a free connection, and start-up for the database to answer.
+POOL_WAIT = 10.0
+START_WAIT = 30.0
 # How long `cache_html` waits for a row lock before it gives the write up.
 CACHE_LOCK_TIMEOUT = "50ms"
 
@@ -114,6 +118,19 @@ def _translated() -> Iterator[None]:
         raise StoreError(str(exc).strip()) from exc
 
 
+class _NulFreeText(StrDumperUnknown):
+    """Text parameters with NUL characters replaced by U+FFFD: Postgres text cannot hold NUL
+    (SQLite's can), and a message, title or search typed with one must be stored or searched,
+    not fail. The only place the two stores may store different text."""
+
+    def dump(self, obj: str) -> bytes:
+        return super().dump(obj.replace("\x00", "\ufffd") if "\x00" in obj else obj)
+
+
+def _configure(conn: psycopg.Connection) -> None:
+    conn.adapters.register_dumper(str, _NulFreeText)
+
+
 def _rows(cur: psycopg.Cursor) -> list[dict]:
     names = [c.name for c in cur.description]
     return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
@@ -126,17 +143,21 @@ class PostgresStore:
         self.url = url
         size = pool_size or default_pool_size()
         # Autocommit: a read is one round trip; every write opens its own transaction (`_tx`).
+        # Each connection is checked as it is taken from the pool, so after a database restart
+        # or a failover the store reconnects instead of failing one request per old connection.
         self._pool = ConnectionPool(
             url,
             min_size=1,
             max_size=max(size, 1),
             kwargs={"autocommit": True},
+            check=ConnectionPool.check_connection,
+            configure=_configure,
             open=False,
             name="chat",
-            timeout=30,
+            timeout=POOL_WAIT,
         )
         with _translated():
-            self._pool.open(wait=True, timeout=30)
+            self._pool.open(wait=True, timeout=START_WAIT)
             with self._pool.connection() as conn:
                 if applied := migrate(conn):
                     log.info("postgres schema: applied %s", ", ".join(applied))
