@@ -254,3 +254,17 @@ def test_database_url_needs_secret_key(tmp_path):
     )
     assert done.returncode == 2
     assert "SECRET_KEY must be set" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_live_apps_run_on_postgres_in_the_postgres_run(tmp_path, postgres_server, monkeypatch):
+    """TEST_DATABASE=postgres reaches the app processes tests/live.py starts: they store in a
+    Postgres schema of their own, signed with a session key of their own, and no SQLite file."""
+    from tests.live import HtmxClient, running_app
+
+    monkeypatch.setenv("TEST_DATABASE", "postgres")
+    monkeypatch.setenv("TEST_POSTGRES_URL", postgres_server)
+    with running_app(tmp_path / "app", model=None) as app, HtmxClient(app.url) as browser:
+        sent = browser.send("Hello over Postgres")
+        browser.follow(sent.stream_url, sent.close_event)
+        assert [t["user_text"] for t in app.turns()] == ["Hello over Postgres"]
+    assert not app.db_path.exists() and not (tmp_path / "app" / ".secret_key").exists()
