@@ -14,6 +14,11 @@ from typing import Protocol, runtime_checkable
 from pydantic_ai.messages import ModelMessage
 
 
+class BackupElsewhere(RuntimeError):
+    """Raised by `Store.backup` when the app does not copy this database itself (Postgres):
+    the message says how to back it up instead."""
+
+
 @runtime_checkable
 class Store(Protocol):
     """Conversations, turns (a user message and its reply, as pydantic-ai messages), accounts."""
