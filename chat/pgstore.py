@@ -171,8 +171,14 @@ class PostgresStore:
             name="chat",
             timeout=POOL_WAIT,
         )
-        with _translated():
+        try:
             pool.open(wait=True, timeout=START_WAIT)
+        except psycopg.OperationalError as exc:  # PoolTimeout: no connection could be made
+            pool.close()
+            raise Unavailable(
+                f"the Postgres database at DATABASE_URL did not answer within {START_WAIT:.0f} s "
+                "(is it running and reachable, and are the user, password and database right?)"
+            ) from exc
         return pool
 
     def _current_pool(self) -> ConnectionPool:
