@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 import re
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +21,8 @@ from starlette.testclient import TestClient
 from chat.agent import INSTRUCTIONS, build_agent
 from chat.config import Settings
 from chat.runs import RunManager
-from chat.store import ChatStore
+from chat.stores import open_store
+from tests.postgres_server import fresh_database_url, postgres_server  # noqa: F401
 
 # Unit and route tests never reach a real model: only FunctionModels may answer.
 pydantic_ai.models.ALLOW_MODEL_REQUESTS = False
@@ -280,21 +282,136 @@ def cheap_password_hashing(monkeypatch):
 
 
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    """Settings on a fresh database, with a fixed session key and no configured model."""
+def settings(tmp_path: Path, database_url: str) -> Settings:
+    """Settings on a fresh database, with a fixed session key and no configured model.
+
+    The database is a SQLite file, or a fresh Postgres schema (`database_url`) when the test
+    runs on Postgres (TEST_DATABASE=postgres, or the `postgres` case of a store test).
+    """
     # "testserver" is the Host TestClient sends; the app otherwise answers only local names.
     hosts = ("localhost", "127.0.0.1", "::1", "testserver")
     return Settings.from_env(
-        {}, db_path=tmp_path / "chat.db", secret_key="test", allowed_hosts=hosts
+        {},
+        db_path=tmp_path / "chat.db",
+        secret_key="test",
+        allowed_hosts=hosts,
+        database_url=database_url,
     )
 
 
 @pytest.fixture
 def store(settings: Settings):
-    """The chat store on the test's fresh database."""
-    s = ChatStore(settings.db_path)
+    """The chat store on the test's fresh database: each test that uses it runs twice, on
+    SQLite and on Postgres (see `backend`)."""
+    s = open_store(settings)
     yield s
     s.close()
+
+
+# Both backends (issue 17) -----------------------------------------------------------------
+# Every test that uses `store` runs on SQLite and on Postgres (ids `[sqlite]`, `[postgres]`);
+# TEST_DATABASE=postgres runs every other test (route tests, live servers) on Postgres too.
+# A test about SQLite itself (its file, WAL, VACUUM INTO, its migrations) is marked
+# `sqlite_only`: it runs on SQLite only, and is skipped, saying so, in the Postgres run.
+BACKENDS = ("sqlite", "postgres")
+TEST_DATABASE = os.environ.get("TEST_DATABASE", "sqlite").strip().lower() or "sqlite"
+if TEST_DATABASE not in BACKENDS:
+    raise pytest.UsageError(f"TEST_DATABASE must be one of {BACKENDS}, not {TEST_DATABASE!r}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the `sqlite_only` marker."""
+    config.addinivalue_line(
+        "markers", "sqlite_only(reason): tests SQLite itself; not run on Postgres"
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Run each test that uses the `store` fixture once per backend."""
+    if "store" in metafunc.fixturenames and "backend" in metafunc.fixturenames:
+        only_sqlite = metafunc.definition.get_closest_marker("sqlite_only") is not None
+        params = ("sqlite",) if only_sqlite else BACKENDS
+        metafunc.parametrize("backend", params, indirect=True)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """In the Postgres run, skip (saying why) a `sqlite_only` test that is not a `store` test
+    running its SQLite case."""
+    marker = item.get_closest_marker("sqlite_only")
+    if marker is None or TEST_DATABASE != "postgres":
+        return
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and callspec.params.get("backend") == "sqlite":
+        return
+    pytest.skip(f"SQLite only: {marker.args[0] if marker.args else 'tests SQLite itself'}")
+
+
+@pytest.fixture
+def backend(request: pytest.FixtureRequest) -> str:
+    """The database this test runs on: its `store` case, else TEST_DATABASE."""
+    return getattr(request, "param", TEST_DATABASE)
+
+
+@pytest.fixture
+def database_url(backend: str, request: pytest.FixtureRequest) -> str:
+    """A fresh Postgres schema's URL when this test runs on Postgres, else ""."""
+    if backend != "postgres":
+        return ""
+    return fresh_database_url(request.getfixturevalue("postgres_server"))
+
+
+class PostgresConnection:
+    """Just enough of `sqlite3.Connection` for a test that reads or changes the app's rows
+    directly: `?` placeholders, `execute(...).fetchall()`, `with conn:`, `close()`."""
+
+    def __init__(self, url: str):
+        import psycopg
+
+        self._conn = psycopg.connect(url, autocommit=True)
+
+    def execute(self, sql: str, args: Sequence = ()):
+        """Run `sql` (with sqlite3's `?` placeholders); the cursor has the results."""
+        return self._conn.execute(sql.replace("?", "%s"), args)
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._conn.close()
+
+    def __enter__(self) -> PostgresConnection:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass  # autocommit: each statement is committed, as after sqlite3's `with conn:`
+
+    def __del__(self) -> None:
+        # sqlite3 connections are closed when dropped; tests rely on that (`with connect(...)`
+        # does not close), so this one is too, rather than warning.
+        self._conn.close()
+
+
+def connect_db(settings: Settings):
+    """A connection to the app's database, another process's view of it: the SQLite file,
+    or (with `database_url`) the test's Postgres schema, behind the same small API."""
+    if settings.database_url:
+        return PostgresConnection(settings.database_url)
+    import sqlite3
+
+    return sqlite3.connect(settings.db_path)
+
+
+def manage_args(settings: Settings) -> list[str]:
+    """manage.py's options naming the test's database: its SQLite file or Postgres schema."""
+    if settings.database_url:
+        return ["--database-url", settings.database_url]
+    return ["--db", str(settings.db_path)]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def postgres_for_live_apps(request: pytest.FixtureRequest) -> None:
+    """With TEST_DATABASE=postgres, start the server once and name it in the environment, so
+    tests/live.py can give each app it starts a fresh schema on it."""
+    if TEST_DATABASE == "postgres":
+        os.environ["TEST_POSTGRES_URL"] = request.getfixturevalue("postgres_server")
 
 
 @pytest.fixture
