@@ -162,9 +162,19 @@ class ChatStore:
     def erase(self, cid: str) -> bool:
         """Delete a conversation and its turns for good (administration)."""
         with self.db.conn:
-            self.db.execute("delete from turns where conversation_id = ?", [cid])
+            self._delete_turns(cid)
             cur = self.db.execute("delete from conversations where id = ?", [cid])
         return cur.rowcount == 1
+
+    def _delete_turns(self, cid: str) -> None:
+        """Delete a conversation's turns (in the caller's transaction) with their tool approvals,
+        whose foreign key (m008) does not cascade; attachments cascade by themselves (m007)."""
+        self.db.execute(
+            "delete from tool_approvals where turn_id in "
+            "(select id from turns where conversation_id = ?)",
+            [cid],
+        )
+        self.db.execute("delete from turns where conversation_id = ?", [cid])
 
     def close(self) -> None:
         """Close every thread's connection."""
@@ -287,7 +297,7 @@ class ChatStore:
                 ).fetchall()
             ]
             for cid in ids:
-                self.db.execute("delete from turns where conversation_id = ?", [cid])
+                self._delete_turns(cid)
                 self.db.execute("delete from conversations where id = ?", [cid])
         return len(ids)
 

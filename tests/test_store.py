@@ -361,3 +361,27 @@ def test_a_comparison_is_recorded_and_read_back_by_group(store):
     assert store.has_later_turns(a["id"]) is False
     store.add_turn(cid, "next", [request("next")], model="a", parent_id=a["id"])
     assert store.has_later_turns(a["id"]) is True
+
+
+@pytest.mark.parametrize("how", ["erase", "purge"])
+def test_a_conversation_whose_reply_waited_for_approval_can_be_erased(store, how):
+    """Tool approvals belong to their turn: erasing or purging the conversation removes them
+    with it (SQLite refused the delete on the foreign key, so the start-up purge failed)."""
+    cid = store.create_conversation("alice")["id"]
+    turn = answered(store, cid, "run the tool", "waiting")
+    store.add_approvals(
+        turn["id"], [{"tool_call_id": "c1", "tool_name": "shell", "args": "{}"}], "2999"
+    )
+    kept = store.create_conversation("alice")["id"]
+    other = answered(store, kept, "keep me", "kept")
+    store.add_approvals(
+        other["id"], [{"tool_call_id": "c2", "tool_name": "shell", "args": "{}"}], "2999"
+    )
+    if how == "erase":
+        assert store.erase(cid)
+    else:
+        assert store.delete(cid, "alice")
+        assert store.purge_deleted("9999") == 1
+    assert store.all_conversations("alice") == [store.conversation(kept, "alice")]
+    assert store.approvals(turn["id"]) == []
+    assert [a["tool_call_id"] for a in store.approvals(other["id"])] == ["c2"]
