@@ -402,6 +402,7 @@ def check_resume_after_drop(
 # Short leases, so a dead process's replies end within seconds here.
 LEASE_SECONDS, LEASE_REFRESH = 3, 1
 DRAIN_GRACE = 20.0
+SHARED_SECRET = "scale-test-key"
 PARAGRAPHS = "First paragraph.\n\nSecond paragraph.\n\nThird paragraph.\n\nFourth paragraph."
 
 
@@ -417,22 +418,30 @@ class SharedApp(LiveApp):
         return self.shared_db
 
 
-def start_app(
+def shared_app(
     workdir: Path, db: Path, fake: FakeOpenAI, redis_url: str, port: int = 0, **extra: str
 ) -> SharedApp:
-    """One of several processes on database `db` (or `extra`'s DATABASE_URL) and one Redis,
-    with short leases and the same SECRET_KEY, so a browser's cookie works on every process."""
+    """One of several processes (not started yet) on database `db` (or `extra`'s DATABASE_URL)
+    and one Redis, with short leases and the same SECRET_KEY, so a browser's cookie works on
+    every process."""
     env = {
         "REDIS_URL": redis_url,
         "LEASE_SECONDS": str(LEASE_SECONDS),
         "LEASE_REFRESH_SECONDS": str(LEASE_REFRESH),
         "OPENAI_BASE_URL": fake.base_url,
         "OPENAI_API_KEY": "test",
-        "SECRET_KEY": "scale-test-key",  # one browser identity on every process
+        "SECRET_KEY": SHARED_SECRET,  # one browser identity on every process
         "DRAIN_GRACE": str(DRAIN_GRACE),
         **extra,
     }
-    return SharedApp(workdir, env=env, port=port, shared_db=db).start()
+    return SharedApp(workdir, env=env, port=port, shared_db=db)
+
+
+def start_app(
+    workdir: Path, db: Path, fake: FakeOpenAI, redis_url: str, port: int = 0, **extra: str
+) -> SharedApp:
+    """`shared_app(...)`, started."""
+    return shared_app(workdir, db, fake, redis_url, port, **extra).start()
 
 
 def stop_app(app: SharedApp) -> None:
