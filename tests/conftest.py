@@ -21,6 +21,7 @@ from chat.agent import INSTRUCTIONS, build_agent
 from chat.config import Settings
 from chat.runs import RunManager
 from chat.store import ChatStore
+from tests.postgres_server import postgres_server  # noqa: F401  (a session fixture)
 
 # Unit and route tests never reach a real model: only FunctionModels may answer.
 pydantic_ai.models.ALLOW_MODEL_REQUESTS = False
