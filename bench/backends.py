@@ -88,9 +88,7 @@ class Postgres:
         from tests.postgres_server import start_postgres
 
         self.url, self._stop = start_postgres(directory)
-        # The postmaster's pid is the first line of its pid file; every other server process
-        # (background workers, one backend per connection) is its child.
-        self.pid = int((directory / "data" / "postmaster.pid").read_text().split()[0])
+        self.pid = postmaster(self.url)
 
     def fresh_url(self) -> str:
         """An empty schema on this server, for one run."""
@@ -105,6 +103,17 @@ class Postgres:
     def stop(self) -> None:
         """Stop the server."""
         self._stop()
+
+
+def postmaster(url: str) -> int:
+    """The pid of the server's first process: a backend's parent. Every other server process
+    (background workers, one backend per connection) is its child."""
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        backend = conn.execute("select pg_backend_pid()").fetchone()[0]
+    with open(f"/proc/{backend}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])  # field 4, ppid
 
 
 def reaped_cpu(pid: int) -> float:
