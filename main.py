@@ -35,7 +35,8 @@ from chat.runs import RunManager
 from chat.security import SecurityMiddleware, server_error
 from chat.service import ChatService
 from chat.slow_clients import protocol_class
-from chat.store import ChatStore, load_messages
+from chat.store import load_messages
+from chat.stores import open_store
 from components.head import Head
 from web import agui, api, approvals, attachments, auth, chat, links, pages, responses, stream
 from web.request import off_loop
@@ -64,7 +65,7 @@ def create_app(settings: Settings | None = None, *, model: Model | None = None) 
     settings = settings or Settings.from_env()
 
     async def lifespan(app):  # FastHTML takes an async generator, not a context manager
-        store = ChatStore(settings.db_path)
+        store = open_store(settings)  # SQLite at DB_PATH, or Postgres at DATABASE_URL
         cluster = await _join_cluster(settings)
         # MCP servers (chat/mcp.py): started in the background, each in a task of its own; one
         # that fails is logged and noted in the replies that miss its tools.
@@ -189,8 +190,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="A streaming chat site for pydantic-ai agents.",
         epilog="Settings also come from the environment or a .env file: MODEL, MODELS, HOST, "
-        "PORT, DB_PATH, SECRET_KEY, HTTPS, ALLOWED_HOSTS, AUTH, and the provider keys "
-        "(OPENAI_API_KEY, ...).",
+        "PORT, DB_PATH, DATABASE_URL, SECRET_KEY, HTTPS, ALLOWED_HOSTS, AUTH, and the provider "
+        "keys (OPENAI_API_KEY, ...).",
     )
     parser.add_argument("--host", help="address to listen on (HOST, default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to listen on (PORT, default 5001)")
@@ -225,8 +226,12 @@ def serve(argv: list[str] | None = None) -> None:
         "model": args.model,
         "workers": args.workers,
     }
-    settings = Settings.from_env(**{k: v for k, v in overrides.items() if v is not None})
     # One line and exit code 2, no traceback: what is wrong and how to put it right.
+    try:
+        settings = Settings.from_env(**{k: v for k, v in overrides.items() if v is not None})
+    except ValueError as exc:  # such as DATABASE_URL without SECRET_KEY
+        print(exc, file=sys.stderr)
+        raise SystemExit(2) from None
     if problem := _workers_problem(settings):
         print(problem, file=sys.stderr)
         raise SystemExit(2)

@@ -89,6 +89,11 @@ class Settings:
     # another one ends the reply.
     lease_seconds: float = 15.0
     lease_refresh: float = 5.0
+    # Postgres (issue 17, chat/pgstore.py): DATABASE_URL=postgresql://... stores everything there
+    # instead of the SQLite file at DB_PATH, so any number of replicas share it; SECRET_KEY is then
+    # required. DATABASE_POOL_SIZE caps each process's connections (0: as many as its threads).
+    database_url: str = ""
+    database_pool_size: int = 0
 
     @property
     def demo(self) -> bool:
@@ -159,6 +164,8 @@ class Settings:
             tool_approval_ttl=float(env.get("TOOL_APPROVAL_TTL") or 3600),
             lease_seconds=float(env.get("LEASE_SECONDS") or 15),
             lease_refresh=float(env.get("LEASE_REFRESH_SECONDS") or 5),
+            database_url=database_url_from_env(env),
+            database_pool_size=int(env.get("DATABASE_POOL_SIZE") or 0),
         )
         values.update(overrides)
         # MODEL (from the environment or --model) is always among the models offered.
@@ -171,6 +178,8 @@ class Settings:
                 "LEASE_REFRESH_SECONDS must be above 0 and below LEASE_SECONDS, so a reply's "
                 "lease is renewed before it lapses."
             )
+        if values["database_url"] and not values["secret_key"]:
+            raise ValueError(POSTGRES_NEEDS_SIGNING_KEY)
         settings = cls(**values)
         if not settings.secret_key:
             settings = cls(**{**values, "secret_key": load_or_create_secret(settings.db_path)})
@@ -221,6 +230,25 @@ def read_env() -> dict[str, str]:
 def db_path_from_env() -> Path:
     """Just DB_PATH, for tools that need the database but not the rest of the settings."""
     return Path(read_env().get("DB_PATH") or "data/chat.db")
+
+
+# Postgres mode (issue 17) ------------------------------------------------------------------
+POSTGRES_NEEDS_SIGNING_KEY = (
+    "DATABASE_URL is set, so SECRET_KEY must be set too: with Postgres, replicas share the "
+    "conversations but not the key file kept beside a SQLite database, and every replica must "
+    "sign sessions with the same key (or anonymous visitors lose their conversations when "
+    "another replica answers). Set SECRET_KEY to a long random string, the same on every replica."
+)
+
+
+def database_url_from_env(env: Mapping[str, str] | None = None) -> str:
+    """DATABASE_URL (a postgresql:// URL), or "" for the SQLite file at DB_PATH."""
+    url = ((read_env() if env is None else env).get("DATABASE_URL") or "").strip()
+    if url and not url.startswith(("postgresql://", "postgres://")):
+        raise ValueError(
+            "DATABASE_URL must be a postgresql:// URL (unset it to use the SQLite file at DB_PATH)"
+        )
+    return url
 
 
 def _opt_int(raw: str | None, default: int) -> int | None:

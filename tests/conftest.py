@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 import re
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -20,8 +21,8 @@ from starlette.testclient import TestClient
 from chat.agent import INSTRUCTIONS, build_agent
 from chat.config import Settings
 from chat.runs import RunManager
-from chat.store import ChatStore
-from tests.postgres_server import postgres_server  # noqa: F401  (a session fixture)
+from chat.stores import open_store
+from tests.postgres_server import fresh_database_url, postgres_server  # noqa: F401
 
 # Unit and route tests never reach a real model: only FunctionModels may answer.
 pydantic_ai.models.ALLOW_MODEL_REQUESTS = False
@@ -281,21 +282,82 @@ def cheap_password_hashing(monkeypatch):
 
 
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    """Settings on a fresh database, with a fixed session key and no configured model."""
+def settings(tmp_path: Path, database_url: str) -> Settings:
+    """Settings on a fresh database, with a fixed session key and no configured model.
+
+    The database is a SQLite file, or a fresh Postgres schema (`database_url`) when the test
+    runs on Postgres (TEST_DATABASE=postgres, or the `postgres` case of a store test).
+    """
     # "testserver" is the Host TestClient sends; the app otherwise answers only local names.
     hosts = ("localhost", "127.0.0.1", "::1", "testserver")
     return Settings.from_env(
-        {}, db_path=tmp_path / "chat.db", secret_key="test", allowed_hosts=hosts
+        {},
+        db_path=tmp_path / "chat.db",
+        secret_key="test",
+        allowed_hosts=hosts,
+        database_url=database_url,
     )
 
 
 @pytest.fixture
 def store(settings: Settings):
-    """The chat store on the test's fresh database."""
-    s = ChatStore(settings.db_path)
+    """The chat store on the test's fresh database: each test that uses it runs twice, on
+    SQLite and on Postgres (see `backend`)."""
+    s = open_store(settings)
     yield s
     s.close()
+
+
+# Both backends (issue 17) -----------------------------------------------------------------
+# Every test that uses `store` runs on SQLite and on Postgres (ids `[sqlite]`, `[postgres]`);
+# TEST_DATABASE=postgres runs every other test (route tests, live servers) on Postgres too.
+# A test about SQLite itself (its file, WAL, VACUUM INTO, its migrations) is marked
+# `sqlite_only`: it runs on SQLite only, and is skipped, saying so, in the Postgres run.
+BACKENDS = ("sqlite", "postgres")
+TEST_DATABASE = os.environ.get("TEST_DATABASE", "sqlite").strip().lower() or "sqlite"
+if TEST_DATABASE not in BACKENDS:
+    raise pytest.UsageError(f"TEST_DATABASE must be one of {BACKENDS}, not {TEST_DATABASE!r}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the `sqlite_only` marker."""
+    config.addinivalue_line(
+        "markers", "sqlite_only(reason): tests SQLite itself; not run on Postgres"
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Run each test that uses the `store` fixture once per backend."""
+    if "store" in metafunc.fixturenames and "backend" in metafunc.fixturenames:
+        only_sqlite = metafunc.definition.get_closest_marker("sqlite_only") is not None
+        params = ("sqlite",) if only_sqlite else BACKENDS
+        metafunc.parametrize("backend", params, indirect=True)
+
+
+@pytest.fixture
+def backend(request: pytest.FixtureRequest) -> str:
+    """The database this test runs on: its `store` case, else TEST_DATABASE."""
+    name = getattr(request, "param", TEST_DATABASE)
+    marker = request.node.get_closest_marker("sqlite_only")
+    if name == "postgres" and marker is not None:
+        pytest.skip(f"SQLite only: {marker.args[0] if marker.args else 'tests SQLite itself'}")
+    return name
+
+
+@pytest.fixture
+def database_url(backend: str, request: pytest.FixtureRequest) -> str:
+    """A fresh Postgres schema's URL when this test runs on Postgres, else ""."""
+    if backend != "postgres":
+        return ""
+    return fresh_database_url(request.getfixturevalue("postgres_server"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def postgres_for_live_apps(request: pytest.FixtureRequest) -> None:
+    """With TEST_DATABASE=postgres, start the server once and name it in the environment, so
+    tests/live.py can give each app it starts a fresh schema on it."""
+    if TEST_DATABASE == "postgres":
+        os.environ["TEST_POSTGRES_URL"] = request.getfixturevalue("postgres_server")
 
 
 @pytest.fixture

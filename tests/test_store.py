@@ -1,4 +1,5 @@
-"""ChatStore: conversations, turns and their pydantic-ai messages in SQLite."""
+"""The store: conversations, turns and their pydantic-ai messages (on SQLite and on Postgres:
+the `store` fixture runs each test on both)."""
 
 from __future__ import annotations
 
@@ -18,13 +19,6 @@ from pydantic_ai.messages import (
 
 from chat.store import ChatStore
 from tests.conftest import user_prompts
-
-
-@pytest.fixture
-def store(tmp_path):
-    s = ChatStore(tmp_path / "chat.db")
-    yield s
-    s.close()
 
 
 def request(text: str) -> ModelRequest:
@@ -83,6 +77,9 @@ def test_set_title(store):
     assert store.conversation(conv["id"], "alice")["title"] == "Trip to Lisbon"
 
 
+@pytest.mark.sqlite_only(
+    "opens the SQLite file itself; tests/test_pgstore.py has the Postgres case"
+)
 def test_add_turn_is_committed_at_once(store, tmp_path):
     conv = store.create_conversation("alice")
     turn = store.add_turn(conv["id"], "hello", [request("hello")], model="m")
