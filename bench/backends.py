@@ -22,7 +22,8 @@ shared machine hits both alike. Two measurements per backend and round:
   through the app (so a browser's identity owns it), the rest appended through the store
   (`chat.stores.open_store`, the same settings the app has). Three such conversations, so the
   first ("cold": its replies' HTML not cached yet) open is timed three times; then `--opens`
-  warm opens and a few JSON exports (the whole branch streamed) of one of them. Medians.
+  warm opens and a few JSON exports (the whole branch streamed) of one of them. Medians, and
+  the server CPU (app + Postgres) per warm open and per export.
 
 The machine has 2 cores shared with the fake model, the load client and other work, so
 absolute figures move between runs; the ratios (Postgres / SQLite) of one run are the figures
@@ -273,15 +274,18 @@ def open_run(backend: str, args, fake: FakeModel, tmp: Path, redis, pg: Postgres
                 seed_s.append(time.perf_counter() - t)
             # The first open of each renders its shown replies and caches their HTML.
             cold = [timed(client, f"/c/{cid}")[0] for cid in cids]
-            url = f"/c/{cids[0]}"
+            used_pg = pg if backend == "postgres" else None
+            cpu0 = server_cpu(proc, redis.pid, used_pg)
             warm, size = [], 0
             for _ in range(args.opens):
-                seconds, size = timed(client, url)
+                seconds, size = timed(client, f"/c/{cids[0]}")
                 warm.append(seconds)
+            cpu1 = server_cpu(proc, redis.pid, used_pg)
             exports, export_bytes = [], 0
             for _ in range(args.exports):
                 seconds, export_bytes = timed(client, f"/c/{cids[0]}/export.json")
                 exports.append(seconds)
+            cpu2 = server_cpu(proc, redis.pid, used_pg)
     finally:
         proc.stop(signal.SIGTERM, timeout=60)
 
@@ -294,10 +298,20 @@ def open_run(backend: str, args, fake: FakeModel, tmp: Path, redis, pg: Postgres
         "seed_s": round(statistics.median(seed_s), 1),
         "open_cold_ms": ms(cold),
         "open_warm_ms": ms(warm),
+        # Server CPU (app + Postgres) per warm open and per export: what the wall times cost,
+        # without the waits for a core that a busy machine adds to every round trip.
+        "open_cpu_ms": cpu_ms(cpu0, cpu1, args.opens),
+        "open_pg_cpu_ms": round(1000 * (cpu1["postgres"] - cpu0["postgres"]) / args.opens, 1),
         "page_bytes": size,
         "export_json_ms": ms(exports),
+        "export_cpu_ms": cpu_ms(cpu1, cpu2, args.exports),
         "export_json_bytes": export_bytes,
     }
+
+
+def cpu_ms(before: dict[str, float], after: dict[str, float], n: int) -> float:
+    """Milliseconds of server CPU (every process) per request between two `server_cpu` reads."""
+    return round(1000 * sum(after[k] - before[k] for k in after) / n, 1)
 
 
 # Report -------------------------------------------------------------------------------------
@@ -306,7 +320,11 @@ LOAD_COLS = [
     "replies_per_s", "ttft_ms_p50", "ttft_ms_p95", "cpu_ms_per_reply", "app_cpu_ms_per_reply",
     "redis_cpu_ms_per_reply", "postgres_cpu_ms_per_reply", "replies_per_cpu_s",
 ]  # fmt: skip
-OPEN_COLS = ["seed_s", "open_cold_ms", "open_warm_ms", "export_json_ms", "page_bytes"]
+OPEN_COLS = [
+    "seed_s", "open_cold_ms", "open_warm_ms", "open_cpu_ms", "open_pg_cpu_ms", "export_json_ms",
+    "export_cpu_ms",
+    "page_bytes",
+]  # fmt: skip
 
 
 def means(rows: list[dict], keys: list[str]) -> dict[str, dict]:
@@ -363,6 +381,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--opens", type=int, default=15, help="warm opens timed")
     parser.add_argument("--exports", type=int, default=3, help="JSON exports timed")
     parser.add_argument("--skip-open", action="store_true", help="the load only")
+    parser.add_argument("--skip-load", action="store_true", help="the long conversation only")
     args = parser.parse_args(argv)
     backends = [b for b in args.backends.split(",") if b]
     if unknown := set(backends) - set(BACKENDS):
@@ -382,7 +401,7 @@ def main(argv: list[str] | None = None) -> None:
             for rnd in range(1, args.rounds + 1):
                 # Alternated, and the other way round in the next round.
                 order = backends if rnd % 2 else backends[::-1]
-                for backend in order:
+                for backend in [] if args.skip_load else order:
                     print(f"== round {rnd}: {backend}, load", flush=True)
                     loads.append(
                         {**load_run(backend, args, fake, Path(tmp), redis, pg), "round": rnd}
