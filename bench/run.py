@@ -349,7 +349,8 @@ def open2000(fake: FakeModel, tmp: Path, *, turns: int = 1000, reps: int = 60) -
 
     from pydantic_ai.messages import ModelRequest, ModelResponse, TextPart, UserPromptPart
 
-    from chat.store import ChatStore
+    from chat.config import Settings
+    from chat.stores import open_store
 
     fake.configure(300, 0)
     proc = start_server("app", fake, tmp)
@@ -367,7 +368,7 @@ def open2000(fake: FakeModel, tmp: Path, *, turns: int = 1000, reps: int = 60) -
             with client.stream("GET", stream_url) as resp:  # let the first reply finish
                 for _ in resp.iter_raw():
                     pass
-            store = ChatStore(proc.db)
+            store = open_store(Settings(db_path=proc.db))
             owner = store.db.execute(
                 "select owner from conversations where id = ?", [cid]
             ).fetchone()[0]

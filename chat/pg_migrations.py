@@ -10,9 +10,15 @@ What differs, and why:
 - `conversations.seq`, a hidden identity column: SQLite breaks ties in the conversation list
   by `rowid`, which Postgres has no equivalent of. The store never returns it.
 - `turns.search`, a stored generated `tsvector` with a GIN index, in place of SQLite's FTS5
-  table and triggers. It uses `chat_english`, a text search configuration made here: the
-  snowball English stemmer with no stop-word list, because SQLite's porter tokenizer drops no
-  words either ("the", "who" and "it" are found). Making a configuration needs no superuser.
+  table and triggers. It uses `chat_english`, a text search configuration made here to read
+  words as SQLite's `porter` tokenizer does: snowball's `porter` stemmer (the original Porter
+  algorithm, which SQLite implements; snowball's `english` is Porter2 and stems some words
+  differently: "generation" is `generat` there, `gener` in both of these), with no stop-word
+  list, because SQLite drops no words ("the", "who" and "it" are found), and accents removed
+  first by the `unaccent` extension, as SQLite's tokenizer removes diacritics ("ecole" finds
+  "École"). `unaccent` ships with PostgreSQL and is a trusted extension (no superuser needed);
+  where it cannot be created, accents are kept and a warning says so. Nothing here needs a
+  superuser.
 - Usernames are unique ignoring case with a unique index on `lower(username collate "C")`:
   ASCII-only case folding, exactly what SQLite's `collate nocase` does, whatever the
   database's own locale.
@@ -74,16 +80,49 @@ def migrate(conn: psycopg.Connection) -> list[str]:
 def p001_schema_as_sqlite_m008(conn: psycopg.Connection) -> None:
     """The schema SQLite has after m001..m008: conversations, turns and their search,
     accounts and failed sign-ins, attachments, tool approvals."""
+    _search_configuration(conn)
     for sql in _SCHEMA:
         conn.execute(sql)
 
 
+def _search_configuration(conn: psycopg.Connection) -> None:
+    """`chat_english`: Porter stemming, no stop words, accents removed (see the module doc)."""
+    conn.execute(
+        "create text search dictionary chat_english_stem (template = snowball, language = porter)"
+    )
+    conn.execute("create text search configuration chat_english (copy = english)")
+    dictionaries = "chat_english_stem"
+    if unaccent := _unaccent(conn):
+        dictionaries = f"{unaccent}, chat_english_stem"
+    else:
+        log.warning(
+            "the unaccent extension is not available: search in Postgres will not find "
+            "'ecole' in 'École' (SQLite does); install PostgreSQL's contrib modules to fix it"
+        )
+    conn.execute(
+        "alter text search configuration chat_english alter mapping for asciiword, asciihword, "
+        f"hword_asciipart, word, hword, hword_part with {dictionaries}"
+    )
+
+
+def _unaccent(conn: psycopg.Connection) -> str | None:
+    """The `unaccent` dictionary's qualified name, creating the extension if need be; None if
+    this server lacks it or this role may not create it."""
+    try:
+        with conn.transaction():  # a savepoint: a refusal leaves the migration usable
+            conn.execute("create extension if not exists unaccent")
+    except psycopg.Error as exc:
+        log.info("unaccent extension not created: %s", exc)
+        return None
+    # The extension lives in one schema per database (the first to create it chose it).
+    row = conn.execute(
+        "select quote_ident(n.nspname) from pg_extension e "
+        "join pg_namespace n on n.oid = e.extnamespace where e.extname = 'unaccent'"
+    ).fetchone()
+    return f"{row[0]}.unaccent" if row else None
+
+
 _SCHEMA = (
-    # Search: snowball English stemming, no stop words (see the module docstring).
-    "create text search dictionary chat_english_stem (template = snowball, language = english)",
-    "create text search configuration chat_english (copy = english)",
-    "alter text search configuration chat_english alter mapping for "
-    "asciiword, asciihword, hword_asciipart, word, hword, hword_part with chat_english_stem",
     """
     create table conversations (
         id text primary key,

@@ -36,12 +36,14 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import psycopg
+from psycopg.types.string import StrDumperUnknown
 from psycopg_pool import ConnectionPool
 from pydantic_ai.messages import ModelMessage
 
 import chat.store as base
 from chat.pg_migrations import migrate
 from chat.store import FINISHED, INTERRUPTED, SQLITE_INT, _with_reply, dump_messages, load_messages
+from chat.stores import BackupElsewhere
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +64,18 @@ ATTACHMENT_META = "id, owner, turn_id, name, media_type, size, created_at"
 # The text search configuration made by chat/pg_migrations.py (stemming, no stop words).
 TS_CONFIG = "chat_english"
 # ts_headline options that come closest to SQLite's `snippet(..., '…', 12)`: about 12 words
-# around the hits, every word kept (ShortWord=0), one fragment; the '…' is added in Python.
+# around the hits, every word kept (ShortWord=0), one fragment; the '…' is added in Python. A
+# text of at most 12 tokens (as SQLite counts them: runs of letters and digits) is shown whole,
+# as SQLite shows it, whatever ts_headline would count.
+SNIPPET_TOKENS = 12
+WHOLE_HEADLINE = "StartSel=\x02, StopSel=\x03, HighlightAll=true"
 HEADLINE = "StartSel=\x02, StopSel=\x03, MaxWords=12, MinWords=6, ShortWord=0, MaxFragments=1"
 # A lexeme in tsquery text: quoted, with quotes inside doubled.
 _LEXEME = re.compile(r"'((?:[^']|'')*)'")
+_WORD = re.compile(r"\w")
+# How long a store call waits for a free connection, and start-up for the database to answer.
+POOL_WAIT = 10.0
+START_WAIT = 30.0
 # How long `cache_html` waits for a row lock before it gives the write up.
 CACHE_LOCK_TIMEOUT = "50ms"
 
@@ -87,12 +97,9 @@ class StoreError(sqlite3.DatabaseError):
     """Any other database error, so `except sqlite3.Error` around a store call still works."""
 
 
-class PgBackupError(RuntimeError):
-    """`backup` is not done by the app on Postgres: the message says how to run pg_dump."""
-
-
 BACKUP_HINT = (
-    "backups of a Postgres database are made with pg_dump, not by the app: "
+    "The conversations are in Postgres (DATABASE_URL): back them up with pg_dump, which takes "
+    "a consistent copy while the app serves: "
     'pg_dump --format=custom --file=chat.dump "$DATABASE_URL" '
     '(restore into an empty database with: pg_restore --dbname="$DATABASE_URL" chat.dump)'
 )
@@ -111,6 +118,19 @@ def _translated() -> Iterator[None]:
         raise StoreError(str(exc).strip()) from exc
 
 
+class _NulFreeText(StrDumperUnknown):
+    """Text parameters with NUL characters replaced by U+FFFD: Postgres text cannot hold NUL
+    (SQLite's can), and a message, title or search typed with one must be stored or searched,
+    not fail. The only place the two stores may store different text."""
+
+    def dump(self, obj: str) -> bytes:
+        return super().dump(obj.replace("\x00", "\ufffd") if "\x00" in obj else obj)
+
+
+def _configure(conn: psycopg.Connection) -> None:
+    conn.adapters.register_dumper(str, _NulFreeText)
+
+
 def _rows(cur: psycopg.Cursor) -> list[dict]:
     names = [c.name for c in cur.description]
     return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
@@ -123,17 +143,21 @@ class PostgresStore:
         self.url = url
         size = pool_size or default_pool_size()
         # Autocommit: a read is one round trip; every write opens its own transaction (`_tx`).
+        # Each connection is checked as it is taken from the pool, so after a database restart
+        # or a failover the store reconnects instead of failing one request per old connection.
         self._pool = ConnectionPool(
             url,
             min_size=1,
             max_size=max(size, 1),
             kwargs={"autocommit": True},
+            check=ConnectionPool.check_connection,
+            configure=_configure,
             open=False,
             name="chat",
-            timeout=30,
+            timeout=POOL_WAIT,
         )
         with _translated():
-            self._pool.open(wait=True, timeout=30)
+            self._pool.open(wait=True, timeout=START_WAIT)
             with self._pool.connection() as conn:
                 if applied := migrate(conn):
                     log.info("postgres schema: applied %s", ", ".join(applied))
@@ -173,7 +197,7 @@ class PostgresStore:
 
     def backup(self, target: str | Path) -> Path:
         """Not done by the app on Postgres: raises, saying how to run pg_dump instead."""
-        raise PgBackupError(BACKUP_HINT)
+        raise BackupElsewhere(BACKUP_HINT)
 
     def integrity(self) -> str:
         """'ok' when every reference between rows holds, else what does not (one per line)."""
@@ -681,42 +705,43 @@ class PostgresStore:
             return []
         titles = self._search_titles(owner, words, min(limit, 10))
         with self._conn() as conn:
-            every, some = _tsqueries(conn, words)
-            if every is None:
+            queries = _tsqueries(conn, words)
+            if queries is None:  # no word has a searchable token ("!!!"): nothing matches
                 return titles
+            # The hits first, then each one's snippet: ts_headline reads the whole text, so it
+            # runs on the page of hits only, from the column where the words are (SQLite's
+            # snippet picks its column the same way).
             rows = conn.execute(
-                "select t.id, t.conversation_id, c.title, t.created_at, t.user_text, "
-                "t.reply_text, ts_rank(to_tsvector(%(cfg)s::regconfig, t.user_text), "
+                "select id, conversation_id, title, created_at, text, "
+                "ts_headline(%(cfg)s::regconfig, text, %(marks)s::tsquery, "
+                "case when (select count(*) from regexp_matches(text, '[[:alnum:]]+', 'g')) "
+                "<= %(words)s then %(whole)s else %(opts)s end) "
+                "from (select t.id, t.conversation_id, c.title, t.created_at, "
+                "case when ts_rank(to_tsvector(%(cfg)s::regconfig, t.user_text), "
                 "%(some)s::tsquery) >= ts_rank(to_tsvector(%(cfg)s::regconfig, "
                 "coalesce(t.reply_text, '')), %(some)s::tsquery) "
+                "then t.user_text else coalesce(t.reply_text, '') end as text, "
+                "ts_rank(t.search, %(every)s::tsquery, 1) as rank "
                 "from turns t join conversations c on c.id = t.conversation_id "
                 "where t.search @@ %(every)s::tsquery and c.owner = %(owner)s "
                 "and c.deleted_at is null "
-                "order by ts_rank(t.search, %(every)s::tsquery, 1) desc, t.id limit %(limit)s",
+                "order by rank desc, t.id limit %(limit)s) hits "
+                "order by rank desc, id",
                 {
                     "cfg": TS_CONFIG,
-                    "every": every,
-                    "some": some,
+                    "opts": HEADLINE,
+                    "whole": WHOLE_HEADLINE,
+                    "words": SNIPPET_TOKENS,
                     "owner": owner,
                     "limit": max(limit - len(titles), 0),
+                    **queries,
                 },
             ).fetchall()
-            hits = []
-            for tid, cid, title, stamp, user_text, reply_text, in_user in rows:
-                text = user_text if in_user else reply_text or ""
-                snippet = conn.execute(
-                    "select ts_headline(%s::regconfig, %s, %s::tsquery, %s)",
-                    [TS_CONFIG, text, some, HEADLINE],
-                ).fetchone()[0]
-                hits.append(
-                    {
-                        "turn_id": tid,
-                        "conversation_id": cid,
-                        "title": title,
-                        "created_at": stamp,
-                        "snippet": _ellipsis(snippet, text),
-                    }
-                )
+        keys = ("turn_id", "conversation_id", "title", "created_at")
+        hits = [
+            {**dict(zip(keys, row[:4], strict=True)), "snippet": _snippet(row[5], row[4])}
+            for row in rows
+        ]
         return titles + hits
 
     def _search_titles(self, owner: str, words: list[str], limit: int) -> list[dict]:
@@ -1042,22 +1067,31 @@ def _chain(cols: str, order: str, bound: str) -> str:
     )
 
 
-def _tsqueries(conn: psycopg.Connection, words: list[str]) -> tuple[str | None, str | None]:
-    """The tsquery text matching every word (None if no word has a searchable token), and the
-    one matching any of them (to choose the column a snippet is taken from).
+def _tsqueries(conn: psycopg.Connection, words: list[str]) -> dict[str, str] | None:
+    """The tsquery texts for `words` (None if no word has a searchable token): `every` (what a
+    hit must match: every word), `some` (any word: to choose a snippet's column) and `marks`
+    (what ts_headline marks).
 
     Each word is quoted for `websearch_to_tsquery` (its own quotes dropped), so it is read as a
     phrase of its tokens, never as an operator (`or`, `-`), just as SQLite's search quotes it.
+    In `marks`, a phrase's last token is no prefix: ts_headline marks matching tokens wherever
+    they are, and "don't" would otherwise mark every word starting with "t".
     """
     phrases = ['"' + w.replace('"', " ") + '"' for w in words]
     rows = conn.execute(
         "select websearch_to_tsquery(%s::regconfig, w)::text from unnest(%s::text[]) as w",
         [TS_CONFIG, phrases],
     ).fetchall()
-    parts = [_last_as_prefix(text) for (text,) in rows if text]
-    if not parts:
-        return None, None
-    return " & ".join(f"( {p} )" for p in parts), " | ".join(f"( {p} )" for p in parts)
+    parsed = [text for (text,) in rows if text]
+    if not parsed:
+        return None
+    prefixed = [_last_as_prefix(p) for p in parsed]
+    marked = [_last_as_prefix(p) if len(_LEXEME.findall(p)) == 1 else p for p in parsed]
+    return {
+        "every": " & ".join(f"( {p} )" for p in prefixed),
+        "some": " | ".join(f"( {p} )" for p in prefixed),
+        "marks": " | ".join(f"( {p} )" for p in marked),
+    }
 
 
 def _last_as_prefix(tsquery: str) -> str:
@@ -1068,15 +1102,23 @@ def _last_as_prefix(tsquery: str) -> str:
     return tsquery[:end] + ":*" + tsquery[end:]
 
 
-def _ellipsis(snippet: str, text: str) -> str:
-    """Mark a snippet that starts after or ends before its text with '…', as SQLite's does."""
-    plain = snippet.replace("\x02", "").replace("\x03", "")
-    if not plain or plain == text:
-        return snippet
+def _snippet(headline: str, text: str) -> str:
+    """`ts_headline`'s fragment of `text`, marked as SQLite's `snippet` marks one.
+
+    A word that SQLite reads as a phrase of tokens (well-known, O'Neil) is one marked span
+    there; ts_headline marks each token, so marks split only by punctuation are joined. The
+    fragment runs to the text's start or end when only punctuation or spaces are left out
+    there (ts_headline drops them, SQLite keeps them), else '…' shows the text goes on.
+    """
+    headline = re.sub(r"\x03([^\s\w\x02\x03]+)\x02", r"\1", headline)
+    plain = headline.replace("\x02", "").replace("\x03", "")
     start = text.find(plain)
-    before = "…" if start > 0 else ""
-    after = "…" if start < 0 or start + len(plain) < len(text) else ""
-    return before + snippet + after
+    if not plain or start < 0:
+        return headline
+    head, tail = text[:start], text[start + len(plain) :]
+    head = "…" if _WORD.search(head) else head
+    tail = "…" if _WORD.search(tail) else tail
+    return head + headline + tail
 
 
 # integrity(): every reference between rows that the app relies on, with what it means.

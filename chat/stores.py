@@ -6,6 +6,10 @@ from chat.config import Settings
 from chat.storage import Store
 
 
+class BackupElsewhere(RuntimeError):
+    """The store's data is not backed up by the app: the message says how to back it up."""
+
+
 def open_store(settings: Settings) -> Store:
     """Open (and migrate) the store `settings` name: `PostgresStore` on `database_url`, else
     `ChatStore` on `db_path`. psycopg is imported only when Postgres is used."""

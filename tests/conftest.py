@@ -352,6 +352,52 @@ def database_url(backend: str, request: pytest.FixtureRequest) -> str:
     return fresh_database_url(request.getfixturevalue("postgres_server"))
 
 
+class _PostgresConnection:
+    """Just enough of `sqlite3.Connection` for a test that reads or changes the app's rows
+    directly: `?` placeholders, `execute(...).fetchall()`, `with conn:`, `close()`."""
+
+    def __init__(self, url: str):
+        import psycopg
+
+        self._conn = psycopg.connect(url, autocommit=True)
+
+    def execute(self, sql: str, args: Sequence = ()):
+        """Run `sql` (with sqlite3's `?` placeholders); the cursor has the results."""
+        return self._conn.execute(sql.replace("?", "%s"), args)
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._conn.close()
+
+    def __enter__(self) -> _PostgresConnection:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass  # autocommit: each statement is committed, as after sqlite3's `with conn:`
+
+    def __del__(self) -> None:
+        # sqlite3 connections are closed when dropped; tests rely on that (`with connect(...)`
+        # does not close), so this one is too, rather than warning.
+        self._conn.close()
+
+
+def connect_db(settings: Settings):
+    """A connection to the app's database, another process's view of it: the SQLite file,
+    or (with `database_url`) the test's Postgres schema, behind the same small API."""
+    if settings.database_url:
+        return _PostgresConnection(settings.database_url)
+    import sqlite3
+
+    return sqlite3.connect(settings.db_path)
+
+
+def manage_args(settings: Settings) -> list[str]:
+    """manage.py's options naming the test's database: its SQLite file or Postgres schema."""
+    if settings.database_url:
+        return ["--database-url", settings.database_url]
+    return ["--db", str(settings.db_path)]
+
+
 @pytest.fixture(scope="session", autouse=True)
 def postgres_for_live_apps(request: pytest.FixtureRequest) -> None:
     """With TEST_DATABASE=postgres, start the server once and name it in the environment, so

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -43,6 +44,7 @@ TITLE = "Fake title"
 _APP_ENV = (
     "MODEL", "MODELS", "HOST", "PORT", "DB_PATH", "SECRET_KEY", "HTTPS", "MAX_MESSAGE_CHARS",
     "OPENAI_BASE_URL", "OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GOOGLE_API_KEY", "GROQ_API_KEY",
+    "DATABASE_URL", "DATABASE_POOL_SIZE",
 )  # fmt: skip
 STARTUP_TIMEOUT = 30.0
 STREAM_TIMEOUT = 30.0
@@ -127,6 +129,7 @@ class LiveApp:
             MODEL=self.model or "",  # empty: the demo model, even if a .env file names one
             NO_PROXY="127.0.0.1,localhost",
             PYTHONUNBUFFERED="1",
+            **postgres_env(self.db_path),
             **self.env,
         )
         with open(self.log_path, "wb") as log:
@@ -181,12 +184,41 @@ class LiveApp:
 
     def turns(self) -> list[dict]:
         """Every row of the `turns` table, oldest first (read-only, beside the running app)."""
+        if url := {**postgres_env(self.db_path), **self.env}.get("DATABASE_URL"):
+            import psycopg
+            from psycopg.rows import dict_row
+
+            from chat.pgstore import TURN_COLS
+
+            with psycopg.connect(url, row_factory=dict_row) as pg:
+                return pg.execute(f"select {TURN_COLS} from turns order by id").fetchall()
         conn = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True)
         try:
             conn.row_factory = sqlite3.Row
             return [dict(r) for r in conn.execute("select * from turns order by id")]
         finally:
             conn.close()
+
+
+# TEST_DATABASE=postgres (tests/conftest.py): each app's database is a fresh Postgres schema
+# instead of its SQLite file; apps started on one DB_PATH share one schema and one session key,
+# as they would share the file and the key beside it.
+_POSTGRES: dict[Path, dict[str, str]] = {}
+
+
+def postgres_env(db_path: Path) -> dict[str, str]:
+    """DATABASE_URL and SECRET_KEY for an app on `db_path` when the tests run on Postgres."""
+    server = os.environ.get("TEST_POSTGRES_URL")
+    if os.environ.get("TEST_DATABASE") != "postgres" or not server:
+        return {}
+    if db_path not in _POSTGRES:
+        from tests.postgres_server import fresh_database_url
+
+        _POSTGRES[db_path] = {
+            "DATABASE_URL": fresh_database_url(server),
+            "SECRET_KEY": secrets.token_urlsafe(24),
+        }
+    return _POSTGRES[db_path]
 
 
 @contextlib.contextmanager

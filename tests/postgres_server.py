@@ -13,6 +13,7 @@ outside its own directory.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import pwd
 import re
@@ -21,6 +22,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -64,6 +66,12 @@ def _unprivileged() -> dict:
             continue
         return {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
     raise RuntimeError("running as root and no 'postgres' or 'nobody' account to run postgres as")
+
+
+def _die_with_parent() -> None:
+    """In the server process: end when the test process ends, even killed (no orphans)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _free_port() -> int:
@@ -113,7 +121,10 @@ def start_postgres(directory: Path) -> tuple[str, Callable[[], None]]:
                 "--username", USER,
                 "--auth", "trust",
                 "--encoding", "UTF8",
-                "--locale", "C",
+                # C collation (byte order, as SQLite compares text) with UTF-8 character
+                # classes, so search folds the case of every letter, as SQLite's does.
+                "--lc-collate", "C",
+                "--lc-ctype", "C.UTF-8",
                 "--no-sync",
             ],
             check=True,
@@ -139,6 +150,7 @@ def start_postgres(directory: Path) -> tuple[str, Callable[[], None]]:
         stdin=subprocess.DEVNULL,
         stdout=log,
         stderr=subprocess.STDOUT,
+        preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
         **drop,
     )  # fmt: skip
 

@@ -13,6 +13,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from chat import accounts
+from tests.conftest import manage_args
 
 ROOT = Path(__file__).resolve().parent.parent
 PASSWORD = "correct horse battery"
@@ -156,7 +157,7 @@ def test_a_new_password_ends_every_session(site, settings):
     b = browser(site)
     signup(b, "alice")
     done = subprocess.run(
-        [sys.executable, "manage.py", "--db", str(settings.db_path), "passwd", "Alice"],
+        [sys.executable, "manage.py", *manage_args(settings), "passwd", "Alice"],
         cwd=ROOT,
         input="a brand new password\n",
         capture_output=True,
@@ -173,7 +174,7 @@ def test_a_deleted_account_is_signed_out(site, settings):
     b = browser(site)
     signup(b, "alice")
     done = subprocess.run(
-        [sys.executable, "manage.py", "--db", str(settings.db_path), "deluser", "alice"],
+        [sys.executable, "manage.py", *manage_args(settings), "deluser", "alice"],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -17,7 +17,7 @@ import pytest
 from pydantic_ai.messages import ModelMessagesTypeAdapter
 from starlette.testclient import TestClient
 
-from tests.conftest import ModelBroke, parse_html, parse_sse
+from tests.conftest import ModelBroke, connect_db, parse_html, parse_sse
 from tests.test_routes import wait
 
 EVIL = "EVIL"
@@ -63,7 +63,7 @@ def post(client: TestClient, payload: dict, headers: dict | None = None):
 
 
 def rows(settings, sql: str) -> list[tuple]:
-    conn = sqlite3.connect(settings.db_path)
+    conn = connect_db(settings)
     try:
         return conn.execute(sql).fetchall()
     finally:

@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import sqlite3
 
 from pydantic_ai.messages import ModelMessagesTypeAdapter
 from starlette.testclient import TestClient
 
-from tests.conftest import parse_html, parse_sse
+from tests.conftest import connect_db, parse_html, parse_sse
 
 HX = {"HX-Request": "true"}
 CHAT = {
@@ -175,7 +174,7 @@ def _chat(chat_id: str, *texts: str, replies: tuple[str, ...] = ()) -> dict:
 
 
 def rows(settings, sql: str) -> list[tuple]:
-    with sqlite3.connect(settings.db_path) as db:
+    with connect_db(settings) as db:
         return db.execute(sql).fetchall()
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import json
 import re
-import sqlite3
 import struct
 import zlib
 
@@ -17,7 +16,7 @@ from pydantic_ai.profiles import ModelProfile
 from starlette.testclient import TestClient
 
 from chat.attachments import HISTORY_FILES, AttachmentError, sniff
-from tests.conftest import HX, parse_html, send, stream
+from tests.conftest import HX, connect_db, manage_args, parse_html, send, stream
 
 
 def png(width: int = 2, height: int = 2, rgb: tuple[int, int, int] = (200, 30, 30)) -> bytes:
@@ -73,12 +72,12 @@ def prompt_items(messages) -> list:
 
 
 def pending_count(settings) -> int:
-    with sqlite3.connect(settings.db_path) as db:
+    with connect_db(settings) as db:
         return db.execute("select count(*) from attachments where turn_id is null").fetchone()[0]
 
 
 def turn_count(settings) -> int:
-    with sqlite3.connect(settings.db_path) as db:
+    with connect_db(settings) as db:
         return db.execute("select count(*) from turns").fetchone()[0]
 
 
@@ -264,7 +263,7 @@ def test_the_stored_history_holds_notes_not_file_bytes(make_client, scripted, se
     big = PNG + bytes(range(256)) * 200  # 50 KB that do not compress away
     aid = uploaded(client, big, "big.png")
     stream(client, send(client, "Look", att=[aid]).text)
-    with sqlite3.connect(settings.db_path) as db:
+    with connect_db(settings) as db:
         raw, listed = db.execute("select messages, attachments from turns").fetchone()
     assert len(raw) < 3000, "the turn's messages must not carry the file"
     assert '"attachment"' in raw and "big.png" in raw
@@ -481,7 +480,7 @@ def test_an_import_resniffs_files_and_holds_them_to_the_limits(make_client, scri
         headers=HX,
     )
     assert r.status_code == 204, r.text
-    with sqlite3.connect(settings.db_path) as db:
+    with connect_db(settings) as db:
         kept = db.execute("select media_type, data from attachments").fetchall()
         raw = db.execute("select messages from turns").fetchone()[0]
     # Only the real PNG within the limit that is what it claims is kept.
@@ -552,11 +551,11 @@ def test_erasing_a_conversation_erases_its_files_and_stale_pending_ones_go(
     cid = r.headers["HX-Push-Url"].rsplit("/", 1)[1]
     store = client.app.state.store
     assert store.erase(cid)
-    with sqlite3.connect(settings.db_path) as db:
+    with connect_db(settings) as db:
         assert db.execute("select count(*) from attachments").fetchone()[0] == 0
     # A file uploaded and never sent is dropped at that user's next upload after a day.
     old = uploaded(client, b"old", "old.txt")
-    with sqlite3.connect(settings.db_path) as db:
+    with connect_db(settings) as db:
         db.execute("update attachments set created_at = '2000-01-01T00:00:00.000+00:00'")
     uploaded(client, b"new", "new.txt")
     assert client.get(f"/attachments/{old}").status_code == 404
@@ -612,7 +611,7 @@ def test_manage_export_carries_the_files(make_client, scripted, settings, capsys
     client = vision(make_client, scripted(["Seen."]))
     url = _conversation_with_files(client)
     cid = url.rsplit("/", 1)[1]
-    assert manage.main(["--db", str(settings.db_path), "export", cid, "--format", "json"]) == 0
+    assert manage.main([*manage_args(settings), "export", cid, "--format", "json"]) == 0
     items = json.loads(capsys.readouterr().out)[0]["parts"][0]["content"]
     assert base64.b64encode(PNG).decode() in [i.get("data") for i in items if isinstance(i, dict)]
 
@@ -620,7 +619,7 @@ def test_manage_export_carries_the_files(make_client, scripted, settings, capsys
 def test_pending_files_a_day_old_are_dropped_at_start_up(make_client, model, settings):
     client = make_client(model)
     aid = uploaded(client, b"forgotten", "f.txt")
-    with sqlite3.connect(settings.db_path) as db:
+    with connect_db(settings) as db:
         db.execute("update attachments set created_at = '2000-01-01T00:00:00.000+00:00'")
     client.__exit__(None, None, None)
     restarted = make_client(model)

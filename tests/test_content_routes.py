@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import sqlite3
 from datetime import UTC, datetime
 
 import pytest
@@ -16,13 +15,13 @@ from chat.agent import TRY_PHRASES, ModelUnavailable, demo_reply, demo_tool_call
 from chat.errors import OUTPUT_LIMIT, describe_error
 from chat.tools import toolset
 from components.sidebar import Sidebar, group_label
-from tests.conftest import HX, parse_html, send, stream
+from tests.conftest import HX, connect_db, parse_html, send, stream
 
 pytestmark = pytest.mark.filterwarnings("error")
 
 
 def rows(settings, sql: str, args=()) -> list[tuple]:
-    conn = sqlite3.connect(settings.db_path)
+    conn = connect_db(settings)
     try:
         return conn.execute(sql, args).fetchall()
     finally:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import html
 import re
-import sqlite3
 
 import pytest
 from pydantic_ai.messages import ModelMessagesTypeAdapter, ModelResponse, TextPart
@@ -22,6 +21,7 @@ from tests.conftest import (
     ModelBroke,
     Node,
     ScriptedModel,
+    connect_db,
     parse_html,
     parse_sse,
     reply_texts,
@@ -96,7 +96,7 @@ def rendered_text(markdown: str) -> str:
 
 def rows(settings, sql: str) -> list[tuple]:
     """Read the app's SQLite file directly, as another process would."""
-    conn = sqlite3.connect(settings.db_path)
+    conn = connect_db(settings)
     try:
         return conn.execute(sql).fetchall()
     finally:
@@ -359,7 +359,7 @@ def test_a_shown_reply_is_rendered_once_and_kept_until_the_renderer_changes(clie
     assert cached == render(REPLY) and version == RENDER_VERSION
 
     # The cached HTML is what the page shows from then on...
-    conn = sqlite3.connect(settings.db_path)
+    conn = connect_db(settings)
     with conn:
         conn.execute("update turns set reply_html = '<p>from the cache</p>'")
     shown = parse_html(client.get(url).text).find(data_role="assistant")
