@@ -129,9 +129,10 @@ class LiveApp:
             MODEL=self.model or "",  # empty: the demo model, even if a .env file names one
             NO_PROXY="127.0.0.1,localhost",
             PYTHONUNBUFFERED="1",
-            **postgres_env(self.db_path),
-            **self.env,
         )
+        # Apart, as both may name SECRET_KEY (a pair's shared key); the test's own env wins.
+        env.update(postgres_env(self.db_path))
+        env.update(self.env)
         with open(self.log_path, "wb") as log:
             # cwd is the temporary directory, so no .env file of the developer's is read.
             self.proc = subprocess.Popen(
