@@ -111,10 +111,10 @@ def postmaster(url: str) -> int:
     (background workers, one backend per connection) is its child."""
     import psycopg
 
-    with psycopg.connect(url) as conn:
+    with psycopg.connect(url) as conn:  # read while connected: the backend ends with it
         backend = conn.execute("select pg_backend_pid()").fetchone()[0]
-    with open(f"/proc/{backend}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[1])  # field 4, ppid
+        with open(f"/proc/{backend}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])  # field 4, ppid
 
 
 def reaped_cpu(pid: int) -> float:
@@ -305,6 +305,7 @@ def open_run(backend: str, args, fake: FakeModel, tmp: Path, redis, pg: Postgres
         "page_bytes": size,
         "export_json_ms": ms(exports),
         "export_cpu_ms": cpu_ms(cpu1, cpu2, args.exports),
+        "export_pg_cpu_ms": round(1000 * (cpu2["postgres"] - cpu1["postgres"]) / args.exports, 1),
         "export_json_bytes": export_bytes,
     }
 
@@ -322,7 +323,7 @@ LOAD_COLS = [
 ]  # fmt: skip
 OPEN_COLS = [
     "seed_s", "open_cold_ms", "open_warm_ms", "open_cpu_ms", "open_pg_cpu_ms", "export_json_ms",
-    "export_cpu_ms",
+    "export_cpu_ms", "export_pg_cpu_ms",
     "page_bytes",
 ]  # fmt: skip
 
