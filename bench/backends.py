@@ -1,8 +1,9 @@
 """SQLite against Postgres, each under 2 app processes and one Redis: what the Postgres store costs.
 
-    uv run python bench/backends.py                          # both backends, 2 rounds (~6 min)
+    uv run python bench/backends.py                          # both backends, 2 rounds (~7 min)
     uv run python bench/backends.py --backends sqlite --rounds 1
-    uv run python bench/backends.py --users 100 --tokens 300 --turns 1000
+    uv run python bench/backends.py --skip-load --rounds 3 --opens 40   # the long conversation
+    uv run python bench/backends.py --users 100 --tokens 300 --turns 2000
 
 Each backend runs as a deployment of it would: `python main.py` with `WORKERS=2` and
 `REDIS_URL` (bench/workers.py's start-up), on SQLite (a fresh file) or on Postgres
@@ -23,7 +24,7 @@ shared machine hits both alike. Two measurements per backend and round:
   (`chat.stores.open_store`, the same settings the app has). Three such conversations, so the
   first ("cold": its replies' HTML not cached yet) open is timed three times; then `--opens`
   warm opens and a few JSON exports (the whole branch streamed) of one of them. Medians, and
-  the server CPU (app + Postgres) per warm open and per export.
+  the server CPU (app + Postgres, and Postgres's share) per warm open and per export.
 
 The machine has 2 cores shared with the fake model, the load client and other work, so
 absolute figures move between runs; the ratios (Postgres / SQLite) of one run are the figures
