@@ -54,6 +54,8 @@ def migrate(conn: psycopg.Connection) -> list[str]:
     """
     applied = []
     with conn.transaction():
+        # However long the replica migrating first takes (the lock wait is not a busy write).
+        conn.execute("set local lock_timeout = 0")
         # Keyed on the schema, so stores in different schemas of one database (the tests do
         # this) migrate side by side.
         conn.execute(

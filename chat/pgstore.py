@@ -32,6 +32,7 @@ import os
 import re
 import secrets
 import sqlite3
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -128,7 +129,11 @@ class _NulFreeText(StrDumperUnknown):
 
 
 def _configure(conn: psycopg.Connection) -> None:
+    """Set up each new connection: NUL-free text, and SQLite's busy timeout as lock_timeout."""
     conn.adapters.register_dumper(str, _NulFreeText)
+    # A write waits this long for another's lock (BUSY_TIMEOUT_MS, as SQLite's writes do), then
+    # fails as Unavailable: the user is told the server is busy instead of waiting forever.
+    conn.execute(f"set lock_timeout = {int(base.BUSY_TIMEOUT_MS)}")
 
 
 def _rows(cur: psycopg.Cursor) -> list[dict]:
@@ -141,14 +146,21 @@ class PostgresStore:
 
     def __init__(self, url: str, *, pool_size: int | None = None):
         self.url = url
-        size = pool_size or default_pool_size()
+        self._size = max(pool_size or default_pool_size(), 1)
+        self._pool_lock = threading.Lock()
+        self._pool = self._open_pool()
+        with self._conn() as conn:
+            if applied := migrate(conn):
+                log.info("postgres schema: applied %s", ", ".join(applied))
+
+    def _open_pool(self) -> ConnectionPool:
         # Autocommit: a read is one round trip; every write opens its own transaction (`_tx`).
         # Each connection is checked as it is taken from the pool, so after a database restart
         # or a failover the store reconnects instead of failing one request per old connection.
-        self._pool = ConnectionPool(
-            url,
+        pool = ConnectionPool(
+            self.url,
             min_size=1,
-            max_size=max(size, 1),
+            max_size=self._size,
             kwargs={"autocommit": True},
             check=ConnectionPool.check_connection,
             configure=_configure,
@@ -157,23 +169,31 @@ class PostgresStore:
             timeout=POOL_WAIT,
         )
         with _translated():
-            self._pool.open(wait=True, timeout=START_WAIT)
-            with self._pool.connection() as conn:
-                if applied := migrate(conn):
-                    log.info("postgres schema: applied %s", ", ".join(applied))
+            pool.open(wait=True, timeout=START_WAIT)
+        return pool
+
+    def _current_pool(self) -> ConnectionPool:
+        # As ChatStore's connections do, a closed store opens again when it is next used.
+        if self._pool.closed:
+            with self._pool_lock:
+                if self._pool.closed:
+                    self._pool = self._open_pool()
+        return self._pool
 
     # Connections --------------------------------------------------------------------------
 
     @contextlib.contextmanager
     def _conn(self) -> Iterator[psycopg.Connection]:
         """A pooled connection in autocommit mode, for reads."""
-        with _translated(), self._pool.connection() as conn:
+        pool = self._current_pool()
+        with _translated(), pool.connection() as conn:
             yield conn
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[psycopg.Connection]:
         """A pooled connection inside a transaction, committed when the block ends."""
-        with _translated(), self._pool.connection() as conn, conn.transaction():
+        pool = self._current_pool()
+        with _translated(), pool.connection() as conn, conn.transaction():
             yield conn
 
     def _all(self, sql: str, args: Sequence | dict = ()) -> list[dict]:
@@ -190,8 +210,9 @@ class PostgresStore:
             return conn.execute(sql, args).rowcount
 
     def close(self) -> None:
-        """Close the pool and every connection in it."""
-        self._pool.close()
+        """Close every connection (the store opens new ones if it is used again)."""
+        with self._pool_lock:
+            self._pool.close()
 
     # Administration -----------------------------------------------------------------------
 

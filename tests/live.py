@@ -130,9 +130,7 @@ class LiveApp:
             NO_PROXY="127.0.0.1,localhost",
             PYTHONUNBUFFERED="1",
         )
-        # Apart, as both may name SECRET_KEY (a pair's shared key); the test's own env wins.
-        env.update(postgres_env(self.db_path))
-        env.update(self.env)
+        env.update({**postgres_env(self.db_path), **self.env})
         with open(self.log_path, "wb") as log:
             # cwd is the temporary directory, so no .env file of the developer's is read.
             self.proc = subprocess.Popen(
@@ -182,6 +180,27 @@ class LiveApp:
             if time.monotonic() > deadline:
                 raise TimeoutError("replies still running")
             time.sleep(0.05)
+
+    def connect(self):
+        """A connection to the app's database, beside the running app: the SQLite file, or
+        its Postgres schema behind the same small API (`?` placeholders, `with conn:`)."""
+        if url := {**postgres_env(self.db_path), **self.env}.get("DATABASE_URL"):
+            from tests.conftest import PostgresConnection
+
+            return PostgresConnection(url)
+        return sqlite3.connect(self.db_path, timeout=10)
+
+    def integrity(self) -> str:
+        """The store's own check of the app's database ('ok' when sound), run beside it."""
+        from chat.config import Settings
+        from chat.stores import open_store
+
+        url = {**postgres_env(self.db_path), **self.env}.get("DATABASE_URL", "")
+        store = open_store(Settings(db_path=self.db_path, database_url=url))
+        try:
+            return store.integrity()
+        finally:
+            store.close()
 
     def turns(self) -> list[dict]:
         """Every row of the `turns` table, oldest first (read-only, beside the running app)."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import sqlite3
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -359,7 +358,7 @@ def test_search_finds_word_prefixes_and_titles(web: Watched, fake: FakeOpenAI):
 
 
 def set_updated_at(app: LiveApp, cid: str, when: datetime) -> None:
-    conn = sqlite3.connect(app.db_path, timeout=10)
+    conn = app.connect()
     try:
         with conn:
             conn.execute(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import sqlite3
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -446,7 +445,7 @@ def test_the_browser_tab_title_follows_the_conversation_title(web: Watched, fake
 
 def set_updated_at(app: LiveApp, cid: str, when: datetime) -> None:
     """Make a conversation look last active at `when` (written beside the running app)."""
-    conn = sqlite3.connect(app.db_path, timeout=10)
+    conn = app.connect()
     try:
         with conn:
             cur = conn.execute(
@@ -587,7 +586,7 @@ _REFUSED = re.compile(r"status of 422|responseError|Response Status Error Code 4
 
 def count_conversations(app: LiveApp) -> int:
     """How many conversations the database holds (read beside the running app)."""
-    conn = sqlite3.connect(f"file:{app.db_path}?mode=ro", uri=True)
+    conn = app.connect()
     try:
         return conn.execute("select count(*) from conversations").fetchone()[0]
     finally:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import sqlite3
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
@@ -330,7 +329,7 @@ def test_copying_a_reply_copies_its_markdown_with_tables_and_fences(
 def set_created_at(app: LiveApp, tid: int, when: datetime) -> None:
     """Make a turn look sent (and answered) at `when` (written beside the running app)."""
     stamp = when.isoformat(timespec="milliseconds")
-    conn = sqlite3.connect(app.db_path, timeout=10)
+    conn = app.connect()
     try:
         with conn:
             conn.execute(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shutil
 import socket
-import sqlite3
 import subprocess
 import sys
 
@@ -44,9 +43,7 @@ def test_sigkill_mid_reply_loses_nothing_typed(fake: FakeOpenAI, tmp_path):
             app.proc.wait(10)
             app.proc = None
     fake.release()
-    conn = sqlite3.connect(workdir / "chat.db")
-    assert conn.execute("pragma integrity_check").fetchone()[0] == "ok"
-    conn.close()
+    assert app.integrity() == "ok"
     with running_app(workdir, OPENAI_BASE_URL=fake.base_url, OPENAI_API_KEY="t", **KEY) as app:
         turn = app.turns()[-1]
         assert turn["user_text"] == "Please remember this sentence."
@@ -67,6 +64,9 @@ def test_sigkill_mid_reply_loses_nothing_typed(fake: FakeOpenAI, tmp_path):
             assert any("Please remember this sentence." in str(m) for m in sent_history)
 
 
+@pytest.mark.sqlite_only(
+    "backs up the SQLite file with manage.py backup (VACUUM INTO); Postgres uses pg_dump"
+)
 def test_backup_of_the_live_database_restores(fake: FakeOpenAI, tmp_path):
     fake.configure("Stored safely.")
     workdir = tmp_path / "live"

@@ -18,7 +18,7 @@ import pytest
 from pydantic_ai.messages import ModelRequest, ModelResponse, TextPart, UserPromptPart
 
 from chat import markdown
-from chat.store import ChatStore
+from chat.stores import open_store
 from chat.transcript import to_json, to_markdown
 from tests.conftest import parse_html
 from tests.test_routes import HTMX, chat, conversation_url, release, rows, send
@@ -42,7 +42,7 @@ def imported(settings, owner: str, replies: list[str], title: str = "Big") -> di
         }
         for i, text in enumerate(replies)
     ]
-    store = ChatStore(settings.db_path)
+    store = open_store(settings)
     try:
         return store.import_conversation(owner, title, turns)
     finally:
@@ -72,7 +72,25 @@ class Pending:
 
 @pytest.fixture
 def write_lock(settings) -> Iterator[callable]:
-    """`take()` holds SQLite's write lock from another connection until `release()` (or the end)."""
+    """`take()` holds the database's write lock from another connection until `release()` (or
+    the end): SQLite's, or on Postgres a lock on the tables that lets reads through."""
+    if settings.database_url:
+        import psycopg
+
+        pg = psycopg.connect(settings.database_url)
+
+        class PgLock:
+            def take(self) -> None:
+                pg.execute("lock table conversations, turns in exclusive mode")
+
+            def release(self) -> None:
+                pg.rollback()
+
+        lock = PgLock()
+        yield lock
+        lock.release()
+        pg.close()
+        return
     conn = sqlite3.connect(settings.db_path, isolation_level=None, check_same_thread=False)
 
     class Lock:
@@ -224,6 +242,7 @@ def test_a_page_shows_while_the_database_is_write_locked(client, settings, write
     assert rows(settings, "select reply_html is not null from turns") == [(1,)]
 
 
+@pytest.mark.sqlite_only("patches ChatStore's connection opener to make SQLite read-only")
 def test_a_page_shows_when_the_database_is_read_only(client, settings, monkeypatch):
     first, _ = chat(client, "Hi")
     store = client.app.state.store
@@ -302,7 +321,7 @@ def test_later_of_someone_elses_turn_is_not_found(long_conversation, other_brows
 
 def test_exports_of_a_long_branch_stream_the_whole_branch(long_conversation, settings):
     client, conv, ids = long_conversation
-    store = ChatStore(settings.db_path)
+    store = open_store(settings)
     try:
         turns = store.branch(conv["head_turn_id"])
     finally:

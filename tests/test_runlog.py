@@ -16,7 +16,7 @@ from chat.redislog import ENDED_TTL, RedisLog, append_end, follow_redis, log_key
 from chat.reply import ToolView
 from chat.runlog import Block, End, Entry, MemoryLog, ToolUpdate, batches, merge
 from chat.runs import RunManager
-from chat.store import ChatStore
+from chat.stores import open_store
 from tests.redis_server import redis_server_fixture  # noqa: F401  (used by name)
 from tests.test_runs import eventually, new_turn
 
@@ -230,7 +230,7 @@ async def test_stop_reaches_the_process_holding_the_reply(redis):
 @pytest.fixture
 async def pair(redis, settings, scripted):
     """Factory: two RunManagers sharing a store and a Redis, each with its own Cluster."""
-    store = ChatStore(settings.db_path)
+    store = open_store(settings)
     made: list[RunManager] = []
 
     def make(model, **overrides) -> tuple[RunManager, RunManager]:

@@ -173,9 +173,10 @@ def test_a_starting_worker_leaves_other_workers_replies_alone(make_client, setti
     With Redis, another worker may be writing it now; a start must not mark it."""
     from pydantic_ai.messages import ModelRequest, UserPromptPart
 
-    from chat.store import ChatStore
+    from chat.stores import open_store
+    from tests.conftest import connect_db
 
-    store = ChatStore(settings.db_path)
+    store = open_store(settings)
     conv = store.create_conversation("someone")
     turn = store.add_turn(
         conv["id"], "hi", [ModelRequest(parts=[UserPromptPart("hi")])], model="demo"
@@ -183,7 +184,7 @@ def test_a_starting_worker_leaves_other_workers_replies_alone(make_client, setti
     store.close()
 
     def status() -> str:
-        with sqlite3.connect(settings.db_path) as conn:
+        with connect_db(settings) as conn:
             return conn.execute("select status from turns where id = ?", [turn["id"]]).fetchone()[0]
 
     server = start_redis(tmp_path / "redis")
