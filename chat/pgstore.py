@@ -15,6 +15,9 @@ above it changes. The pool holds at most `pool_size` connections (DATABASE_POOL_
 default as many as asyncio's default thread pool has threads, since those threads are what
 run store calls at once: more connections would sit idle, fewer would make threads queue.
 
+Why this module is long: like chat/store.py, it is the one module that runs this store's SQL,
+so every question the app asks of the database is a method here.
+
 Errors keep the interface's contract, which callers already rely on: a taken id or username
 raises `IntegrityError`, a database that cannot answer now (connection lost, pool exhausted,
 lock timeout, read-only standby) raises `Unavailable`. They subclass sqlite3's
@@ -43,8 +46,8 @@ from pydantic_ai.messages import ModelMessage
 
 import chat.store as base
 from chat.pg_migrations import migrate
+from chat.storage import BackupElsewhere
 from chat.store import FINISHED, INTERRUPTED, SQLITE_INT, _with_reply, dump_messages, load_messages
-from chat.stores import BackupElsewhere
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +171,14 @@ class PostgresStore:
             name="chat",
             timeout=POOL_WAIT,
         )
-        with _translated():
+        try:
             pool.open(wait=True, timeout=START_WAIT)
+        except psycopg.OperationalError as exc:  # PoolTimeout: no connection could be made
+            pool.close()
+            raise Unavailable(
+                f"the Postgres database at DATABASE_URL did not answer within {START_WAIT:.0f} s "
+                "(is it running and reachable, and are the user, password and database right?)"
+            ) from exc
         return pool
 
     def _current_pool(self) -> ConnectionPool:

@@ -1,8 +1,10 @@
 """The storage interface: everything the app asks of a database, and nothing else.
 
-`ChatStore` (SQLite, chat/store.py) implements it. A Postgres store would implement the same
-methods (rows as dicts with the same keys; messages as ModelMessagesTypeAdapter JSON) and be
-chosen in main.py; routes, runs, tools and manage.py only ever see this Protocol.
+`ChatStore` (SQLite, chat/store.py) and `PostgresStore` (chat/pgstore.py) implement it, with
+equal results (rows as dicts with the same keys; messages as ModelMessagesTypeAdapter JSON;
+tests/test_store_parity.py holds them to it); chat/stores.py chooses one. Routes, runs, tools
+and manage.py only ever see this Protocol. Its errors are sqlite3's: IntegrityError for a taken
+key, OperationalError when the database cannot answer now (the app's "busy" page).
 """
 
 from __future__ import annotations
@@ -12,6 +14,11 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from pydantic_ai.messages import ModelMessage
+
+
+class BackupElsewhere(RuntimeError):
+    """Raised by `Store.backup` when the app does not copy this database itself (Postgres):
+    the message says how to back it up instead."""
 
 
 @runtime_checkable

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 from chat.config import Settings
-from chat.storage import Store
+from chat.storage import BackupElsewhere, Store
 
-
-class BackupElsewhere(RuntimeError):
-    """The store's data is not backed up by the app: the message says how to back it up."""
+__all__ = ["BackupElsewhere", "open_store"]
 
 
 def open_store(settings: Settings) -> Store:

@@ -268,3 +268,31 @@ def test_live_apps_run_on_postgres_in_the_postgres_run(tmp_path, postgres_server
         browser.follow(sent.stream_url, sent.close_event)
         assert [t["user_text"] for t in app.turns()] == ["Hello over Postgres"]
     assert not app.db_path.exists() and not (tmp_path / "app" / ".secret_key").exists()
+
+
+def test_two_processes_on_one_postgres_serve_one_browser(tmp_path, postgres_server):
+    """Sent through one process, the conversation is found, shown and exported by another: no
+    sticky sessions, because the database and the session key are shared, not the process."""
+    from tests.live import HtmxClient, running_app
+
+    env = {"DATABASE_URL": fresh_database_url(postgres_server), "SECRET_KEY": "one-key-for-all"}
+    with (
+        running_app(tmp_path / "a", model=None, **env) as a,
+        running_app(tmp_path / "b", model=None, **env) as b,
+        HtmxClient(a.url) as on_a,
+        HtmxClient(b.url) as on_b,
+    ):
+        sent = on_a.send("Tell me about pelicans")
+        on_a.follow(sent.stream_url, sent.close_event)
+        on_b.http.cookies = on_a.http.cookies  # the same browser, now answered by B
+        found = on_b.http.get("/search", params={"q": "pelic"})
+        assert found.status_code == 200 and f"/c/{sent.cid}" in found.text
+        page = on_b.http.get(f"/c/{sent.cid}")
+        assert page.status_code == 200 and "Tell me about pelicans" in page.text
+        export = on_b.http.get(f"/c/{sent.cid}/export.md")
+        assert export.status_code == 200 and "Tell me about pelicans" in export.text
+        stranger = HtmxClient(b.url)
+        try:
+            assert stranger.http.get(f"/c/{sent.cid}/export.md").status_code == 404
+        finally:
+            stranger.close()
