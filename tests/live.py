@@ -449,6 +449,89 @@ def check_resume_after_drop(
     assert len(replies(fake)) == 1
 
 
+# Two app processes on one store and one Redis (tests/test_scale.py, test_scale_postgres.py) ---
+
+# Short leases, so a dead process's replies end within seconds here.
+LEASE_SECONDS, LEASE_REFRESH = 3, 1
+DRAIN_GRACE = 20.0
+SHARED_SECRET = "scale-test-key"
+PARAGRAPHS = "First paragraph.\n\nSecond paragraph.\n\nThird paragraph.\n\nFourth paragraph."
+
+
+@dataclass
+class SharedApp(LiveApp):
+    """The app in its own directory (its own log), on a database shared with other processes."""
+
+    shared_db: Path | None = None
+
+    @property
+    def db_path(self) -> Path:
+        """The shared SQLite file (unused when DATABASE_URL names a Postgres store)."""
+        return self.shared_db
+
+
+def shared_app(
+    workdir: Path, db: Path, fake: FakeOpenAI, redis_url: str, port: int = 0, **extra: str
+) -> SharedApp:
+    """One of several processes (not started yet) on database `db` (or `extra`'s DATABASE_URL)
+    and one Redis, with short leases and the same SECRET_KEY, so a browser's cookie works on
+    every process."""
+    env = {
+        "REDIS_URL": redis_url,
+        "LEASE_SECONDS": str(LEASE_SECONDS),
+        "LEASE_REFRESH_SECONDS": str(LEASE_REFRESH),
+        "OPENAI_BASE_URL": fake.base_url,
+        "OPENAI_API_KEY": "test",
+        "SECRET_KEY": SHARED_SECRET,  # one browser identity on every process
+        "DRAIN_GRACE": str(DRAIN_GRACE),
+        **extra,
+    }
+    return SharedApp(workdir, env=env, port=port, shared_db=db)
+
+
+def start_app(
+    workdir: Path, db: Path, fake: FakeOpenAI, redis_url: str, port: int = 0, **extra: str
+) -> SharedApp:
+    """`shared_app(...)`, started."""
+    return shared_app(workdir, db, fake, redis_url, port, **extra).start()
+
+
+def stop_app(app: SharedApp) -> None:
+    """Stop one of the processes; print its log if it has tracebacks."""
+    app.stop()
+    if "Traceback" in app.log():
+        print(f"--- app log ({app.log_path}) ---\n{app.log()}")
+
+
+def own_redis_db(redis_url: str, db: int) -> str:
+    """The same Redis, another logical database: turn ids restart at 1 in each SQLite file, so
+    the module's pair (still running) must not see, and end as lapsed, this test's leases."""
+    return redis_url.rsplit("/", 1)[0] + f"/{db}"
+
+
+@pytest.fixture(name="fake")
+def pair_fake_fixture(fake_server: FakeOpenAI, pair) -> Iterator[FakeOpenAI]:
+    """For a module whose `pair` fixture yields its processes: the fake model, reset for this
+    test; afterwards, waits until both processes are idle."""
+    fake_server.reset()
+    yield fake_server
+    fake_server.release()
+    for app in pair:
+        app.wait_idle()
+    time.sleep(0.2)  # a title request may follow a finished reply
+    fake_server.wait_until_finished()
+
+
+@pytest.fixture(name="clients")
+def clients_fixture(pair) -> Iterator[tuple[HtmxClient, HtmxClient]]:
+    """One browser identity, talking to A and to B of the module's `pair`."""
+    a, b = pair
+    with HtmxClient(a.url) as on_a, HtmxClient(b.url) as on_b:
+        on_a.open()
+        on_b.http.cookies = on_a.http.cookies
+        yield on_a, on_b
+
+
 # Chromium -----------------------------------------------------------------------------------
 
 CHROMIUM_ARGS = [

@@ -12,8 +12,6 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -21,58 +19,29 @@ import pytest
 
 from tests.fake_openai import FakeOpenAI
 from tests.live import (  # noqa: F401  (fixtures are used by name)
+    DRAIN_GRACE,
+    LEASE_REFRESH,
+    LEASE_SECONDS,
+    PARAGRAPHS,
     STREAM_TIMEOUT,
     HtmxClient,
-    LiveApp,
     Sent,
+    SharedApp,
     check_resume_after_drop,
+    clients_fixture,
     fake_server_fixture,
+    own_redis_db,
+    pair_fake_fixture,
     replies,
     reply_html,
+    start_app,
+    stop_app,
     text_of,
     wait_until,
 )
 from tests.redis_server import redis_server_fixture  # noqa: F401  (used by name)
 
 pytestmark = pytest.mark.slow
-
-# Short leases, so a dead process's replies end within seconds here.
-LEASE_SECONDS, LEASE_REFRESH = 3, 1
-DRAIN_GRACE = 20.0
-PARAGRAPHS = "First paragraph.\n\nSecond paragraph.\n\nThird paragraph.\n\nFourth paragraph."
-
-
-@dataclass
-class SharedApp(LiveApp):
-    """The app in its own directory (its own log), on a database shared with other processes."""
-
-    shared_db: Path | None = None
-
-    @property
-    def db_path(self) -> Path:
-        """The shared SQLite file."""
-        return self.shared_db
-
-
-def start_app(
-    workdir: Path, db: Path, fake: FakeOpenAI, redis_url: str, port: int = 0
-) -> SharedApp:
-    env = {
-        "REDIS_URL": redis_url,
-        "LEASE_SECONDS": str(LEASE_SECONDS),
-        "LEASE_REFRESH_SECONDS": str(LEASE_REFRESH),
-        "OPENAI_BASE_URL": fake.base_url,
-        "OPENAI_API_KEY": "test",
-        "SECRET_KEY": "scale-test-key",  # one browser identity on every process
-        "DRAIN_GRACE": str(DRAIN_GRACE),
-    }
-    return SharedApp(workdir, env=env, port=port, shared_db=db).start()
-
-
-def stop_app(app: SharedApp) -> None:
-    app.stop()
-    if "Traceback" in app.log():
-        print(f"--- app log ({app.log_path}) ---\n{app.log()}")
 
 
 @pytest.fixture(name="pair", scope="module")
@@ -88,28 +57,6 @@ def pair_fixture(fake_server: FakeOpenAI, redis_server: str, tmp_path_factory):
     yield a, b
     stop_app(b)
     stop_app(a)
-
-
-@pytest.fixture(name="fake")
-def fake_fixture(fake_server: FakeOpenAI, pair) -> Iterator[FakeOpenAI]:
-    """The fake model, reset for this test; afterwards, waits until both processes are idle."""
-    fake_server.reset()
-    yield fake_server
-    fake_server.release()
-    for app in pair:
-        app.wait_idle()
-    time.sleep(0.2)  # a title request may follow a finished reply
-    fake_server.wait_until_finished()
-
-
-@pytest.fixture(name="clients")
-def clients_fixture(pair) -> Iterator[tuple[HtmxClient, HtmxClient]]:
-    """One browser identity, talking to A and to B."""
-    a, b = pair
-    with HtmxClient(a.url) as on_a, HtmxClient(b.url) as on_b:
-        on_a.open()
-        on_b.http.cookies = on_a.http.cookies
-        yield on_a, on_b
 
 
 def test_a_reply_started_on_a_streams_live_on_b_with_one_model_call(fake, clients):
@@ -151,12 +98,6 @@ def test_last_event_id_from_a_resumes_on_b_without_repeating(fake, clients):
     on_a, on_b = clients
     # A's connection dropped; the browser reconnects through the balancer and lands on B.
     check_resume_after_drop(on_a, on_b, fake, PARAGRAPHS, "Four paragraphs, resumed elsewhere")
-
-
-def own_redis_db(redis_url: str, db: int) -> str:
-    """The same Redis, another logical database: turn ids restart at 1 in each SQLite file, so
-    the module's pair (still running) must not see, and end as lapsed, this test's leases."""
-    return redis_url.rsplit("/", 1)[0] + f"/{db}"
 
 
 def test_a_killed_process_s_reply_ends_interrupted_on_b_and_a_starting_one_spares_it(
