@@ -22,10 +22,9 @@ from pathlib import Path
 import pytest
 
 from tests.fake_openai import FakeOpenAI
-from tests.live import HtmxClient, free_port, reply_html, text_of, title_reply
+from tests.live import HtmxClient, SharedApp, free_port, reply_html, text_of, title_reply
 from tests.redis_server import redis_server_fixture  # noqa: F401  (used by name)
 from tests.test_deploy import NGINX_COMPOSE, running_nginx, timed_events
-from tests.test_scale import SharedApp
 
 pytestmark = pytest.mark.slow
 
