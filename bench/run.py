@@ -125,7 +125,15 @@ class Proc:
 
     @classmethod
     def start(
-        cls, name: str, cmd: list[str], *, port: int, env: dict, marker: str, nice: int = 0
+        cls,
+        name: str,
+        cmd: list[str],
+        *,
+        port: int,
+        env: dict,
+        marker: str,
+        nice: int = 0,
+        cwd: Path = ROOT,
     ) -> Proc:
         """Start `cmd`, then find the descendant Python process whose command line has `marker`."""
         RESULTS.mkdir(exist_ok=True)
@@ -134,7 +142,7 @@ class Proc:
             popen = subprocess.Popen(
                 cmd,
                 preexec_fn=(lambda: _renice(nice)) if nice else None,
-                cwd=ROOT,
+                cwd=cwd,
                 env={**os.environ, **env},
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -218,6 +226,15 @@ class FakeModel:
         return httpx.get(f"{self.url}/stats", params={"reset": 1} if reset else None).json()
 
 
+def app_root(target: str) -> Path | None:
+    """The checkout an app target runs from: `app` is this one, `app@PATH` another (A/B runs)."""
+    if target == "app":
+        return ROOT
+    if target.startswith("app@"):
+        return Path(target[4:]).resolve()
+    return None
+
+
 def start_server(target: str, fake: FakeModel, tmp: Path, *, profile: Path | None = None) -> Proc:
     """Start the app (`uv run python main.py`) or the baseline (`uv run --with fastapi ...`)."""
     port = free_port()
@@ -232,18 +249,21 @@ def start_server(target: str, fake: FakeModel, tmp: Path, *, profile: Path | Non
         "ADDRESS_MESSAGES_PER_MINUTE": "1000000",
         "MAX_RUNNING_REPLIES": "1000000",
     }
-    if target == "app":
+    root = app_root(target)
+    if root is not None:
         db = tmp / f"app-{port}" / "chat.db"
         env["DB_PATH"] = str(db)
         marker = "main.py"
-        if profile:
+        if profile and profile.suffix == ".prof":  # --cprofile: exact call counts
+            cmd = ["uv", "run", "python", "-m", "cProfile", "-o", str(profile), "main.py"]
+        elif profile:
             cmd = ["uv", "run", "--with", "pyinstrument", "pyinstrument", "-r", "pyisession"]
             cmd += ["-o", str(profile), "main.py"]
         elif TRACEMALLOC:
             cmd, marker = ["uv", "run", "python", "bench/trace_app.py"], "trace_app.py"
         else:
             cmd = ["uv", "run", "python", "main.py"]
-        proc = Proc.start("app", cmd, port=port, env=env, marker=marker)
+        proc = Proc.start("app", cmd, port=port, env=env, marker=marker, cwd=root)
         proc.db = db
     else:
         if target == "baseline-nodebounce":
@@ -286,7 +306,7 @@ def one_run(target: str, scenario: str, fake: FakeModel, tmp: Path, **kw) -> dic
     commit = _git("rev-parse", "--short", "HEAD")
     proc = start_server(target, fake, tmp, profile=kw.get("profile"))
     base = f"http://127.0.0.1:{proc.port}"
-    kind = "app" if target == "app" else "baseline"
+    kind = "app" if app_root(target) is not None else "baseline"
     try:
         fake.configure(cfg["tokens"], 0)
         warm_reply = Reply.for_model(cfg["tokens"], 0)
@@ -588,8 +608,25 @@ def verdicts(report: dict) -> list[str]:
 # Profile -----------------------------------------------------------------------------------
 
 
+def cprofile(fake: FakeModel, tmp: Path, scenario: str, targets: list[str], **kw) -> None:
+    """Run one scenario with each app target under cProfile (deterministic: exact call counts,
+    so two checkouts can be compared call by call whatever else the machine is doing); the
+    stats land in results/<target>-<scenario>.prof, read them with pstats."""
+    for target in targets:
+        root = app_root(target) or ROOT
+        name = "app" if root == ROOT else f"app-{root.name}"
+        out = RESULTS / f"{name}-{scenario}.prof"
+        summary = one_run(target, scenario, fake, tmp, profile=out, **kw)
+        print(f"{target}: {summary['completed']} replies, {summary['server_cpu_s']} s CPU -> {out}")
+
+
 def profile(
-    fake: FakeModel, tmp: Path, scenario: str, users: int | None, tokens: int | None
+    fake: FakeModel,
+    tmp: Path,
+    scenario: str,
+    users: int | None,
+    tokens: int | None,
+    target: str = "app",
 ) -> None:
     """Run one scenario with the app under pyinstrument; print the hotspots.
 
@@ -598,11 +635,13 @@ def profile(
     """
     import pstats
 
-    session = RESULTS / f"app-{scenario}.pyisession"
-    summary = one_run("app", scenario, fake, tmp, users=users, tokens=tokens, profile=session)
-    print(table(f"{scenario} under pyinstrument (app)", {"app": pooled([summary])}))
-    text = RESULTS / f"app-{scenario}-profile.txt"
-    stats = RESULTS / f"app-{scenario}.pstats"
+    root = app_root(target) or ROOT
+    name = "app" if root == ROOT else f"app-{root.name}"
+    session = RESULTS / f"{name}-{scenario}.pyisession"
+    summary = one_run(target, scenario, fake, tmp, users=users, tokens=tokens, profile=session)
+    print(table(f"{scenario} under pyinstrument ({target})", {target: pooled([summary])}))
+    text = RESULTS / f"{name}-{scenario}-profile.txt"
+    stats = RESULTS / f"{name}-{scenario}.pstats"
     base = ["uv", "run", "--with", "pyinstrument", "pyinstrument", "--load", str(session)]
     subprocess.run(
         base + ["-r", "text", "-o", str(text), "--show-all", "-p", "unicode=false"],
@@ -616,12 +655,12 @@ def profile(
     print(f"\n== profile: top functions by self time (of {total:.1f} s sampled) ==")
     rows = sorted(p.stats.items(), key=lambda kv: -kv[1][2])[:25]
     for (file, lineno, fn), (_, _, tt, ct, _) in rows:
-        short = file.split("site-packages/")[-1].replace(str(ROOT) + "/", "")
+        short = file.split("site-packages/")[-1].replace(str(root) + "/", "")
         print(f"{tt:7.2f}s self {ct:7.2f}s cum  {short}:{lineno} {fn}")
     print("\n== profile: app functions by cumulative time ==")
-    mine = [kv for kv in p.stats.items() if str(ROOT) in kv[0][0] and ".venv" not in kv[0][0]]
+    mine = [kv for kv in p.stats.items() if str(root) in kv[0][0] and ".venv" not in kv[0][0]]
     for (file, lineno, fn), (_, _, tt, ct, _) in sorted(mine, key=lambda kv: -kv[1][3])[:20]:
-        print(f"{ct:7.2f}s cum {tt:7.2f}s self  {file.replace(str(ROOT) + '/', '')}:{lineno} {fn}")
+        print(f"{ct:7.2f}s cum {tt:7.2f}s self  {file.replace(str(root) + '/', '')}:{lineno} {fn}")
     print(f"\nfull call tree: {text}")
 
 
@@ -652,6 +691,11 @@ def main(argv: list[str] | None = None) -> None:
         "--profile",
         action="store_true",
         help="profile the app under --scenario (default throughput) instead",
+    )
+    parser.add_argument(
+        "--cprofile",
+        action="store_true",
+        help="run each app target under cProfile (call counts to compare checkouts)",
     )
     parser.add_argument(
         "--tracemalloc",
@@ -687,9 +731,13 @@ def main(argv: list[str] | None = None) -> None:
     raw: list[dict] = []
     started = time.time()
     try:
+        if args.cprofile:
+            scenario = args.scenario if args.scenario in SCENARIOS else "throughput"
+            cprofile(fake, tmp, scenario, targets, users=args.users, tokens=args.tokens)
+            return
         if args.profile:
             scenario = args.scenario if args.scenario in SCENARIOS else "throughput"
-            profile(fake, tmp, scenario, args.users, args.tokens)
+            profile(fake, tmp, scenario, args.users, args.tokens, targets[0])
             return
         names = list(SCENARIOS) + ["open2000"] if args.scenario == "all" else [args.scenario]
         for name in names:
