@@ -89,6 +89,9 @@ class Settings:
     # another one ends the reply.
     lease_seconds: float = 15.0
     lease_refresh: float = 5.0
+    # Redis key namespace (chat/cluster.py, chat/redislog.py, chat/redis_limits.py): every key
+    # and channel starts with it, so two deployments sharing one Redis database stay apart.
+    redis_prefix: str = "chat:"
 
     @property
     def demo(self) -> bool:
@@ -159,6 +162,7 @@ class Settings:
             tool_approval_ttl=float(env.get("TOOL_APPROVAL_TTL") or 3600),
             lease_seconds=float(env.get("LEASE_SECONDS") or 15),
             lease_refresh=float(env.get("LEASE_REFRESH_SECONDS") or 5),
+            redis_prefix=(env.get("REDIS_PREFIX") or "").strip() or "chat:",
         )
         values.update(overrides)
         # MODEL (from the environment or --model) is always among the models offered.

@@ -1,7 +1,7 @@
 """A reply's run log in a Redis Stream (REDIS_URL), so a stream on any process can follow it.
 
 The process writing a reply copies each entry of its MemoryLog (chat/runlog.py) to the Stream
-`chat:log:<turn id>` with the explicit id `0-<entry number>`, capped (`XADD MAXLEN ~`) and
+`<prefix>log:<turn id>` with the explicit id `0-<entry number>`, capped (`XADD MAXLEN ~`) and
 expiring a while after the end. Entries that gather while a write is under way (or for
 `WRITE_EVERY`) go out together in one round trip, each under its own number, with only the
 newest tail: never a round trip per token. Any process replays the Stream with
@@ -26,6 +26,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Every Redis key and channel of the app starts with the deployment's prefix (REDIS_PREFIX),
+# so two deployments on one Redis database never count, follow or stop each other's replies.
+DEFAULT_PREFIX = "chat:"
+
 # A stream holds at most about this many entries (XADD MAXLEN ~). A reply has at most one entry
 # per tick (15 ms, longer under load), so only a reply of several minutes comes near it.
 MAX_ENTRIES = 20_000
@@ -43,9 +47,9 @@ _WRITE_RETRY = 0.5
 _WRITE_TRIES = 20
 
 
-def log_key(turn_id: int) -> str:
-    """The Redis Stream holding a reply's entries."""
-    return f"chat:log:{turn_id}"
+def log_key(turn_id: int, prefix: str = DEFAULT_PREFIX) -> str:
+    """The Redis Stream holding a reply's entries, under a deployment's key prefix."""
+    return f"{prefix}log:{turn_id}"
 
 
 def _item_data(item: Item) -> dict:
@@ -92,9 +96,9 @@ def _s(value: str | bytes) -> str:
 class RedisLog:
     """Copies one reply's entries into its Redis Stream, in order, merging what waits."""
 
-    def __init__(self, redis: Redis, turn_id: int) -> None:
+    def __init__(self, redis: Redis, turn_id: int, prefix: str = DEFAULT_PREFIX) -> None:
         self.redis = redis
-        self.key = log_key(turn_id)
+        self.key = log_key(turn_id, prefix)
         self.pending: list[Entry] = []
         self._task: asyncio.Task | None = None
 
@@ -158,9 +162,9 @@ async def write(redis: Redis, key: str, entries: list[Entry], *, expire: bool = 
         await pipe.execute()
 
 
-async def append_end(redis: Redis, turn_id: int, end: End) -> None:
+async def append_end(redis: Redis, turn_id: int, end: End, prefix: str = DEFAULT_PREFIX) -> None:
     """End a reply's log from outside its run (its owner died): numbered after the last entry."""
-    key = log_key(turn_id)
+    key = log_key(turn_id, prefix)
     last = await redis.xrevrange(key, count=1)
     seq = int(_s(last[0][0]).partition("-")[2]) + 1 if last else 1
     await write(redis, key, [Entry(seq, tail="", end=end)])
@@ -171,6 +175,7 @@ async def follow_redis(
     turn_id: int,
     after: int = 0,
     heartbeat: float = 15.0,
+    prefix: str = DEFAULT_PREFIX,
 ) -> AsyncIterator[Entry | None]:
     """Replay a reply's entries after `after` from Redis (with the newest tail), then follow.
 
@@ -178,7 +183,7 @@ async def follow_redis(
     for it. Entries trimmed by the cap (`MAX_ENTRIES`) are gone: a stream that joins a reply
     that long shows it from the oldest entry kept, and the whole reply once it is reloaded.
     """
-    key = log_key(turn_id)
+    key = log_key(turn_id, prefix)
     rows = await redis.xrange(key)
     parsed = [from_fields(i, f) for i, f in rows]
     cursor = max([after, *(e.seq for e in parsed)])

@@ -233,7 +233,9 @@ class RunManager(Sharing):
         if run is not None:
             return run.follow(after, heartbeat)
         if self.cluster is not None and turn["status"] == "streaming":
-            return follow_redis(self.cluster.redis, turn["id"], after, heartbeat)
+            return follow_redis(
+                self.cluster.redis, turn["id"], after, heartbeat, self.cluster.prefix
+            )
         return None
 
     def start(self, turn: dict, owner: str) -> Run:
@@ -247,7 +249,7 @@ class RunManager(Sharing):
         )
         self.runs[run.turn_id] = run
         if self.cluster is not None:
-            run.mirror = RedisLog(self.cluster.redis, run.turn_id)
+            run.mirror = RedisLog(self.cluster.redis, run.turn_id, self.cluster.prefix)
             self._in_background(self._lease(run), f"lease-{run.turn_id}")
         run.task = asyncio.create_task(self._drive(run, turn), name=f"run-{run.turn_id}")
         # A task cancelled before its first step never runs `_drive`'s `finally`: this does.
