@@ -32,6 +32,14 @@ log = logging.getLogger(__name__)
 
 # After a lost connection, the Stop subscription tries again after this long.
 _RESUBSCRIBE = 1.0
+# Deletes KEYS[1] only while it still holds ARGV[1]: a claim is given back by its taker alone,
+# never one that lapsed and was taken again by another send.
+_UNCLAIM = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
 
 
 def _now_ms() -> int:
@@ -89,6 +97,9 @@ class Cluster:
     def _reap_key(self, turn_id: int) -> str:
         return f"{self.prefix}reap:{turn_id}"
 
+    def _claim_key(self, cid: str) -> str:
+        return f"{self.prefix}claim:{cid}"
+
     def log_key(self, turn_id: int) -> str:
         """The Redis Stream holding reply `turn_id`'s run log (chat/redislog.py)."""
         return log_key(turn_id, self.prefix)
@@ -97,10 +108,36 @@ class Cluster:
         """Close the connections."""
         await self.redis.aclose()
 
+    # Claims: one reply at a time per conversation ----------------------------------------
+
+    async def claim(self, cid: str) -> str | None:
+        """Claim conversation `cid` for a reply about to start, atomically over every process;
+        the claim's token, or None if a reply is running or starting there already.
+
+        Taken before the message is committed; the reply's lease takes over from it (see
+        `register`), and `unclaim` gives it back if the send stops short. It lapses with the
+        lease time, so a process that dies holding one blocks the conversation no longer.
+        """
+        token = f"{self.worker}:{secrets.token_hex(4)}"
+        key = self._claim_key(cid)
+        if not await self.redis.set(key, token, nx=True, px=self.lease_ms):
+            return None
+        # A reply that started earlier holds a lease, not a claim: it took over (and deleted)
+        # its claim in the same transaction that took the lease, so this sees one or the other.
+        if await self.streaming_in(cid):
+            await self.unclaim(cid, token)
+            return None
+        return token
+
+    async def unclaim(self, cid: str, token: str) -> None:
+        """Give back a claim no reply took over (the send was refused or failed)."""
+        await self.redis.eval(_UNCLAIM, 1, self._claim_key(cid), token)
+
     # Leases -------------------------------------------------------------------------------
 
-    async def register(self, turn_id: int, cid: str, owner: str) -> None:
-        """Take the lease of a reply this process starts writing."""
+    async def register(self, turn_id: int, cid: str, owner: str, claim: str | None = None) -> None:
+        """Take the lease of a reply this process starts writing (and, with `claim`, let the
+        lease take over from the conversation's claim, in one transaction)."""
         until = _now_ms() + self.lease_ms
         info = json.dumps({"cid": cid, "owner": owner, "worker": self.worker})
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -109,6 +146,8 @@ class Cluster:
             # A log left under this number (a database restored from a backup reuses turn ids)
             # is another reply's: gone before any stream can read it.
             pipe.delete(self.log_key(turn_id))
+            if claim is not None:
+                pipe.eval(_UNCLAIM, 1, self._claim_key(cid), claim)
             await pipe.execute()
 
     def _lease(self, pipe, turn_id: int, cid: str, owner: str, until: int, **kw) -> None:

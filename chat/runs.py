@@ -182,6 +182,8 @@ class RunManager(Sharing):
         self.cluster = cluster
         self._shared: set[asyncio.Task] = set()  # lease and log work of this process's runs
         self._background: list[asyncio.Task] = []
+        # Conversations claimed in Redis for a reply about to start (`claim`): cid -> token.
+        self._claims: dict[str, str] = {}
         self.agent = agent
         self.settings = settings
         self._model_override = model  # tests pass a FunctionModel here
@@ -199,6 +201,31 @@ class RunManager(Sharing):
         if any(run.conversation_id == cid for run in self.runs.values()):
             return True
         return self.cluster is not None and await self.cluster.streaming_in(cid)
+
+    async def claim(self, cid: str) -> bool:
+        """Claim conversation `cid` for a reply about to start; False if a reply runs or is
+        starting there. Alone, the caller's send lock makes the check and the start one step;
+        with REDIS_URL the claim is taken in Redis, so of two processes sending at once exactly
+        one wins. The next `start` in `cid` takes the claim over; `unclaim` gives it back."""
+        if any(run.conversation_id == cid for run in self.runs.values()):
+            return False
+        if self.cluster is None:
+            return True
+        token = await self.cluster.claim(cid)
+        if token is None:
+            return False
+        self._claims[cid] = token
+        return True
+
+    async def unclaim(self, cid: str) -> None:
+        """Give back a claim on `cid` that no started reply took over (a no-op otherwise)."""
+        token = self._claims.pop(cid, None)
+        if token is None or self.cluster is None:
+            return
+        try:
+            await self.cluster.unclaim(cid, token)
+        except Exception as exc:  # it lapses with the lease time
+            log.warning("could not give back the claim on conversation %s: %s", cid, exc)
 
     async def running(self, owner: str) -> int:
         """How many of `owner`'s replies are being generated now (by every process)."""
@@ -250,7 +277,8 @@ class RunManager(Sharing):
         self.runs[run.turn_id] = run
         if self.cluster is not None:
             run.mirror = RedisLog(self.cluster.redis, run.turn_id, self.cluster.prefix)
-            self._in_background(self._lease(run), f"lease-{run.turn_id}")
+            claim = self._claims.pop(run.conversation_id, None)
+            self._in_background(self._lease(run, claim), f"lease-{run.turn_id}")
         run.task = asyncio.create_task(self._drive(run, turn), name=f"run-{run.turn_id}")
         # A task cancelled before its first step never runs `_drive`'s `finally`: this does.
         run.task.add_done_callback(lambda _: self._reap(run, turn))

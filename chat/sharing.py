@@ -41,9 +41,9 @@ class Sharing:
         self._shared.add(task)
         task.add_done_callback(self._shared.discard)
 
-    async def _lease(self, run: Any) -> None:
+    async def _lease(self, run: Any, claim: str | None = None) -> None:
         try:
-            await self.cluster.register(run.turn_id, run.conversation_id, run.owner)
+            await self.cluster.register(run.turn_id, run.conversation_id, run.owner, claim)
         except Exception as exc:  # the reply goes on here; other processes may not see it
             log.warning("reply %s: could not take its lease in Redis: %s", run.turn_id, exc)
 
