@@ -23,7 +23,7 @@ import time
 from collections.abc import AsyncIterator, Iterable
 from typing import TYPE_CHECKING
 
-from chat.redislog import DEFAULT_PREFIX, log_key
+from chat.redislog import DEFAULT_PREFIX, LogWriter, log_key
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -32,6 +32,17 @@ log = logging.getLogger(__name__)
 
 # After a lost connection, the Stop subscription tries again after this long.
 _RESUBSCRIBE = 1.0
+# Claims KEYS[1] (a conversation) for ARGV[1] for ARGV[3] ms, unless a reply holds a live lease
+# in it (KEYS[2], scored by lease end, ARGV[2] now) or another send claimed it: one round trip.
+_CLAIM = """
+if redis.call('ZCOUNT', KEYS[2], ARGV[2], '+inf') > 0 then
+  return 0
+end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[3]) then
+  return 1
+end
+return 0
+"""
 # Deletes KEYS[1] only while it still holds ARGV[1]: a claim is given back by its taker alone,
 # never one that lapsed and was taken again by another send.
 _UNCLAIM = """
@@ -65,6 +76,9 @@ class Cluster:
         self.leases = prefix + "leases"  # every reply being written: turn id -> lease end (ms)
         self.run_info = prefix + "runinfo"  # turn id -> {"cid", "owner", "worker"}
         self.stop_channel = prefix + "stop"
+        self._claim = redis.register_script(_CLAIM)
+        # Every run log this process writes goes through one writer (shared round trips).
+        self.writer = LogWriter(redis)
 
     @classmethod
     def connect(
@@ -119,15 +133,12 @@ class Cluster:
         lease time, so a process that dies holding one blocks the conversation no longer.
         """
         token = f"{self.worker}:{secrets.token_hex(4)}"
-        key = self._claim_key(cid)
-        if not await self.redis.set(key, token, nx=True, px=self.lease_ms):
-            return None
         # A reply that started earlier holds a lease, not a claim: it took over (and deleted)
         # its claim in the same transaction that took the lease, so this sees one or the other.
-        if await self.streaming_in(cid):
-            await self.unclaim(cid, token)
-            return None
-        return token
+        keys = [self._claim_key(cid), self._conv(cid)]
+        if await self._claim(keys=keys, args=[token, _now_ms(), self.lease_ms]):
+            return token
+        return None
 
     async def unclaim(self, cid: str, token: str) -> None:
         """Give back a claim no reply took over (the send was refused or failed)."""
@@ -188,6 +199,15 @@ class Cluster:
     async def running(self, owner: str) -> int:
         """How many of `owner`'s replies are being written, by every process."""
         return await self.redis.zcount(self._who(owner), _now_ms(), "+inf")
+
+    async def counts(self, owner: str) -> tuple[int, int]:
+        """`running(owner)` and `total()` in one round trip."""
+        now = _now_ms()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zcount(self._who(owner), now, "+inf")
+            pipe.zcount(self.leases, now, "+inf")
+            mine, everyone = await pipe.execute()
+        return mine, everyone
 
     async def total(self) -> int:
         """How many replies are being written, by every process."""

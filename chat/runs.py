@@ -235,6 +235,15 @@ class RunManager(Sharing):
         # A run started here a moment ago may not hold its lease in Redis yet.
         return max(here, await self.cluster.running(owner))
 
+    async def counts(self, owner: str) -> tuple[int, int]:
+        """`running(owner)` and `total_running()` together (with REDIS_URL, one round trip)."""
+        here = sum(1 for run in self.runs.values() if run.owner == owner)
+        if self.cluster is None:
+            return here, len(self.runs)
+        mine, everyone = await self.cluster.counts(owner)
+        # A run started here a moment ago may not hold its lease in Redis yet.
+        return max(here, mine), max(len(self.runs), everyone)
+
     async def total_running(self) -> int:
         """How many replies are being generated now, server-wide (every process)."""
         if self.cluster is None:
@@ -276,7 +285,9 @@ class RunManager(Sharing):
         )
         self.runs[run.turn_id] = run
         if self.cluster is not None:
-            run.mirror = RedisLog(self.cluster.redis, run.turn_id, self.cluster.prefix)
+            run.mirror = RedisLog(
+                self.cluster.redis, run.turn_id, self.cluster.prefix, self.cluster.writer
+            )
             claim = self._claims.pop(run.conversation_id, None)
             self._in_background(self._lease(run, claim), f"lease-{run.turn_id}")
         run.task = asyncio.create_task(self._drive(run, turn), name=f"run-{run.turn_id}")

@@ -384,12 +384,9 @@ class ChatService:
         if replies is None:
             refused = await self.limits.check_import(who.uid, who.addr)
         else:
+            running, total = await self.runs.counts(who.uid)
             refused = await self.limits.check_send(
-                who.uid,
-                who.addr,
-                running=await self.runs.running(who.uid),
-                total_running=await self.runs.total_running(),
-                count=replies,
+                who.uid, who.addr, running=running, total_running=total, count=replies
             )
         if refused:
             raise Refused(refused.message, refused.status, refused.headers)

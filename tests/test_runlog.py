@@ -12,7 +12,7 @@ from chat.agent import build_agent
 from chat.cluster import Cluster
 from chat.config import Settings
 from chat.markdown import render
-from chat.redislog import ENDED_TTL, RedisLog, append_end, follow_redis, log_key
+from chat.redislog import ENDED_TTL, LogWriter, RedisLog, append_end, follow_redis, log_key
 from chat.reply import ToolView
 from chat.runlog import Block, End, Entry, MemoryLog, ToolUpdate, batches, merge
 from chat.runs import RunManager
@@ -184,6 +184,34 @@ async def test_entries_gathered_while_writing_go_out_together_each_under_its_num
     # Resuming after any entry this process numbered repeats nothing, on any process.
     entries = await take(follow_redis(redis, 10, after=150, heartbeat=5))
     assert html_of(entries) == "".join(f"<p>{i}</p>" for i in range(150, 200))
+
+
+@needs_redis
+async def test_one_process_s_replies_share_their_round_trips_to_redis(redis):
+    writer = LogWriter(redis)
+    trips = 0
+    pipeline = redis.pipeline
+
+    def counted(*args, **kw):
+        nonlocal trips
+        trips += 1
+        return pipeline(*args, **kw)
+
+    redis.pipeline = counted
+    logs = [(MemoryLog(), RedisLog(redis, 100 + n, writer=writer)) for n in range(50)]
+    for n, (log, mirror) in enumerate(logs):  # 50 replies each update once, within one tick
+        mirror(log.append([Block(f"<p>{n}</p>")], "", f"{n}", None))
+    for _, mirror in logs:
+        await mirror.flushed()
+    assert trips == 1
+    for log, mirror in logs:  # then each ends: in one trip or a few, not 50
+        mirror(log.append([], "", "", End("complete")))
+    for _, mirror in logs:
+        await mirror.flushed()
+    assert trips <= 3
+    for n in range(50):
+        entries = await take(follow_redis(redis, 100 + n, heartbeat=5))
+        assert html_of(entries) == f"<p>{n}</p>" and entries[-1].end.status == "complete"
 
 
 @needs_redis
