@@ -103,3 +103,10 @@ def test_a_send_refused_by_the_limits_gives_its_claim_back(
         assert keys.keys("chat:claim:*") == []
     finally:
         keys.close()
+
+
+def test_health_says_whose_replies_it_counts(make_client, scripted, redis_server, redis):
+    alone = make_client(scripted(["ok"])).get("/health").json()
+    assert alone["runs"] == 0 and "runs_everywhere" not in alone
+    shared = make_client(scripted(["ok"]), redis_url=redis_server).get("/health").json()
+    assert shared["runs"] == 0 and shared["runs_everywhere"] == 0

@@ -113,11 +113,14 @@ def clients_fixture(pair) -> Iterator[tuple[HtmxClient, HtmxClient]]:
         yield on_a, on_b
 
 
-def test_a_reply_started_on_a_streams_live_on_b_with_one_model_call(fake, clients):
+def test_a_reply_started_on_a_streams_live_on_b_with_one_model_call(fake, clients, pair):
     on_a, on_b = clients
     fake.configure(PARAGRAPHS, hold_after=6)
     sent = on_a.send("Four paragraphs, please")
     fake.wait_until_held()
+    # /health: `runs` is the process's own replies, `runs_everywhere` every process's.
+    assert pair[0].health()["runs"] == 1
+    assert pair[1].health()["runs"] == 0 and pair[1].health()["runs_everywhere"] == 1
     # The model is held: what B shows now is live, not a replay of a finished reply.
     before = on_b.wait_for_text(sent.stream_url, "Second paragraph.")
     assert "done" not in [e.name for e in before]
