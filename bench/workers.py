@@ -189,6 +189,9 @@ def one(mode: str, load: str, fake: FakeModel, tmp: Path, redis) -> dict:
         "replies_per_s": summary["replies_per_s"],
         "ttft_ms_p50": summary["ttft_ms_p50"],
         "ttft_ms_p95": summary["ttft_ms_p95"],
+        # Updates a reply's stream carried: each is a render and an event (and with Redis an
+        # entry); a process's tick follows its own count of running replies.
+        "events_per_reply": summary["events_per_reply"],
         "server_cpu_s": round(cpu, 2),
         "cpu_ms_per_reply": round(1000 * cpu / done, 1) if done else None,
         # The part of it that is redis-server's own (0 without Redis).
@@ -208,7 +211,7 @@ def print_table(rows: list[dict]) -> None:
         ("mode", 20), ("load", 11), ("completed", 9), ("replies_per_s", 13),
         ("ttft_ms_p50", 11), ("ttft_ms_p95", 11), ("cpu_ms_per_reply", 16),
         ("redis_cpu_ms_per_reply", 22), ("replies_per_cpu_s", 17), ("model_requests", 14),
-        ("cpu_ms_per_reply_settled", 24),
+        ("cpu_ms_per_reply_settled", 24), ("events_per_reply", 16),
     ]  # fmt: skip
     print("  ".join(name.ljust(width) for name, width in cols))
     for row in rows:
@@ -221,7 +224,7 @@ def means(rows: list[dict]) -> list[dict]:
     """One row per mode and load: the mean of its rounds (completed and errors summed)."""
     keys = ["replies_per_s", "ttft_ms_p50", "ttft_ms_p95", "cpu_ms_per_reply"]
     keys += ["redis_cpu_ms_per_reply", "replies_per_cpu_s", "model_requests"]
-    keys += ["cpu_ms_per_reply_settled"]
+    keys += ["cpu_ms_per_reply_settled", "events_per_reply"]
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["mode"], row["load"]), []).append(row)

@@ -44,6 +44,9 @@ RUNNING_TTL = 3600
 # MemoryLog.
 WRITE_EVERY = 0.05
 _WRITE_RETRY = 0.5
+# A follower's XREAD blocks at most this long at a time: under redis-py's default socket
+# timeout (5 s) whatever the client was given.
+_BLOCK_MAX = 2.0
 _WRITE_TRIES = 20
 
 
@@ -259,12 +262,21 @@ async def follow_redis(
             yield batch
             if batch.end is not None:
                 return
-    block = max(1, int(heartbeat * 1000))
+    # A blocked XREAD must answer within the client's socket timeout (redis-py's default is
+    # 5 s), or the read fails and the stream with it: a reply silent for longer (a model slow
+    # to its first token) is waited for in shorter blocks, with a heartbeat every `heartbeat`.
+    limit = redis.connection_pool.connection_kwargs.get("socket_timeout")
+    step = min(heartbeat, _BLOCK_MAX, max(0.05, limit / 2) if limit else _BLOCK_MAX)
+    silent = 0.0
     while True:
-        got = await redis.xread({key: f"0-{cursor}"}, block=block)
+        got = await redis.xread({key: f"0-{cursor}"}, block=max(1, int(step * 1000)))
         if not got:
-            yield None
+            silent += step
+            if silent >= heartbeat:
+                silent = 0.0
+                yield None
             continue
+        silent = 0.0
         _, rows = got[0]
         entries = [from_fields(i, f) for i, f in rows]
         for batch in batches(entries):

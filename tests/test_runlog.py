@@ -187,6 +187,24 @@ async def test_entries_gathered_while_writing_go_out_together_each_under_its_num
 
 
 @needs_redis
+async def test_a_follower_outwaits_the_client_s_socket_timeout(redis_server, redis):
+    from redis.asyncio import Redis
+
+    # A reply silent for longer than the client's socket timeout (a model slow to start) is
+    # still followed: heartbeats meanwhile, then its entries.
+    client = Redis.from_url(redis_server, socket_timeout=1.0)
+    try:
+        follower = follow_redis(client, 11, heartbeat=2.5)
+        assert await asyncio.wait_for(anext(follower), 10) is None
+        log, mirror = MemoryLog(), RedisLog(redis, 11)
+        mirror(log.append([Block("<p>late</p>")], "", "late", End("complete")))
+        entries = await asyncio.wait_for(take(follower), 5)
+        assert html_of(entries) == "<p>late</p>" and entries[-1].end.status == "complete"
+    finally:
+        await client.aclose()
+
+
+@needs_redis
 async def test_one_process_s_replies_share_their_round_trips_to_redis(redis):
     writer = LogWriter(redis)
     trips = 0
