@@ -17,6 +17,7 @@ chat/cluster.py.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import sqlite3
 import time
@@ -93,6 +94,26 @@ _SAVE_RETRY_MAX = 30.0
 
 
 Item = Block | ToolView | ToolUpdate
+
+
+def _settle_heap(when: str) -> None:
+    """Move every object alive now out of the cyclic collector's sight (`gc.freeze`), once per
+    process for each `when`: the app loaded ("start"), a provider's SDK imported ("model").
+
+    Modules, classes and settings live as long as the process, yet every full collection
+    walked them all: with MCP, AG-UI, Redis and the SDKs loaded, a tenth of a second each time,
+    several times per hundred replies. Frozen objects are never collected; what is alive at
+    these two moments is kept for good anyway, bar one request's worth (and, in tests, one
+    test's fixtures: later RunManagers in the same process do not freeze again).
+    """
+    if when in _SETTLED:
+        return
+    _SETTLED.add(when)
+    gc.collect()
+    gc.freeze()
+
+
+_SETTLED: set[str] = set()
 
 
 @dataclass(eq=False)
@@ -195,6 +216,7 @@ class RunManager(Sharing):
         self.titles = Titles(store, busy=lambda: len(self.runs) > _SHARED_TICK)
         self.personas = load_personas()
         self.accepting = True
+        _settle_heap("start")  # the app is loaded: its modules are here to stay
 
     async def streaming_in(self, cid: str) -> bool:
         """True while a reply in conversation `cid` is being generated (by any process)."""
@@ -357,6 +379,7 @@ class RunManager(Sharing):
             return self._model_override
         if name not in self._models:
             self._models[name] = resolve_model(name, self.settings)
+            _settle_heap("model")  # a provider's SDK is imported with its first model
         return self._models[name]
 
     # The task ------------------------------------------------------------------------------
