@@ -6,6 +6,12 @@ lease every `lease_refresh` seconds; counts read only unlapsed leases, so a proc
 (SIGKILL, OOM) stops counting within `lease_seconds`, and then any other process ends its
 replies as interrupted (`lapsed` hands each to exactly one of them).
 
+A send claims its conversation first (`claim`, SET NX under the lease time) and the reply's
+lease takes the claim over in the transaction that takes the lease, so of two processes sending
+into one conversation at once exactly one starts a reply.
+
+Every key and channel starts with the deployment's REDIS_PREFIX (default "chat:").
+
 Stop reaches the process writing a reply over a pub/sub channel, backed by a key the owner also
 checks at each renewal, so a Stop published while its subscription was reconnecting still lands.
 
