@@ -110,3 +110,21 @@ def test_health_says_whose_replies_it_counts(make_client, scripted, redis_server
     assert alone["runs"] == 0 and "runs_everywhere" not in alone
     shared = make_client(scripted(["ok"]), redis_url=redis_server).get("/health").json()
     assert shared["runs"] == 0 and shared["runs_everywhere"] == 0
+
+
+def test_with_redis_gone_a_send_into_a_conversation_is_refused_clearly(
+    make_client, scripted, tmp_path
+):
+    from tests.redis_server import start_redis
+
+    server = start_redis(tmp_path / "redis")
+    try:
+        client = make_client(scripted(["ok"]), redis_url=server.url)
+        sent = client.post("/send", data={"msg": "first"}, headers=HX)
+        finish(client, sent)
+        cid = sent.headers["HX-Push-Url"].rsplit("/", 1)[1]
+        server.stop()  # Redis goes away: the conversation cannot be claimed
+        refused = client.post("/send", data={"msg": "second", "cid": cid}, headers=HX)
+        assert refused.status_code == 503 and "not taking messages" in refused.text
+    finally:
+        server.stop()
