@@ -29,6 +29,7 @@ import time
 from collections.abc import AsyncIterator, Iterable
 from typing import TYPE_CHECKING
 
+from chat.logreader import LogReader
 from chat.redislog import DEFAULT_PREFIX, LogWriter, log_key
 
 if TYPE_CHECKING:
@@ -83,8 +84,10 @@ class Cluster:
         self.run_info = prefix + "runinfo"  # turn id -> {"cid", "owner", "worker"}
         self.stop_channel = prefix + "stop"
         self._claim = redis.register_script(_CLAIM)
-        # Every run log this process writes goes through one writer (shared round trips).
+        # Every run log this process writes goes through one writer, and every one it follows
+        # from another process through one reader (shared round trips).
         self.writer = LogWriter(redis)
+        self.reader = LogReader(redis)
 
     @classmethod
     def connect(

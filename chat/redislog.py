@@ -24,6 +24,8 @@ from chat.runlog import Block, End, Entry, Item, ToolUpdate, batches
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
+    from chat.logreader import LogReader
+
 log = logging.getLogger(__name__)
 
 # Every Redis key and channel of the app starts with the deployment's prefix (REDIS_PREFIX),
@@ -244,8 +246,11 @@ async def follow_redis(
     after: int = 0,
     heartbeat: float = 15.0,
     prefix: str = DEFAULT_PREFIX,
+    reader: LogReader | None = None,
 ) -> AsyncIterator[Entry | None]:
-    """Replay a reply's entries after `after` from Redis (with the newest tail), then follow.
+    """Replay a reply's entries after `after` from Redis (with the newest tail), then follow:
+    through `reader`, the process's one XREAD for all its followers (chat/logreader.py), else
+    with an XREAD of its own.
 
     The stream may not exist yet (the owner has not written its first entry): then this waits
     for it. Entries trimmed by the cap (`MAX_ENTRIES`) are gone: a stream that joins a reply
@@ -269,15 +274,21 @@ async def follow_redis(
     step = min(heartbeat, _BLOCK_MAX, max(0.05, limit / 2) if limit else _BLOCK_MAX)
     silent = 0.0
     while True:
-        got = await redis.xread({key: f"0-{cursor}"}, block=max(1, int(step * 1000)))
-        if not got:
-            silent += step
-            if silent >= heartbeat:
-                silent = 0.0
+        if reader is not None:
+            rows = await reader.wait(key, cursor, heartbeat)
+            if not rows:
                 yield None
-            continue
-        silent = 0.0
-        _, rows = got[0]
+                continue
+        else:
+            got = await redis.xread({key: f"0-{cursor}"}, block=max(1, int(step * 1000)))
+            if not got:
+                silent += step
+                if silent >= heartbeat:
+                    silent = 0.0
+                    yield None
+                continue
+            silent = 0.0
+            _, rows = got[0]
         entries = [from_fields(i, f) for i, f in rows]
         for batch in batches(entries):
             cursor = batch.seq

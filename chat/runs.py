@@ -291,8 +291,9 @@ class RunManager(Sharing):
         if run is not None:
             return run.follow(after, heartbeat)
         if self.cluster is not None and turn["status"] == "streaming":
+            cluster = self.cluster
             return follow_redis(
-                self.cluster.redis, turn["id"], after, heartbeat, self.cluster.prefix
+                cluster.redis, turn["id"], after, heartbeat, cluster.prefix, cluster.reader
             )
         return None
 

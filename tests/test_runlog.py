@@ -11,6 +11,7 @@ import pytest
 from chat.agent import build_agent
 from chat.cluster import Cluster
 from chat.config import Settings
+from chat.logreader import LogReader
 from chat.markdown import render
 from chat.redislog import ENDED_TTL, LogWriter, RedisLog, append_end, follow_redis, log_key
 from chat.reply import ToolView
@@ -230,6 +231,41 @@ async def test_one_process_s_replies_share_their_round_trips_to_redis(redis):
     for n in range(50):
         entries = await take(follow_redis(redis, 100 + n, heartbeat=5))
         assert html_of(entries) == f"<p>{n}</p>" and entries[-1].end.status == "complete"
+
+
+@needs_redis
+async def test_followers_on_one_process_share_one_read(redis):
+    reader = LogReader(redis)
+    reads = 0
+    xread = redis.xread
+
+    async def counted(*args, **kw):
+        nonlocal reads
+        reads += 1
+        return await xread(*args, **kw)
+
+    redis.xread = counted
+    writer = LogWriter(redis)
+    logs = [(MemoryLog(), RedisLog(redis, 200 + n, writer=writer)) for n in range(10)]
+    for log, mirror in logs:  # a first entry each, then followers join at 0 and at 1
+        mirror(log.append([Block("<p>one</p>")], "", "one", None))
+    for _, mirror in logs:
+        await mirror.flushed()
+    followers = [
+        asyncio.ensure_future(take(follow_redis(redis, 200 + n, after, 5, reader=reader)))
+        for n in range(10)
+        for after in (0, 1)
+    ]
+    await asyncio.sleep(0.2)  # all of them waiting on the reader
+    reads = 0
+    for log, mirror in logs:
+        mirror(log.append([Block("<p>two</p>")], "", "two", None))
+        mirror(log.append([], "", "", End("complete")))
+    done = await asyncio.wait_for(asyncio.gather(*followers), 5)
+    for n, entries in enumerate(done):
+        expected = "<p>one</p><p>two</p>" if n % 2 == 0 else "<p>two</p>"
+        assert html_of(entries) == expected and entries[-1].end.status == "complete"
+    assert reads < 10  # 20 followers of 10 logs: a few reads in all, not one per follower
 
 
 @needs_redis
