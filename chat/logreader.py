@@ -62,10 +62,14 @@ class LogReader:
     async def _run(self) -> None:
         try:
             while self._waiting:
-                streams = {
-                    key: f"0-{min(cursor for cursor, _ in waiters)}"
+                cursors = {
+                    key: [cursor for cursor, future in waiters if not future.done()]
                     for key, waiters in self._waiting.items()
                 }
+                streams = {key: f"0-{min(c)}" for key, c in cursors.items() if c}
+                if not streams:  # only followers on their way out: they leave at once
+                    await asyncio.sleep(0)
+                    continue
                 try:
                     got = await self.redis.xread(streams, block=max(1, int(BLOCK * 1000)))
                 except Exception as exc:  # Redis away: the followers see it, as with their own
@@ -77,9 +81,17 @@ class LogReader:
                     continue
                 for key, rows in got or ():
                     key = key.decode() if isinstance(key, bytes) else key
-                    for cursor, future in list(self._waiting.get(key, ())):
+                    waiters = self._waiting.get(key, [])
+                    for waiter in list(waiters):
+                        cursor, future = waiter
                         mine = [row for row in rows if _seq(row[0]) > cursor]
                         if mine and not future.done():
                             future.set_result(mine)
+                        if future.done():
+                            # Gone from the next read now, not when its follower next runs: its
+                            # old cursor would have the next XREAD answer at once, again.
+                            waiters.remove(waiter)
+                    if not waiters:
+                        self._waiting.pop(key, None)
         finally:
             self._task = None
