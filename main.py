@@ -176,6 +176,7 @@ async def _join_cluster(settings: Settings) -> Cluster | None:
         settings.redis_url,
         lease_seconds=settings.lease_seconds,
         lease_refresh=settings.lease_refresh,
+        prefix=settings.redis_prefix,
     )
     try:
         await cluster.redis.ping()

@@ -125,7 +125,15 @@ class Proc:
 
     @classmethod
     def start(
-        cls, name: str, cmd: list[str], *, port: int, env: dict, marker: str, nice: int = 0
+        cls,
+        name: str,
+        cmd: list[str],
+        *,
+        port: int,
+        env: dict,
+        marker: str,
+        nice: int = 0,
+        cwd: Path = ROOT,
     ) -> Proc:
         """Start `cmd`, then find the descendant Python process whose command line has `marker`."""
         RESULTS.mkdir(exist_ok=True)
@@ -134,7 +142,7 @@ class Proc:
             popen = subprocess.Popen(
                 cmd,
                 preexec_fn=(lambda: _renice(nice)) if nice else None,
-                cwd=ROOT,
+                cwd=cwd,
                 env={**os.environ, **env},
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -218,6 +226,15 @@ class FakeModel:
         return httpx.get(f"{self.url}/stats", params={"reset": 1} if reset else None).json()
 
 
+def app_root(target: str) -> Path | None:
+    """The checkout an app target runs from: `app` is this one, `app@PATH` another (A/B runs)."""
+    if target == "app":
+        return ROOT
+    if target.startswith("app@"):
+        return Path(target[4:]).resolve()
+    return None
+
+
 def start_server(target: str, fake: FakeModel, tmp: Path, *, profile: Path | None = None) -> Proc:
     """Start the app (`uv run python main.py`) or the baseline (`uv run --with fastapi ...`)."""
     port = free_port()
@@ -232,18 +249,21 @@ def start_server(target: str, fake: FakeModel, tmp: Path, *, profile: Path | Non
         "ADDRESS_MESSAGES_PER_MINUTE": "1000000",
         "MAX_RUNNING_REPLIES": "1000000",
     }
-    if target == "app":
+    root = app_root(target)
+    if root is not None:
         db = tmp / f"app-{port}" / "chat.db"
         env["DB_PATH"] = str(db)
         marker = "main.py"
-        if profile:
+        if profile and profile.suffix == ".prof":  # --cprofile: exact call counts
+            cmd = ["uv", "run", "python", "-m", "cProfile", "-o", str(profile), "main.py"]
+        elif profile:
             cmd = ["uv", "run", "--with", "pyinstrument", "pyinstrument", "-r", "pyisession"]
             cmd += ["-o", str(profile), "main.py"]
         elif TRACEMALLOC:
             cmd, marker = ["uv", "run", "python", "bench/trace_app.py"], "trace_app.py"
         else:
             cmd = ["uv", "run", "python", "main.py"]
-        proc = Proc.start("app", cmd, port=port, env=env, marker=marker)
+        proc = Proc.start("app", cmd, port=port, env=env, marker=marker, cwd=root)
         proc.db = db
     else:
         if target == "baseline-nodebounce":
@@ -280,13 +300,26 @@ async def _sample(proc: Proc, gauge: Gauge, out: dict, stop: asyncio.Event) -> N
             pass
 
 
+def _settle(fake: FakeModel, quiet: float = 2.0, limit: float = 30.0) -> int:
+    """Wait (bounded) until the fake model has had no request for `quiet` seconds: the titles
+    put off while the server was busy are made; return how many titles were asked for."""
+    deadline = time.monotonic() + limit
+    last, since = fake.stats()["requests"], time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - since < quiet:
+        time.sleep(0.25)
+        stats = fake.stats()
+        if stats["requests"] != last:
+            last, since = stats["requests"], time.monotonic()
+    return fake.stats()["title_requests"]
+
+
 def one_run(target: str, scenario: str, fake: FakeModel, tmp: Path, **kw) -> dict:
     """Start a server, warm it up, load it, measure it, stop it."""
     cfg = {**SCENARIOS[scenario], **{k: v for k, v in kw.items() if v is not None}}
     commit = _git("rev-parse", "--short", "HEAD")
     proc = start_server(target, fake, tmp, profile=kw.get("profile"))
     base = f"http://127.0.0.1:{proc.port}"
-    kind = "app" if target == "app" else "baseline"
+    kind = "app" if app_root(target) is not None else "baseline"
     try:
         fake.configure(cfg["tokens"], 0)
         warm_reply = Reply.for_model(cfg["tokens"], 0)
@@ -332,6 +365,12 @@ def one_run(target: str, scenario: str, fake: FakeModel, tmp: Path, **kw) -> dic
         summary["model_requests"] = fstats["requests"]
         summary["model_title_requests"] = fstats["title_requests"]
         summary["model_late_ms_p99"] = fstats["late_ms_p99"]
+        if kind == "app" and not kw.get("profile") and not TRACEMALLOC:
+            # Titles wait while the server is busy, so how many run before the load ends is
+            # timing, not work: the settled figure counts every reply's title, the same work
+            # per reply for any two runs (steadier for A/B comparisons).
+            summary["model_title_requests_settled"] = _settle(fake)
+            summary["server_cpu_settled_s"] = round(cpu_seconds(proc.pid) - cpu0, 2)
     finally:
         proc.stop(signal.SIGINT if kw.get("profile") else signal.SIGTERM)
     summary.update(target=target, scenario=scenario, tokens=cfg["tokens"], rate=cfg["rate"])
@@ -484,6 +523,7 @@ ROWS = [
     ("stream_open_ms_p50", "POST start -> stream open p50, ms"),
     ("stream_open_ms_p95", "POST start -> stream open p95, ms"),
     ("server_cpu_s", "server CPU s (mean)"),
+    ("server_cpu_settled_s", "server CPU s with every title (mean)"),
     ("server_peak_mb", "server peak RSS (VmHWM), MB"),
     ("rss_max_mb", "server RSS max during load, MB"),
     ("rss_at_peak_open_mb", "server RSS at most open streams, MB"),
@@ -495,6 +535,7 @@ ROWS = [
     ("model_late_ms_p99", "fake model send lateness p99, ms"),
     ("model_requests", "model requests (all)"),
     ("model_title_requests", "  of which title requests"),
+    ("model_title_requests_settled", "title requests once settled"),
 ]
 
 
@@ -589,8 +630,25 @@ def verdicts(report: dict) -> list[str]:
 # Profile -----------------------------------------------------------------------------------
 
 
+def cprofile(fake: FakeModel, tmp: Path, scenario: str, targets: list[str], **kw) -> None:
+    """Run one scenario with each app target under cProfile (deterministic: exact call counts,
+    so two checkouts can be compared call by call whatever else the machine is doing); the
+    stats land in results/<target>-<scenario>.prof, read them with pstats."""
+    for target in targets:
+        root = app_root(target) or ROOT
+        name = "app" if root == ROOT else f"app-{root.name}"
+        out = RESULTS / f"{name}-{scenario}.prof"
+        summary = one_run(target, scenario, fake, tmp, profile=out, **kw)
+        print(f"{target}: {summary['completed']} replies, {summary['server_cpu_s']} s CPU -> {out}")
+
+
 def profile(
-    fake: FakeModel, tmp: Path, scenario: str, users: int | None, tokens: int | None
+    fake: FakeModel,
+    tmp: Path,
+    scenario: str,
+    users: int | None,
+    tokens: int | None,
+    target: str = "app",
 ) -> None:
     """Run one scenario with the app under pyinstrument; print the hotspots.
 
@@ -599,11 +657,13 @@ def profile(
     """
     import pstats
 
-    session = RESULTS / f"app-{scenario}.pyisession"
-    summary = one_run("app", scenario, fake, tmp, users=users, tokens=tokens, profile=session)
-    print(table(f"{scenario} under pyinstrument (app)", {"app": pooled([summary])}))
-    text = RESULTS / f"app-{scenario}-profile.txt"
-    stats = RESULTS / f"app-{scenario}.pstats"
+    root = app_root(target) or ROOT
+    name = "app" if root == ROOT else f"app-{root.name}"
+    session = RESULTS / f"{name}-{scenario}.pyisession"
+    summary = one_run(target, scenario, fake, tmp, users=users, tokens=tokens, profile=session)
+    print(table(f"{scenario} under pyinstrument ({target})", {target: pooled([summary])}))
+    text = RESULTS / f"{name}-{scenario}-profile.txt"
+    stats = RESULTS / f"{name}-{scenario}.pstats"
     base = ["uv", "run", "--with", "pyinstrument", "pyinstrument", "--load", str(session)]
     subprocess.run(
         base + ["-r", "text", "-o", str(text), "--show-all", "-p", "unicode=false"],
@@ -617,12 +677,12 @@ def profile(
     print(f"\n== profile: top functions by self time (of {total:.1f} s sampled) ==")
     rows = sorted(p.stats.items(), key=lambda kv: -kv[1][2])[:25]
     for (file, lineno, fn), (_, _, tt, ct, _) in rows:
-        short = file.split("site-packages/")[-1].replace(str(ROOT) + "/", "")
+        short = file.split("site-packages/")[-1].replace(str(root) + "/", "")
         print(f"{tt:7.2f}s self {ct:7.2f}s cum  {short}:{lineno} {fn}")
     print("\n== profile: app functions by cumulative time ==")
-    mine = [kv for kv in p.stats.items() if str(ROOT) in kv[0][0] and ".venv" not in kv[0][0]]
+    mine = [kv for kv in p.stats.items() if str(root) in kv[0][0] and ".venv" not in kv[0][0]]
     for (file, lineno, fn), (_, _, tt, ct, _) in sorted(mine, key=lambda kv: -kv[1][3])[:20]:
-        print(f"{ct:7.2f}s cum {tt:7.2f}s self  {file.replace(str(ROOT) + '/', '')}:{lineno} {fn}")
+        print(f"{ct:7.2f}s cum {tt:7.2f}s self  {file.replace(str(root) + '/', '')}:{lineno} {fn}")
     print(f"\nfull call tree: {text}")
 
 
@@ -653,6 +713,11 @@ def main(argv: list[str] | None = None) -> None:
         "--profile",
         action="store_true",
         help="profile the app under --scenario (default throughput) instead",
+    )
+    parser.add_argument(
+        "--cprofile",
+        action="store_true",
+        help="run each app target under cProfile (call counts to compare checkouts)",
     )
     parser.add_argument(
         "--tracemalloc",
@@ -688,9 +753,13 @@ def main(argv: list[str] | None = None) -> None:
     raw: list[dict] = []
     started = time.time()
     try:
+        if args.cprofile:
+            scenario = args.scenario if args.scenario in SCENARIOS else "throughput"
+            cprofile(fake, tmp, scenario, targets, users=args.users, tokens=args.tokens)
+            return
         if args.profile:
             scenario = args.scenario if args.scenario in SCENARIOS else "throughput"
-            profile(fake, tmp, scenario, args.users, args.tokens)
+            profile(fake, tmp, scenario, args.users, args.tokens, targets[0])
             return
         names = list(SCENARIOS) + ["open2000"] if args.scenario == "all" else [args.scenario]
         for name in names:
@@ -719,7 +788,8 @@ def main(argv: list[str] | None = None) -> None:
                     )
                     print(
                         f"   {s['completed']}/{s['users']} done, {s['replies_per_s']} replies/s,"
-                        f" TTFT p95 {s['ttft_ms_p95']} ms, server CPU {s['server_cpu_s']} s,"
+                        f" TTFT p95 {s['ttft_ms_p95']} ms, server CPU {s['server_cpu_s']} s"
+                        f" ({s.get('server_cpu_settled_s')} s with titles),"
                         f" peak {s['server_peak_mb']} MB",
                         flush=True,
                     )

@@ -3,6 +3,7 @@
     uv run python bench/workers.py                      # 3 modes x 2 loads x 2 rounds (~10 min)
     uv run python bench/workers.py --modes 1 --rounds 1 # one worker only (no Redis needed)
     uv run python bench/workers.py --modes 1r,2 --loads burst
+    uv run python bench/workers.py --modes 1,2,1@/tmp/old,2@/tmp/old  # A/B against a checkout
 
 Loads (the same for every mode):
 - `throughput`: 100 users at once x 300 tokens at full speed (bench/run.py's throughput).
@@ -52,6 +53,7 @@ from run import (  # noqa: E402
     _children,
     _git,
     _renice,
+    _settle,
     cpu_seconds,
     free_port,
 )
@@ -89,7 +91,22 @@ MODES = {"1": (1, False), "1r": (1, True), "2": (2, True)}  # mode: (workers, us
 NAMES = {"1": "1 worker", "1r": "1 worker + redis", "2": "2 workers + redis"}
 
 
-def start_app(workers: int, fake: FakeModel, tmp: Path, redis_url: str) -> Proc:
+def parse_mode(mode: str) -> tuple[str, Path]:
+    """A mode and the checkout it runs: `2` here, `2@PATH` another checkout (A/B runs, with
+    that checkout's .venv)."""
+    name, _, root = mode.partition("@")
+    if name not in MODES:
+        raise SystemExit(f"unknown mode {name!r}: one of {', '.join(MODES)}")
+    return name, Path(root).resolve() if root else ROOT
+
+
+def mode_name(mode: str) -> str:
+    """How a mode is shown: its name, and the other checkout's directory if it has one."""
+    name, root = parse_mode(mode)
+    return NAMES[name] if root == ROOT else f"{NAMES[name]} ({root.name})"
+
+
+def start_app(workers: int, fake: FakeModel, tmp: Path, redis_url: str, root: Path = ROOT) -> Proc:
     """`python main.py --workers N` on a fresh database; returns once every worker has started."""
     port = free_port()
     db = tmp / f"app-w{workers}-{port}" / "chat.db"
@@ -106,8 +123,10 @@ def start_app(workers: int, fake: FakeModel, tmp: Path, redis_url: str) -> Proc:
         "WORKERS": str(workers),
         "REDIS_URL": redis_url,
     }
-    cmd = [sys.executable, "main.py"]
-    proc = Proc.start(f"app-w{workers}", cmd, port=port, env=env, marker="main.py")
+    python = sys.executable if root == ROOT else str(root / ".venv" / "bin" / "python")
+    cmd = [python, "main.py"]
+    name = f"app-w{workers}-{port}"  # a log per run (bench/results/<name>.log)
+    proc = Proc.start(name, cmd, port=port, env=env, marker="main.py", cwd=root)
     proc.db = db
     proc.wait_ready(timeout=START_TIMEOUT)
     deadline = time.monotonic() + START_TIMEOUT
@@ -121,8 +140,9 @@ def start_app(workers: int, fake: FakeModel, tmp: Path, redis_url: str) -> Proc:
 def one(mode: str, load: str, fake: FakeModel, tmp: Path, redis) -> dict:
     """Start the app in `mode`, warm it up, run `load`, measure CPU over app and Redis."""
     cfg = LOADS[load]
-    workers, shared = MODES[mode]
-    proc = start_app(workers, fake, tmp, redis.url if shared else "")
+    name, root = parse_mode(mode)
+    workers, shared = MODES[name]
+    proc = start_app(workers, fake, tmp, redis.url if shared else "", root)
     base = f"http://127.0.0.1:{proc.port}"
     try:
         fake.configure(cfg["tokens"], 0)
@@ -152,11 +172,15 @@ def one(mode: str, load: str, fake: FakeModel, tmp: Path, redis) -> dict:
         redis_cpu = cpu_of(redis_pids) - redis0
         wall = time.perf_counter() - t0
         model = fake.stats()
+        # With every title made (they wait while the server is busy): the same work per
+        # reply in every mode, whatever the timing (see bench/run.py `_settle`).
+        titles = _settle(fake)
+        settled = cpu_of(pids) - cpu0
     finally:
         proc.stop(signal.SIGTERM, timeout=60)
     done = summary["completed"]
     return {
-        "mode": NAMES[mode],
+        "mode": mode_name(mode),
         "load": load,
         "users": cfg["users"],
         "tokens": cfg["tokens"],
@@ -165,11 +189,16 @@ def one(mode: str, load: str, fake: FakeModel, tmp: Path, redis) -> dict:
         "replies_per_s": summary["replies_per_s"],
         "ttft_ms_p50": summary["ttft_ms_p50"],
         "ttft_ms_p95": summary["ttft_ms_p95"],
+        # Updates a reply's stream carried: each is a render and an event (and with Redis an
+        # entry); a process's tick follows its own count of running replies.
+        "events_per_reply": summary["events_per_reply"],
         "server_cpu_s": round(cpu, 2),
         "cpu_ms_per_reply": round(1000 * cpu / done, 1) if done else None,
         # The part of it that is redis-server's own (0 without Redis).
         "redis_cpu_ms_per_reply": round(1000 * redis_cpu / done, 1) if done else None,
         "replies_per_cpu_s": round(done / cpu, 1) if cpu else None,
+        "cpu_ms_per_reply_settled": round(1000 * settled / done, 1) if done else None,
+        "titles_settled": titles,
         "wall_s": round(wall, 2),
         # One model call per message, whichever worker took it.
         "model_requests": model["requests"] - model["title_requests"],
@@ -182,6 +211,7 @@ def print_table(rows: list[dict]) -> None:
         ("mode", 20), ("load", 11), ("completed", 9), ("replies_per_s", 13),
         ("ttft_ms_p50", 11), ("ttft_ms_p95", 11), ("cpu_ms_per_reply", 16),
         ("redis_cpu_ms_per_reply", 22), ("replies_per_cpu_s", 17), ("model_requests", 14),
+        ("cpu_ms_per_reply_settled", 24), ("events_per_reply", 16),
     ]  # fmt: skip
     print("  ".join(name.ljust(width) for name, width in cols))
     for row in rows:
@@ -194,6 +224,7 @@ def means(rows: list[dict]) -> list[dict]:
     """One row per mode and load: the mean of its rounds (completed and errors summed)."""
     keys = ["replies_per_s", "ttft_ms_p50", "ttft_ms_p95", "cpu_ms_per_reply"]
     keys += ["redis_cpu_ms_per_reply", "replies_per_cpu_s", "model_requests"]
+    keys += ["cpu_ms_per_reply_settled", "events_per_reply"]
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["mode"], row["load"]), []).append(row)
@@ -225,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     fake = FakeModel()
     rows: list[dict] = []
     try:
-        if any(MODES[m][1] for m in modes):
+        if any(MODES[parse_mode(m)[0]][1] for m in modes):
             from tests.redis_server import start_redis
 
             redis = start_redis(Path(tempfile.mkdtemp(prefix="bench-redis-")))
@@ -233,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
             for rnd in range(1, args.rounds + 1):
                 for load in loads:
                     for mode in modes:
-                        print(f"== round {rnd}: {NAMES[mode]}, {load}", flush=True)
+                        print(f"== round {rnd}: {mode_name(mode)}, {load}", flush=True)
                         row = one(mode, load, fake, Path(tmp), redis)
                         rows.append({**row, "round": rnd})
     finally:

@@ -94,6 +94,9 @@ class Settings:
     # required. DATABASE_POOL_SIZE caps each process's connections (0: as many as its threads).
     database_url: str = ""
     database_pool_size: int = 0
+    # Redis key namespace (chat/cluster.py, chat/redislog.py, chat/redis_limits.py): every key
+    # and channel starts with it, so two deployments sharing one Redis database stay apart.
+    redis_prefix: str = "chat:"
 
     @property
     def demo(self) -> bool:
@@ -166,6 +169,7 @@ class Settings:
             lease_refresh=float(env.get("LEASE_REFRESH_SECONDS") or 5),
             database_url=database_url_from_env(env),
             database_pool_size=int(env.get("DATABASE_POOL_SIZE") or 0),
+            redis_prefix=(env.get("REDIS_PREFIX") or "").strip() or "chat:",
         )
         values.update(overrides)
         # MODEL (from the environment or --model) is always among the models offered.

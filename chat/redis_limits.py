@@ -35,9 +35,11 @@ from chat.limits import (
     rate_refusal,
     running_refusal,
 )
+from chat.redislog import DEFAULT_PREFIX
 
 log = logging.getLogger("chat")
-PREFIX = "chat:limits:"
+# Under the deployment's REDIS_PREFIX (default "chat:"): "<prefix>limits:...".
+LIMITS = "limits:"
 HEARTBEAT_TTL = 30  # seconds a worker's slots outlive its last heartbeat
 HEARTBEAT_EVERY = 10.0
 SLOTS_TTL = 24 * 3600  # an idle identity's slot set goes away by itself
@@ -128,11 +130,12 @@ class RedisUnavailable(RuntimeError):
 class RedisLimiter(Limiter):
     """`Limiter`'s rules with the counts in Redis (see the module docstring)."""
 
-    def __init__(self, redis: Redis, **kw):
+    def __init__(self, redis: Redis, *, prefix: str = DEFAULT_PREFIX, **kw):
         super().__init__(**kw)
         self.redis = redis
         self.worker = secrets.token_hex(6)
-        self._beat_prefix = PREFIX + "worker:"
+        self.prefix = prefix + LIMITS
+        self._beat_prefix = self.prefix + "worker:"
         self._check = redis.register_script(_CHECK)
         self._take = redis.register_script(_TAKE)
         # This worker's slots, so a close gives back one of its own.
@@ -143,7 +146,11 @@ class RedisLimiter(Limiter):
     @classmethod
     def from_settings(cls, settings: Settings) -> RedisLimiter:
         """A limiter on the Redis at REDIS_URL, for the app's settings."""
-        return cls(Redis.from_url(settings.redis_url), **cls.options(settings))
+        return cls(
+            Redis.from_url(settings.redis_url),
+            prefix=settings.redis_prefix,
+            **cls.options(settings),
+        )
 
     # Lifetime ----------------------------------------------------------------------------
 
@@ -194,8 +201,8 @@ class RedisLimiter(Limiter):
     ) -> Refusal | None:
         self._serial += 1
         keys = [
-            PREFIX + "sent:id:" + who,
-            PREFIX + "sent:ip:" + addr,
+            self.prefix + "sent:id:" + who,
+            self.prefix + "sent:ip:" + addr,
         ]
         args = [
             int(WINDOW * 1000),
@@ -267,11 +274,11 @@ class RedisLimiter(Limiter):
 
     async def open_stream(self, who: str) -> bool:
         """Take one of `who`'s stream slots, over every worker; False if all are in use."""
-        return await self._take_slot(PREFIX + "streams:" + who, self.open_streams)
+        return await self._take_slot(self.prefix + "streams:" + who, self.open_streams)
 
     async def close_stream(self, who: str) -> None:
         """Give a stream slot back."""
-        await self._give_back(PREFIX + "streams:" + who)
+        await self._give_back(self.prefix + "streams:" + who)
 
 
 def limiter_for(settings: Settings) -> Limiter:

@@ -17,6 +17,7 @@ chat/cluster.py.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import sqlite3
 import time
@@ -93,6 +94,26 @@ _SAVE_RETRY_MAX = 30.0
 
 
 Item = Block | ToolView | ToolUpdate
+
+
+def _settle_heap(when: str) -> None:
+    """Move every object alive now out of the cyclic collector's sight (`gc.freeze`), once per
+    process for each `when`: the app loaded ("start"), a provider's SDK imported ("model").
+
+    Modules, classes and settings live as long as the process, yet every full collection
+    walked them all: with MCP, AG-UI, Redis and the SDKs loaded, a tenth of a second each time,
+    several times per hundred replies. Frozen objects are never collected; what is alive at
+    these two moments is kept for good anyway, bar one request's worth (and, in tests, one
+    test's fixtures: later RunManagers in the same process do not freeze again).
+    """
+    if when in _SETTLED:
+        return
+    _SETTLED.add(when)
+    gc.collect()
+    gc.freeze()
+
+
+_SETTLED: set[str] = set()
 
 
 @dataclass(eq=False)
@@ -182,6 +203,8 @@ class RunManager(Sharing):
         self.cluster = cluster
         self._shared: set[asyncio.Task] = set()  # lease and log work of this process's runs
         self._background: list[asyncio.Task] = []
+        # Conversations claimed in Redis for a reply about to start (`claim`): cid -> token.
+        self._claims: dict[str, str] = {}
         self.agent = agent
         self.settings = settings
         self._model_override = model  # tests pass a FunctionModel here
@@ -193,12 +216,38 @@ class RunManager(Sharing):
         self.titles = Titles(store, busy=lambda: len(self.runs) > _SHARED_TICK)
         self.personas = load_personas()
         self.accepting = True
+        _settle_heap("start")  # the app is loaded: its modules are here to stay
 
     async def streaming_in(self, cid: str) -> bool:
         """True while a reply in conversation `cid` is being generated (by any process)."""
         if any(run.conversation_id == cid for run in self.runs.values()):
             return True
         return self.cluster is not None and await self.cluster.streaming_in(cid)
+
+    async def claim(self, cid: str) -> bool:
+        """Claim conversation `cid` for a reply about to start; False if a reply runs or is
+        starting there. Alone, the caller's send lock makes the check and the start one step;
+        with REDIS_URL the claim is taken in Redis, so of two processes sending at once exactly
+        one wins. The next `start` in `cid` takes the claim over; `unclaim` gives it back."""
+        if any(run.conversation_id == cid for run in self.runs.values()):
+            return False
+        if self.cluster is None:
+            return True
+        token = await self.cluster.claim(cid)
+        if token is None:
+            return False
+        self._claims[cid] = token
+        return True
+
+    async def unclaim(self, cid: str) -> None:
+        """Give back a claim on `cid` that no started reply took over (a no-op otherwise)."""
+        token = self._claims.pop(cid, None)
+        if token is None or self.cluster is None:
+            return
+        try:
+            await self.cluster.unclaim(cid, token)
+        except Exception as exc:  # it lapses with the lease time
+            log.warning("could not give back the claim on conversation %s: %s", cid, exc)
 
     async def running(self, owner: str) -> int:
         """How many of `owner`'s replies are being generated now (by every process)."""
@@ -207,6 +256,15 @@ class RunManager(Sharing):
             return here
         # A run started here a moment ago may not hold its lease in Redis yet.
         return max(here, await self.cluster.running(owner))
+
+    async def counts(self, owner: str) -> tuple[int, int]:
+        """`running(owner)` and `total_running()` together (with REDIS_URL, one round trip)."""
+        here = sum(1 for run in self.runs.values() if run.owner == owner)
+        if self.cluster is None:
+            return here, len(self.runs)
+        mine, everyone = await self.cluster.counts(owner)
+        # A run started here a moment ago may not hold its lease in Redis yet.
+        return max(here, mine), max(len(self.runs), everyone)
 
     async def total_running(self) -> int:
         """How many replies are being generated now, server-wide (every process)."""
@@ -233,7 +291,10 @@ class RunManager(Sharing):
         if run is not None:
             return run.follow(after, heartbeat)
         if self.cluster is not None and turn["status"] == "streaming":
-            return follow_redis(self.cluster.redis, turn["id"], after, heartbeat)
+            cluster = self.cluster
+            return follow_redis(
+                cluster.redis, turn["id"], after, heartbeat, cluster.prefix, cluster.reader
+            )
         return None
 
     def start(self, turn: dict, owner: str) -> Run:
@@ -247,8 +308,11 @@ class RunManager(Sharing):
         )
         self.runs[run.turn_id] = run
         if self.cluster is not None:
-            run.mirror = RedisLog(self.cluster.redis, run.turn_id)
-            self._in_background(self._lease(run), f"lease-{run.turn_id}")
+            run.mirror = RedisLog(
+                self.cluster.redis, run.turn_id, self.cluster.prefix, self.cluster.writer
+            )
+            claim = self._claims.pop(run.conversation_id, None)
+            self._in_background(self._lease(run, claim), f"lease-{run.turn_id}")
         run.task = asyncio.create_task(self._drive(run, turn), name=f"run-{run.turn_id}")
         # A task cancelled before its first step never runs `_drive`'s `finally`: this does.
         run.task.add_done_callback(lambda _: self._reap(run, turn))
@@ -316,6 +380,7 @@ class RunManager(Sharing):
             return self._model_override
         if name not in self._models:
             self._models[name] = resolve_model(name, self.settings)
+            _settle_heap("model")  # a provider's SDK is imported with its first model
         return self._models[name]
 
     # The task ------------------------------------------------------------------------------

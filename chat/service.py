@@ -9,7 +9,9 @@ stay indistinguishable.
 
 Store work runs off the event loop through `off_loop` (a thread by default). A user's sends are
 serialized by a lock, from the checks before a send to its run having started, so the checks
-still hold when the reply starts (the commit in between runs in a thread).
+still hold when the reply starts (the commit in between runs in a thread). The lock is one
+process's: with REDIS_URL the conversation is also claimed in Redis before the commit, so of two
+processes sending into it at once exactly one starts a reply.
 
 Why this module is long: it is the one list of the chat's rules. Every use case shares the
 send lock, the same checks in the same order, the one call to the limits and the commit, and
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import sqlite3
 from base64 import urlsafe_b64encode
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
@@ -33,9 +36,12 @@ from chat import approvals, attachments, untrusted
 from chat.agent import short_title
 from chat.config import Settings
 from chat.limits import Limiter
+from chat.redis_limits import UNCHECKED
 from chat.runs import Run, RunManager
 from chat.storage import Store
 from chat.transcript import ImportError_, split_turns, turns_of
+
+log = logging.getLogger(__name__)
 
 # The database could not take a write in time (locked past its busy timeout, or read-only).
 BUSY = "The server is busy saving other changes. Try again in a moment."
@@ -45,6 +51,7 @@ LATER_EXCHANGES = (
     "exchanges after it. To go back to this point, edit your message above it."
 )
 NO_CONVERSATION = "That conversation does not exist."
+REPLY_RUNNING = "Wait for the reply to finish, or stop it, before sending."
 NOTHING_WAITS = "No tool call of this chat waits for that approval."
 # A client's chat id longer than this is refused: it is hashed into a conversation id, but a
 # megabyte of id is no one's chat.
@@ -125,6 +132,8 @@ class ChatService:
         self.off_loop = off_loop
         # Striped: never more than _LOCKS, however many users.
         self._locks = [asyncio.Lock() for _ in range(_LOCKS)]
+        # Conversations claimed under each stripe's lock (see `_held`), while it is held.
+        self._claimed: list[list[str]] = [[] for _ in range(_LOCKS)]
 
     # Sending ------------------------------------------------------------------------------
 
@@ -365,8 +374,9 @@ class ChatService:
         """
         if not self.runs.accepting:
             raise Refused("The server is restarting. Send again in a moment.", 503)
-        if cid is not None and await self.runs.streaming_in(cid):
-            raise Refused("Wait for the reply to finish, or stop it, before sending.", 409)
+        if cid is not None:
+            if not await self._reserve(who, cid):
+                raise Refused(REPLY_RUNNING, 409)
         await self._limit(who, replies=replies)
 
     async def _limit(self, who: Caller, *, replies: int | None) -> None:
@@ -374,12 +384,9 @@ class ChatService:
         if replies is None:
             refused = await self.limits.check_import(who.uid, who.addr)
         else:
+            running, total = await self.runs.counts(who.uid)
             refused = await self.limits.check_send(
-                who.uid,
-                who.addr,
-                running=await self.runs.running(who.uid),
-                total_running=await self.runs.total_running(),
-                count=replies,
+                who.uid, who.addr, running=running, total_running=total, count=replies
             )
         if refused:
             raise Refused(refused.message, refused.status, refused.headers)
@@ -394,12 +401,35 @@ class ChatService:
 
     # Committing ----------------------------------------------------------------------------
 
+    async def _reserve(self, who: Caller, cid: str) -> bool:
+        """Claim `cid` for the reply about to start (chat/runs.py `claim`); False if one runs
+        there. Given back when the send lock is let go, unless a started run took it over."""
+        try:
+            claimed = await self.runs.claim(cid)
+        except Exception as exc:  # Redis away: unchecked would let two replies run at once
+            log.warning("could not claim conversation %s in Redis: %r", cid, exc)
+            raise Refused(UNCHECKED.message, UNCHECKED.status, UNCHECKED.headers) from None
+        if claimed:
+            self._claimed[self._stripe(who)].append(cid)
+        return claimed
+
+    def _stripe(self, who: Caller) -> int:
+        return crc32(who.uid.encode()) % len(self._locks)
+
     @asynccontextmanager
     async def _held(self, who: Caller) -> AsyncIterator[None]:
-        """The user's send lock, held across the checks, the commit and the start of the run."""
-        async with self._locks[crc32(who.uid.encode()) % len(self._locks)]:
-            with _busy_refused():
-                yield
+        """The user's send lock, held across the checks, the commit and the start of the run;
+        a conversation claimed under it and not taken over by a run is given back on leaving
+        (a refusal, a failed commit), so it never blocks the next send."""
+        stripe = self._stripe(who)
+        async with self._locks[stripe]:
+            try:
+                with _busy_refused():
+                    yield
+            finally:
+                claimed, self._claimed[stripe] = self._claimed[stripe], []
+                for cid in claimed:
+                    await self.runs.unclaim(cid)
 
     async def _start(
         self,
@@ -547,7 +577,7 @@ class ChatService:
             if self.store.conversation(thread_id, who.uid) is not None:
                 # Claimed a moment ago by this caller's other request (another worker): its
                 # reply is starting there.
-                raise Refused("Wait for the reply to finish, or stop it, before sending.", 409)
+                raise Refused(REPLY_RUNNING, 409)
             raise NotFound()
         conv["title"] = short_title(text)
         self.store.set_title(thread_id, conv["title"])

@@ -41,9 +41,9 @@ class Sharing:
         self._shared.add(task)
         task.add_done_callback(self._shared.discard)
 
-    async def _lease(self, run: Any) -> None:
+    async def _lease(self, run: Any, claim: str | None = None) -> None:
         try:
-            await self.cluster.register(run.turn_id, run.conversation_id, run.owner)
+            await self.cluster.register(run.turn_id, run.conversation_id, run.owner, claim)
         except Exception as exc:  # the reply goes on here; other processes may not see it
             log.warning("reply %s: could not take its lease in Redis: %s", run.turn_id, exc)
 
@@ -83,7 +83,9 @@ class Sharing:
             return 0
         count = await asyncio.to_thread(self.store.mark_interrupted, gone)
         for turn_id in gone:  # a stream following one elsewhere sees it end
-            await append_end(self.cluster.redis, turn_id, End("interrupted", INTERRUPTED))
+            await append_end(
+                self.cluster.redis, turn_id, End("interrupted", INTERRUPTED), self.cluster.prefix
+            )
         return count
 
     async def _renew_loop(self) -> None:
@@ -118,6 +120,6 @@ class Sharing:
             model=(turn or {}).get("model") or "",
             copy=bool((turn or {}).get("reply_text")),
         )
-        await append_end(self.cluster.redis, turn_id, end)
+        await append_end(self.cluster.redis, turn_id, end, self.cluster.prefix)
         await self.cluster.release(turn_id, info.get("cid") or "", owner)
         log.warning("reply %s: its process stopped (lease lapsed); ended as interrupted", turn_id)

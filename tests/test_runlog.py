@@ -11,8 +11,9 @@ import pytest
 from chat.agent import build_agent
 from chat.cluster import Cluster
 from chat.config import Settings
+from chat.logreader import LogReader
 from chat.markdown import render
-from chat.redislog import ENDED_TTL, RedisLog, append_end, follow_redis, log_key
+from chat.redislog import ENDED_TTL, LogWriter, RedisLog, append_end, follow_redis, log_key
 from chat.reply import ToolView
 from chat.runlog import Block, End, Entry, MemoryLog, ToolUpdate, batches, merge
 from chat.runs import RunManager
@@ -184,6 +185,87 @@ async def test_entries_gathered_while_writing_go_out_together_each_under_its_num
     # Resuming after any entry this process numbered repeats nothing, on any process.
     entries = await take(follow_redis(redis, 10, after=150, heartbeat=5))
     assert html_of(entries) == "".join(f"<p>{i}</p>" for i in range(150, 200))
+
+
+@needs_redis
+async def test_a_follower_outwaits_the_client_s_socket_timeout(redis_server, redis):
+    from redis.asyncio import Redis
+
+    # A reply silent for longer than the client's socket timeout (a model slow to start) is
+    # still followed: heartbeats meanwhile, then its entries.
+    client = Redis.from_url(redis_server, socket_timeout=1.0)
+    try:
+        follower = follow_redis(client, 11, heartbeat=2.5)
+        assert await asyncio.wait_for(anext(follower), 10) is None
+        log, mirror = MemoryLog(), RedisLog(redis, 11)
+        mirror(log.append([Block("<p>late</p>")], "", "late", End("complete")))
+        entries = await asyncio.wait_for(take(follower), 5)
+        assert html_of(entries) == "<p>late</p>" and entries[-1].end.status == "complete"
+    finally:
+        await client.aclose()
+
+
+@needs_redis
+async def test_one_process_s_replies_share_their_round_trips_to_redis(redis):
+    writer = LogWriter(redis)
+    trips = 0
+    pipeline = redis.pipeline
+
+    def counted(*args, **kw):
+        nonlocal trips
+        trips += 1
+        return pipeline(*args, **kw)
+
+    redis.pipeline = counted
+    logs = [(MemoryLog(), RedisLog(redis, 100 + n, writer=writer)) for n in range(50)]
+    for n, (log, mirror) in enumerate(logs):  # 50 replies each update once, within one tick
+        mirror(log.append([Block(f"<p>{n}</p>")], "", f"{n}", None))
+    for _, mirror in logs:
+        await mirror.flushed()
+    assert trips == 1
+    for log, mirror in logs:  # then each ends: in one trip or a few, not 50
+        mirror(log.append([], "", "", End("complete")))
+    for _, mirror in logs:
+        await mirror.flushed()
+    assert trips <= 3
+    for n in range(50):
+        entries = await take(follow_redis(redis, 100 + n, heartbeat=5))
+        assert html_of(entries) == f"<p>{n}</p>" and entries[-1].end.status == "complete"
+
+
+@needs_redis
+async def test_followers_on_one_process_share_one_read(redis):
+    reader = LogReader(redis)
+    reads = 0
+    xread = redis.xread
+
+    async def counted(*args, **kw):
+        nonlocal reads
+        reads += 1
+        return await xread(*args, **kw)
+
+    redis.xread = counted
+    writer = LogWriter(redis)
+    logs = [(MemoryLog(), RedisLog(redis, 200 + n, writer=writer)) for n in range(10)]
+    for log, mirror in logs:  # a first entry each, then followers join at 0 and at 1
+        mirror(log.append([Block("<p>one</p>")], "", "one", None))
+    for _, mirror in logs:
+        await mirror.flushed()
+    followers = [
+        asyncio.ensure_future(take(follow_redis(redis, 200 + n, after, 5, reader=reader)))
+        for n in range(10)
+        for after in (0, 1)
+    ]
+    await asyncio.sleep(0.2)  # all of them waiting on the reader
+    reads = 0
+    for log, mirror in logs:
+        mirror(log.append([Block("<p>two</p>")], "", "two", None))
+        mirror(log.append([], "", "", End("complete")))
+    done = await asyncio.wait_for(asyncio.gather(*followers), 5)
+    for n, entries in enumerate(done):
+        expected = "<p>one</p><p>two</p>" if n % 2 == 0 else "<p>two</p>"
+        assert html_of(entries) == expected and entries[-1].end.status == "complete"
+    assert reads < 10  # 20 followers of 10 logs: a few reads in all, not one per follower
 
 
 @needs_redis

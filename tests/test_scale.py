@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
 from tests.fake_openai import FakeOpenAI
 from tests.live import (  # noqa: F401  (fixtures are used by name)
@@ -59,11 +60,14 @@ def pair_fixture(fake_server: FakeOpenAI, redis_server: str, tmp_path_factory):
     stop_app(a)
 
 
-def test_a_reply_started_on_a_streams_live_on_b_with_one_model_call(fake, clients):
+def test_a_reply_started_on_a_streams_live_on_b_with_one_model_call(fake, clients, pair):
     on_a, on_b = clients
     fake.configure(PARAGRAPHS, hold_after=6)
     sent = on_a.send("Four paragraphs, please")
     fake.wait_until_held()
+    # /health: `runs` is the process's own replies, `runs_everywhere` every process's.
+    assert pair[0].health()["runs"] == 1
+    assert pair[1].health()["runs"] == 0 and pair[1].health()["runs_everywhere"] == 1
     # The model is held: what B shows now is live, not a replay of a finished reply.
     before = on_b.wait_for_text(sent.stream_url, "Second paragraph.")
     assert "done" not in [e.name for e in before]
@@ -98,6 +102,67 @@ def test_last_event_id_from_a_resumes_on_b_without_repeating(fake, clients):
     on_a, on_b = clients
     # A's connection dropped; the browser reconnects through the balancer and lands on B.
     check_resume_after_drop(on_a, on_b, fake, PARAGRAPHS, "Four paragraphs, resumed elsewhere")
+
+
+def _post_message(client: HtmxClient, msg: str) -> httpx.Response:
+    """The composer's submit, as `HtmxClient.send` makes it, whatever the answer."""
+    return client.http.post(
+        client.send_url,
+        data={"msg": msg, "cid": client.cid},
+        headers={"HX-Request": "true", "Origin": client.base_url, "Sec-Fetch-Site": "same-origin"},
+    )
+
+
+def _at_once(clients: dict[str, HtmxClient], msg: str) -> dict[str, httpx.Response]:
+    """Each client submits `msg` at the same moment (released together by a barrier)."""
+    barrier = threading.Barrier(len(clients))
+    answers: dict[str, httpx.Response] = {}
+
+    def send(name: str, client: HtmxClient) -> None:
+        barrier.wait()
+        answers[name] = _post_message(client, f"{msg} from {name}")
+
+    threads = [threading.Thread(target=send, args=pair) for pair in clients.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(STREAM_TIMEOUT)
+    return answers
+
+
+def test_simultaneous_sends_to_one_conversation_on_a_and_b_start_one_reply(
+    fake, clients, pair, redis_server
+):
+    on_a, on_b = clients
+    fake.configure("First answer.")
+    first = on_a.send("Start a conversation")
+    assert on_a.follow(first.stream_url)[-1].data == "complete"
+    leases = redis.Redis.from_url(redis_server)
+    # Its lease is given back just after its stream ended (once its log is all in Redis).
+    wait_until(lambda: leases.zcard("chat:leases") == 0, what="the first reply's lease back")
+    leases.close()
+    on_b.cid, on_b.send_url = on_a.cid, on_a.send_url
+    rounds = 4
+    for n in range(rounds):
+        fake.reset()
+        fake.configure("Held answer, then the rest.", hold_after=1)
+        answers = _at_once({"A": on_a, "B": on_b}, f"Round {n}")
+        codes = sorted(r.status_code for r in answers.values())
+        assert codes == [200, 409], (
+            n,
+            {k: (r.status_code, r.text[:200]) for k, r in answers.items()},
+        )
+        refused = next(r for r in answers.values() if r.status_code == 409)
+        assert "Wait for the reply to finish" in refused.text
+        fake.wait_until_held()
+        time.sleep(0.3)  # a second reply, had one started, would have reached the model by now
+        assert len(replies(fake)) == 1
+        assert [t["status"] for t in pair[0].turns()].count("streaming") == 1
+        fake.release()
+        for app in pair:
+            app.wait_idle()
+    turns = [t for t in pair[0].turns() if t["conversation_id"] == on_a.cid]
+    assert len(turns) == 1 + rounds and all(t["status"] == "complete" for t in turns)
 
 
 def test_a_killed_process_s_reply_ends_interrupted_on_b_and_a_starting_one_spares_it(

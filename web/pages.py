@@ -7,6 +7,7 @@ request that asked for it, never the event loop every other request shares.
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 from fasthtml.common import H1, APIRouter, Div, Response, Title
@@ -245,9 +246,18 @@ async def import_json(req: Request, file: UploadFile | None = None):
 
 @ar(links.HEALTH, methods=["get"])
 async def health(req: Request):
-    """Liveness: 200 with JSON."""
+    """Liveness: 200 with JSON. `runs` is this process's replies being written; with REDIS_URL,
+    `runs_everywhere` is every process's (from their leases; null while Redis does not answer:
+    liveness never waits on Redis)."""
     cfg = settings(req)
-    return JSONResponse({"status": "ok", "model": cfg.model or "demo", "runs": len(runs(req).runs)})
+    manager = runs(req)
+    body = {"status": "ok", "model": cfg.model or "demo", "runs": len(manager.runs)}
+    if manager.cluster is not None:
+        try:
+            body["runs_everywhere"] = await asyncio.wait_for(manager.total_running(), 1.0)
+        except Exception:  # Redis away or slow: this process is alive all the same
+            body["runs_everywhere"] = None
+    return JSONResponse(body)
 
 
 @ar(links.READY, methods=["get"])
