@@ -56,7 +56,7 @@ sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(ROOT))
 
 from load import Reply, run_load  # noqa: E402
-from run import CLK_TCK, RESULTS, FakeModel, Proc, _git, _renice  # noqa: E402
+from run import CLK_TCK, RESULTS, FakeModel, Proc, _git, _renice, seed_turns  # noqa: E402
 from workers import cpu_of, start_app, tree  # noqa: E402
 
 BACKENDS = ("sqlite", "postgres")
@@ -226,25 +226,13 @@ def first_turn(client: httpx.Client) -> str:
 
 def seed(proc: Proc, cid: str, turns: int, text: str) -> None:
     """Append `turns - 1` finished turns to `cid` through the store the app uses."""
-    from pydantic_ai.messages import ModelRequest, ModelResponse, TextPart, UserPromptPart
-
     from chat.config import Settings
     from chat.stores import open_store
 
     env = {"DATABASE_URL": proc.database_url, "DB_PATH": str(proc.db), "SECRET_KEY": SECRET}
     store = open_store(Settings.from_env(env))
     try:
-        for i in range(turns - 1):
-            user = f"Question {i + 2}: how does this part work, and what should I check?"
-            request = ModelRequest(parts=[UserPromptPart(content=user)])
-            turn = store.add_turn(cid, user, [request], model="openai-chat:fake")
-            store.finish_turn(
-                turn["id"],
-                status="complete",
-                reply_text=text,
-                messages=[request, ModelResponse(parts=[TextPart(content=text)])],
-                usage={"input_tokens": 40 + i, "output_tokens": 300, "requests": 1},
-            )
+        seed_turns(store, cid, turns - 1, text)
         conv = next(c for c in store.all_conversations() if c["id"] == cid)
         assert len(store.branch(conv["head_turn_id"])) == turns
     finally:

@@ -382,11 +382,27 @@ def one_run(target: str, scenario: str, fake: FakeModel, tmp: Path, **kw) -> dic
 # open2000: a long conversation ---------------------------------------------------------------
 
 
+def seed_turns(store, cid: str, count: int, text: str) -> None:
+    """Add `count` finished exchanges (a question, `text` as the reply) to conversation `cid`,
+    straight through the store, as a long conversation's history."""
+    from pydantic_ai.messages import ModelRequest, ModelResponse, TextPart, UserPromptPart
+
+    for i in range(count):
+        user = f"Question {i + 2}: how does this part work, and what should I check?"
+        request = ModelRequest(parts=[UserPromptPart(content=user)])
+        turn = store.add_turn(cid, user, [request], model="openai-chat:fake")
+        store.finish_turn(
+            turn["id"],
+            status="complete",
+            reply_text=text,
+            messages=[request, ModelResponse(parts=[TextPart(content=text)])],
+            usage={"input_tokens": 40 + i, "output_tokens": 300, "requests": 1},
+        )
+
+
 def open2000(fake: FakeModel, tmp: Path, *, turns: int = 1000, reps: int = 60) -> dict:
     """Seed a conversation of `turns` turns (2 messages each) and time GET /c/{id}."""
     import re
-
-    from pydantic_ai.messages import ModelRequest, ModelResponse, TextPart, UserPromptPart
 
     from chat.config import Settings
     from chat.stores import open_store
@@ -413,17 +429,7 @@ def open2000(fake: FakeModel, tmp: Path, *, turns: int = 1000, reps: int = 60) -
             ).fetchone()[0]
             assert store.conversation(cid, owner) is not None
             t0 = time.perf_counter()
-            for i in range(turns - 1):
-                user = f"Question {i + 2}: how does this part work, and what should I check?"
-                request = ModelRequest(parts=[UserPromptPart(content=user)])
-                turn = store.add_turn(cid, user, [request], model="openai-chat:fake")
-                store.finish_turn(
-                    turn["id"],
-                    status="complete",
-                    reply_text=text,
-                    messages=[request, ModelResponse(parts=[TextPart(content=text)])],
-                    usage={"input_tokens": 40 + i, "output_tokens": 300, "requests": 1},
-                )
+            seed_turns(store, cid, turns - 1, text)
             seed_s = time.perf_counter() - t0
             count = store.db.execute(
                 "select count(*) from turns where conversation_id = ?", [cid]

@@ -111,3 +111,14 @@ def redis_server_fixture(tmp_path_factory) -> Iterator[str]:
         yield server.url
     finally:
         server.stop()
+
+
+@pytest.fixture(name="redis")
+async def redis_client_fixture(redis_server):
+    """An asyncio client of the module's redis-server, on an emptied database."""
+    from redis.asyncio import Redis
+
+    client = Redis.from_url(redis_server)
+    await client.flushdb()
+    yield client
+    await client.aclose()

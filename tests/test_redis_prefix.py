@@ -20,20 +20,10 @@ from chat.redis_limits import RedisLimiter
 from chat.redislog import follow_redis
 from chat.runs import RunManager
 from chat.store import ChatStore
-from tests.redis_server import redis_server_fixture  # noqa: F401  (used by name)
+from tests.redis_server import redis_client_fixture, redis_server_fixture  # noqa: F401  (used by name)
 from tests.test_runs import eventually, new_turn
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-async def redis(redis_server):
-    from redis.asyncio import Redis
-
-    client = Redis.from_url(redis_server)
-    await client.flushdb()
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from chat.reply import ToolView
 from chat.runlog import Block, End, Entry, MemoryLog, ToolUpdate, batches, merge
 from chat.runs import RunManager
 from chat.stores import open_store
-from tests.redis_server import redis_server_fixture  # noqa: F401  (used by name)
+from tests.redis_server import redis_client_fixture, redis_server_fixture  # noqa: F401  (used by name)
 from tests.test_runs import eventually, new_turn
 
 
@@ -114,16 +114,6 @@ def test_merge_keeps_order_and_the_newest_tail():
 # In Redis ----------------------------------------------------------------------------------
 
 needs_redis = pytest.mark.slow
-
-
-@pytest.fixture
-async def redis(redis_server):
-    from redis.asyncio import Redis
-
-    client = Redis.from_url(redis_server)
-    await client.flushdb()
-    yield client
-    await client.aclose()
 
 
 @needs_redis
