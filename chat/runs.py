@@ -175,6 +175,19 @@ class Run:
         if self.mirror is not None:
             self.mirror(entry)
 
+    def end_log(self) -> None:
+        """End the run log with a bare end entry after the last publish failed, so every
+        follower still ends (with the reply's status) instead of waiting for an end that never
+        comes; the page, read from the store, shows the whole reply."""
+        if self.log.ended:
+            return
+        try:
+            entry = self.log.append([], None, "", self.end_state())
+            if self.mirror is not None:
+                self.mirror(entry)
+        except Exception:
+            log.exception("could not end the log of reply %s", self.turn_id)
+
     def end_state(self) -> End:
         """How the reply ended (or stands), as its footer shows it."""
         return End(self.status, self.error, self.usage, self.model_name, bool(self.renderer.source))
@@ -670,6 +683,7 @@ class RunManager(Sharing):
                 run.publish()
             except Exception:
                 log.exception("could not wake the followers of reply %s", run.turn_id)
+                run.end_log()
             if self.cluster is not None:
                 self._in_background(self._unlease(run), f"unlease-{run.turn_id}")
 

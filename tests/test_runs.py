@@ -441,3 +441,28 @@ async def test_titles_wait_while_the_server_is_busy_with_replies(store, settings
         others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
         if others:
             await asyncio.wait(others, timeout=5)
+
+
+async def test_a_follower_still_ends_when_the_last_publish_fails(
+    manager, store, scripted, monkeypatch
+):
+    """Waking the followers at the end can fail (a bug, the Redis mirror): a follower attached
+    while the reply ran still gets an end, with the reply's status, instead of pings forever."""
+    from chat.runs import Run
+
+    real = Run.publish
+
+    def failing_at_end(self: Run) -> None:
+        if self.done:
+            raise RuntimeError("injected")
+        real(self)
+
+    monkeypatch.setattr(Run, "publish", failing_at_end)
+    model = scripted(["Para one.\n\n", "Para two."], pause_after=1)
+    run = manager(model, stream_tick=0.0).start(new_turn(store), "alice")
+    await asyncio.wait_for(model.paused.wait(), 5)
+    follower = asyncio.create_task(collect(run, heartbeat=0.05))
+    await asyncio.sleep(0.05)  # attached before the end
+    model.resume.set()
+    events = await asyncio.wait_for(follower, 5)
+    assert events[-1] == ("end", run.end_state()) and run.status == "complete"
