@@ -39,7 +39,6 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import signal
 import statistics
 import sys
@@ -56,7 +55,7 @@ sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(ROOT))
 
 from load import Reply, run_load  # noqa: E402
-from run import CLK_TCK, RESULTS, FakeModel, Proc, _git, _renice, seed_turns  # noqa: E402
+from run import CLK_TCK, RESULTS, FakeModel, Proc, _git, _renice, first_turn, seed_turns  # noqa: E402
 from workers import cpu_of, start_app, tree  # noqa: E402
 
 BACKENDS = ("sqlite", "postgres")
@@ -205,23 +204,6 @@ def load_run(backend: str, args, fake: FakeModel, tmp: Path, redis, pg: Postgres
 
 
 # A long conversation ------------------------------------------------------------------------
-
-
-def first_turn(client: httpx.Client) -> str:
-    """A conversation created as a browser does (its identity owns it); returns its id."""
-    client.get("/").raise_for_status()
-    sent = client.post(
-        "/send",
-        data={"msg": "First question", "cid": ""},
-        headers={"HX-Request": "true", "Origin": str(client.base_url).rstrip("/")},
-    )
-    sent.raise_for_status()
-    cid = sent.headers["HX-Push-Url"].rsplit("/", 1)[1]
-    stream_url = re.search(r'sse-connect="([^"]+)"', sent.text).group(1)
-    with client.stream("GET", stream_url) as resp:  # let the first reply finish
-        for _ in resp.iter_raw():
-            pass
-    return cid
 
 
 def seed(proc: Proc, cid: str, turns: int, text: str) -> None:

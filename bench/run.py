@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -382,6 +383,23 @@ def one_run(target: str, scenario: str, fake: FakeModel, tmp: Path, **kw) -> dic
 # open2000: a long conversation ---------------------------------------------------------------
 
 
+def first_turn(client: httpx.Client) -> str:
+    """A conversation created as a browser does (its identity owns it); returns its id."""
+    client.get("/").raise_for_status()
+    sent = client.post(
+        "/send",
+        data={"msg": "First question", "cid": ""},
+        headers={"HX-Request": "true", "Origin": str(client.base_url).rstrip("/")},
+    )
+    sent.raise_for_status()
+    cid = sent.headers["HX-Push-Url"].rsplit("/", 1)[1]
+    stream_url = re.search(r'sse-connect="([^"]+)"', sent.text).group(1)
+    with client.stream("GET", stream_url) as resp:  # let the first reply finish
+        for _ in resp.iter_raw():
+            pass
+    return cid
+
+
 def seed_turns(store, cid: str, count: int, text: str) -> None:
     """Add `count` finished exchanges (a question, `text` as the reply) to conversation `cid`,
     straight through the store, as a long conversation's history."""
@@ -402,7 +420,6 @@ def seed_turns(store, cid: str, count: int, text: str) -> None:
 
 def open2000(fake: FakeModel, tmp: Path, *, turns: int = 1000, reps: int = 60) -> dict:
     """Seed a conversation of `turns` turns (2 messages each) and time GET /c/{id}."""
-    import re
 
     from chat.config import Settings
     from chat.stores import open_store
@@ -413,16 +430,7 @@ def open2000(fake: FakeModel, tmp: Path, *, turns: int = 1000, reps: int = 60) -
     text = "".join(Reply.for_model(300, 0).tokens)
     try:
         with httpx.Client(base_url=base, timeout=60) as client:
-            client.get("/").raise_for_status()
-            sent = client.post(
-                "/send", data={"msg": "First question", "cid": ""}, headers={"HX-Request": "true"}
-            )
-            sent.raise_for_status()
-            cid = sent.headers["HX-Push-Url"].rsplit("/", 1)[1]
-            stream_url = re.search(r'sse-connect="([^"]+)"', sent.text).group(1)
-            with client.stream("GET", stream_url) as resp:  # let the first reply finish
-                for _ in resp.iter_raw():
-                    pass
+            cid = first_turn(client)
             store = open_store(Settings(db_path=proc.db))
             owner = store.db.execute(
                 "select owner from conversations where id = ?", [cid]
