@@ -21,9 +21,7 @@ import logging
 import math
 import secrets
 from collections import defaultdict
-
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from typing import TYPE_CHECKING
 
 from chat.config import Settings
 from chat.limits import (
@@ -36,6 +34,9 @@ from chat.limits import (
     running_refusal,
 )
 from chat.redislog import DEFAULT_PREFIX
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 log = logging.getLogger("chat")
 # Under the deployment's REDIS_PREFIX (default "chat:"): "<prefix>limits:...".
@@ -136,6 +137,10 @@ class RedisLimiter(Limiter):
         self.worker = secrets.token_hex(6)
         self.prefix = prefix + LIMITS
         self._beat_prefix = self.prefix + "worker:"
+        # Imported here: without REDIS_URL the app never loads the redis package.
+        from redis.exceptions import RedisError
+
+        self._errors = (RedisError, OSError)
         self._check = redis.register_script(_CHECK)
         self._take = redis.register_script(_TAKE)
         # This worker's slots, so a close gives back one of its own.
@@ -146,6 +151,8 @@ class RedisLimiter(Limiter):
     @classmethod
     def from_settings(cls, settings: Settings) -> RedisLimiter:
         """A limiter on the Redis at REDIS_URL, for the app's settings."""
+        from redis.asyncio import Redis
+
         return cls(
             Redis.from_url(settings.redis_url),
             prefix=settings.redis_prefix,
@@ -158,7 +165,7 @@ class RedisLimiter(Limiter):
         """Say this worker is alive (now, and every few seconds until `close`)."""
         try:
             await self._beat()
-        except (RedisError, OSError) as exc:
+        except self._errors as exc:
             kw = self.redis.connection_pool.connection_kwargs
             where = kw.get("path") or f"{kw.get('host')}:{kw.get('port')}"
             raise RedisUnavailable(
@@ -217,7 +224,7 @@ class RedisLimiter(Limiter):
         ]
         try:
             kind, a, b = await self._check(keys=keys, args=args)
-        except (RedisError, OSError) as exc:
+        except self._errors as exc:
             # Unchecked sends would be unlimited ones: refuse, clearly, until Redis is back.
             log.warning("limits: Redis unavailable, refusing a send: %r", exc)
             return UNCHECKED
@@ -253,7 +260,7 @@ class RedisLimiter(Limiter):
         try:
             if not await self._take(keys=[key], args=args):
                 return False
-        except (RedisError, OSError) as exc:
+        except self._errors as exc:
             # A stream or a reply already allowed goes on uncounted rather than failing: what
             # could be abused (a new send) is refused by `check_send` meanwhile.
             log.warning("limits: Redis unavailable, slot not counted: %r", exc)
@@ -269,7 +276,7 @@ class RedisLimiter(Limiter):
             del self._held[key]
         try:
             await self.redis.srem(key, slot)
-        except (RedisError, OSError) as exc:  # the heartbeat's expiry frees it in the end
+        except self._errors as exc:  # the heartbeat's expiry frees it in the end
             log.warning("limits: Redis unavailable, slot not given back: %r", exc)
 
     async def open_stream(self, who: str) -> bool:

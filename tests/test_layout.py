@@ -173,3 +173,22 @@ def test_readme_lists_every_module(package, after):
     listed = {line.split()[0] for line in block.splitlines()[2:] if line.startswith("  ")}
     on_disk = {p.name for p in (ROOT / package).glob("*.py") if p.stem != "__init__"}
     assert listed == on_disk
+
+
+def test_the_default_app_loads_neither_redis_nor_postgres_drivers():
+    # One process on SQLite needs neither: loading them costs every default start-up time and
+    # memory (redis-py alone is ~60 modules). They load when REDIS_URL / DATABASE_URL ask.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, main; main.create_app(); "
+        "loaded = {m.split('.')[0] for m in sys.modules}; "
+        "print(sorted(loaded & {'redis', 'psycopg', 'psycopg_pool'}))"
+    )
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(ROOT), "DB_PATH": ":memory:"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
