@@ -9,6 +9,7 @@ import sys
 from collections.abc import AsyncIterator
 
 from pydantic_ai import Agent, DeferredToolRequests
+from pydantic_ai.direct import model_request_stream
 from pydantic_ai.messages import (
     ModelMessage,
     ModelRequest,
@@ -214,6 +215,9 @@ def _content(part: ToolReturnPart | RetryPromptPart) -> str:
     return part.content if isinstance(part.content, str) else json.dumps(part.content, default=str)
 
 
+# Characters of a title's answer read at most (a title keeps 80).
+_TITLE_READ = 1000
+
 TITLE_INSTRUCTIONS = (
     "Write a short title (at most six words) for the conversation below. "
     "Answer with the title only: no quotes, no punctuation at the end."
@@ -232,14 +236,19 @@ async def make_title(model: Model, user_text: str, reply_text: str) -> str:
     """Ask the model for a title for the first exchange; the demo model just shortens the prompt."""
     if model.model_name == DEMO_NAME:
         return short_title(user_text)
-    agent = Agent(instructions=TITLE_INSTRUCTIONS, name="titler")
     prompt = f"User: {user_text[:2000]}\n\nAssistant: {reply_text[:2000]}"
+    request = ModelRequest(parts=[UserPromptPart(prompt)], instructions=TITLE_INSTRUCTIONS)
     text = ""
-    async with agent.run_stream_events(prompt, model=model) as events:
+    # One request straight to the model, no agent run around it: a title needs no tools,
+    # history or retries, and the agent's machinery cost three times the request's own CPU
+    # (12 against 4 ms per title on bench/fake_model.py), paid once per new conversation.
+    async with model_request_stream(model, [request]) as events:
         async for event in events:
             if isinstance(event, PartStartEvent) and isinstance(event.part, TextPart):
                 text += event.part.content
             elif isinstance(event, PartDeltaEvent) and isinstance(event.delta, TextPartDelta):
                 text += event.delta.content_delta
+            if len(text) > _TITLE_READ:  # a model that will not stop: enough for a title
+                break
     title = short_title(text.strip().strip("\"'“”").rstrip("."), 80)
     return title or short_title(user_text)

@@ -466,3 +466,30 @@ async def test_a_follower_still_ends_when_the_last_publish_fails(
     model.resume.set()
     events = await asyncio.wait_for(follower, 5)
     assert events[-1] == ("end", run.end_state()) and run.status == "complete"
+
+
+async def test_a_title_is_one_plain_request_and_a_model_that_never_stops_is_cut_off():
+    from pydantic_ai.models.function import FunctionModel
+
+    from chat.agent import TITLE_INSTRUCTIONS, make_title
+
+    seen, sent = [], 0
+
+    async def endless(messages, info):
+        nonlocal sent
+        seen.append(info)
+        yield "Streaming replies "
+        while True:  # a hostile or broken endpoint: the title never ends
+            sent += 1
+            yield "and more "
+            await asyncio.sleep(0)
+
+    title = await asyncio.wait_for(
+        make_title(FunctionModel(stream_function=endless), "How does streaming work?", "It..."),
+        timeout=10,
+    )
+    assert title.startswith("Streaming replies and more") and len(title) <= 81
+    assert sent < 200  # read until a title's worth, then the stream is closed
+    # The title request carries the title instructions and nothing of the chat agent's.
+    assert len(seen) == 1 and seen[0].instructions == TITLE_INSTRUCTIONS
+    assert seen[0].function_tools == []
