@@ -376,6 +376,7 @@ class RunManager(Sharing):
             await asyncio.wait(list(self._shared), timeout=5)
         for task in self._background:
             task.cancel()
+        await self.titles.close()
         # Replies still waiting for the database get one last try before the process ends.
         for task in list(self._retries.values()):
             task.cancel()

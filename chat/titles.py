@@ -71,6 +71,15 @@ class Titles:
         if conv and conv["title"] == provisional:
             self.store.set_title(cid, new)
 
+    async def close(self, timeout: float = 2.0) -> None:
+        """Drop the titles still being made (the first words stand in for them), and wait
+        (bounded) until their tasks have ended, while the loop still runs."""
+        tasks = list(self.tasks.values())
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+
     async def wait(self, cid: str, timeout: float = 20.0) -> None:
         """Wait (bounded) for a conversation's title to be written, if one is being made."""
         task = self.tasks.get(cid)
