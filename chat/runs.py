@@ -91,6 +91,9 @@ _CHARS_PER_TOKEN = 6
 # doubling up to the maximum.
 _SAVE_RETRY_FIRST = 0.5
 _SAVE_RETRY_MAX = 30.0
+# Shutdown waits this long at most for the store calls still running in threads: a write waits
+# up to the store's busy timeout (5 s) for a lock.
+_WRITES_WAIT = 6.0
 
 
 Item = Block | ToolView | ToolUpdate
@@ -230,6 +233,8 @@ class RunManager(Sharing):
         # Replies that ended but could not be saved yet: kept in memory while the save is retried.
         self.unsaved: dict[int, Run] = {}
         self._retries: dict[int, asyncio.Task] = {}
+        # Store calls running in threads, which shutdown lets end before the store is closed.
+        self._writes: set[asyncio.Task] = set()
         self.titles = Titles(store, busy=lambda: len(self.runs) > _SHARED_TICK)
         self.personas = load_personas()
         self.accepting = True
@@ -377,13 +382,16 @@ class RunManager(Sharing):
         for task in self._background:
             task.cancel()
         await self.titles.close()
-        # Replies still waiting for the database get one last try before the process ends.
+        # Store calls cut off from their (cancelled) callers still run: they end first.
         for task in list(self._retries.values()):
             task.cancel()
+        if self._writes:
+            await asyncio.wait(list(self._writes), timeout=_WRITES_WAIT)
+        # Replies still waiting for the database get one last try before the process ends.
         for run in list(self.unsaved.values()):
             if run.pending is None:  # saved meanwhile (a save left running by a cancelled task)
                 self.unsaved.pop(run.turn_id, None)
-            elif await asyncio.to_thread(self._try_save, run.pending):
+            elif await self._off_loop(self._try_save, run.pending):
                 run.pending = None
                 self.unsaved.pop(run.turn_id, None)
             else:
@@ -487,8 +495,8 @@ class RunManager(Sharing):
                 messages = result.new_messages()
                 run.usage = usage_of(result.usage, run.started, run.first_token_at)
             # Awaiting approval stores the calls waiting for a decision: a write, off the loop.
-            status = await asyncio.to_thread(
-                approvals.outcome, self.store, run, result, cfg.tool_approval_ttl
+            status = await asyncio.shield(
+                self._off_loop(approvals.outcome, self.store, run, result, cfg.tool_approval_ttl)
             )
         except RunCancelled as exc:
             messages = exc.new_messages() or messages
@@ -658,7 +666,9 @@ class RunManager(Sharing):
 
     async def _write_partial(self, run: Run, text: str, messages: list[ModelMessage]) -> None:
         try:
-            await asyncio.to_thread(self.store.save_partial, run.turn_id, text, messages)
+            await asyncio.shield(
+                self._off_loop(self.store.save_partial, run.turn_id, text, messages)
+            )
         except Exception as exc:  # the final save retries; streaming goes on meanwhile
             log.warning("could not save the partial reply %s: %s", run.turn_id, exc)
         finally:
@@ -722,7 +732,7 @@ class RunManager(Sharing):
             status = "failed" if status == "complete" else status
             error = error or describe_error(RuntimeError())
             try:
-                await asyncio.to_thread(self._save_plainly, run, status, error)
+                await asyncio.shield(self._off_loop(self._save_plainly, run, status, error))
             except asyncio.CancelledError:
                 cancelled = True
         finally:
@@ -751,12 +761,24 @@ class RunManager(Sharing):
                 await asyncio.wait([run._saving])
             return await asyncio.to_thread(self._try_save, record)
 
-        future = asyncio.ensure_future(save())
+        future = self._track(save())
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
             future.add_done_callback(lambda f: self._settle(run, record, f))
             raise
+
+    def _off_loop(self, fn, /, *args) -> asyncio.Task:
+        """`fn(*args)` in a thread, as a task shutdown waits for (`_writes`)."""
+        return self._track(asyncio.to_thread(fn, *args))
+
+    def _track(self, work) -> asyncio.Task:
+        """Run `work` as a task that shutdown waits for: a store call whose caller was
+        cancelled still runs in its thread, and must end before the store is closed."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+        return task
 
     def _keep(self, run: Run, record: dict) -> None:
         """Keep a finished reply whose save is not confirmed: shown from memory, saved later."""
@@ -810,7 +832,9 @@ class RunManager(Sharing):
         try:
             while True:
                 await asyncio.sleep(delay)
-                if run.pending is not None and await asyncio.to_thread(self._try_save, run.pending):
+                if run.pending is not None and await asyncio.shield(
+                    self._off_loop(self._try_save, run.pending)
+                ):
                     log.info("reply %s saved after a failed attempt", run.turn_id)
                     run.error, run.pending = run.pending["error"], None
                     return

@@ -25,6 +25,7 @@ class Titles:
         self.store = store
         self.busy = busy  # true while the server is busy with replies: titles wait their turn
         self.tasks: dict[str, asyncio.Task] = {}
+        self._calls: set[asyncio.Task] = set()  # store calls in threads (see `close`)
 
     def start(self, model: Model, cid: str, owner: str, user_text: str, reply_text: str) -> None:
         """Name conversation `cid` after its first exchange, unless it is named already.
@@ -38,7 +39,7 @@ class Titles:
         async def title() -> None:
             provisional = short_title(user_text)
             try:
-                conv = await asyncio.to_thread(self.store.conversation, cid, owner)
+                conv = await self._off_loop(self.store.conversation, cid, owner)
             except sqlite3.Error as exc:  # both stores raise these (chat/pgstore.py maps its own)
                 log.info("no title for %s: %s", cid, exc)
                 return
@@ -57,13 +58,21 @@ class Titles:
                 return
             if new:
                 try:
-                    await asyncio.to_thread(self._replace, cid, owner, provisional, new)
+                    await self._off_loop(self._replace, cid, owner, provisional, new)
                 except sqlite3.Error as exc:  # the database is busy or not writable: keep the old
                     log.info("no title for %s: %s", cid, exc)
 
         task = asyncio.create_task(title(), name=f"title-{cid}")
         self.tasks[cid] = task
         task.add_done_callback(lambda _: self.tasks.pop(cid, None))
+
+    async def _off_loop(self, fn, /, *args):
+        """`fn(*args)` in a thread; cancelling the caller leaves it to end, and `close` waits
+        for it, so the store is never closed under a call still running."""
+        task = asyncio.get_running_loop().create_task(asyncio.to_thread(fn, *args))
+        self._calls.add(task)
+        task.add_done_callback(self._calls.discard)
+        return await asyncio.shield(task)
 
     def _replace(self, cid: str, owner: str, provisional: str, new: str) -> None:
         """Set the model's title, unless the user renamed the conversation meanwhile (blocking)."""
@@ -79,6 +88,8 @@ class Titles:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=timeout)
+        if self._calls:
+            await asyncio.wait(list(self._calls), timeout=timeout + 5)  # a write's busy timeout
 
     async def wait(self, cid: str, timeout: float = 20.0) -> None:
         """Wait (bounded) for a conversation's title to be written, if one is being made."""

@@ -520,8 +520,9 @@ async def test_partial_saves_come_one_at_a_time_and_never_after_the_final_one(
 
 
 async def test_a_final_save_cut_off_by_shutdown_is_still_saved(manager, store, scripted):
-    """Shutdown cancels a reply whose final save is waiting for the database: the reply is
-    kept as pending (shown from memory), leaves `runs`, and shutdown's last try saves it."""
+    """Shutdown cancels a reply whose final save is waiting for the database: the reply
+    leaves `runs`, is kept as pending until the save lands, and shutdown waits for that save
+    (or tries once more) before the store is closed."""
     import threading
 
     entered, gate = threading.Event(), threading.Event()
@@ -530,7 +531,7 @@ async def test_a_final_save_cut_off_by_shutdown_is_still_saved(manager, store, s
     def stuck_once(*args, **kwargs):
         if not entered.is_set():
             entered.set()
-            gate.wait(10)  # the database makes this first save wait, past shutdown's patience
+            gate.wait(1)  # the database makes this first save wait, past shutdown's patience
         real(*args, **kwargs)
 
     store.finish_turn = stuck_once
