@@ -91,6 +91,9 @@ _CHARS_PER_TOKEN = 6
 # doubling up to the maximum.
 _SAVE_RETRY_FIRST = 0.5
 _SAVE_RETRY_MAX = 30.0
+# Shutdown waits this long at most for the store calls still running in threads: a write waits
+# up to the store's busy timeout (5 s) for a lock.
+_WRITES_WAIT = 6.0
 
 
 Item = Block | ToolView | ToolUpdate
@@ -146,6 +149,10 @@ class Run:
     _last_flush: float = 0.0
     _save_handle: asyncio.TimerHandle | None = None
     _saved_at: float | None = None  # loop time of the last partial save
+    # The partial save in its thread, if one is under way: never two at once for one reply.
+    _saving: asyncio.Task | None = None
+    _save_again: bool = False  # text came while `_saving` ran: save again when it is done
+    _closing: bool = False  # the final save has begun: no partial save may start
     output_chars: int = 0
     # Set when rendering between model events failed: the run is then cancelled and fails.
     fault: Exception | None = None
@@ -226,6 +233,8 @@ class RunManager(Sharing):
         # Replies that ended but could not be saved yet: kept in memory while the save is retried.
         self.unsaved: dict[int, Run] = {}
         self._retries: dict[int, asyncio.Task] = {}
+        # Store calls running in threads, which shutdown lets end before the store is closed.
+        self._writes: set[asyncio.Task] = set()
         self.titles = Titles(store, busy=lambda: len(self.runs) > _SHARED_TICK)
         self.personas = load_personas()
         self.accepting = True
@@ -332,9 +341,11 @@ class RunManager(Sharing):
         return run
 
     def _reap(self, run: Run, turn: dict) -> None:
-        if run.turn_id in self.runs and self.runs[run.turn_id] is run and not run.done:
+        if run.turn_id in self.runs and self.runs[run.turn_id] is run and not run._closing:
             request = ModelRequest(parts=[UserPromptPart(content=turn["user_text"])])
-            self._finish(run, "interrupted", INTERRUPTED, [request])
+            # The save runs off the loop, so in a task of its own; shutdown waits for it.
+            finish = self._finish(run, "interrupted", INTERRUPTED, [request])
+            self._in_background(finish, f"reap-{run.turn_id}")
 
     async def stop(self, turn_id: int) -> bool:
         """Ask a live run to stop, here or (REDIS_URL) in the process writing it; its partial
@@ -370,11 +381,18 @@ class RunManager(Sharing):
             await asyncio.wait(list(self._shared), timeout=5)
         for task in self._background:
             task.cancel()
-        # Replies still waiting for the database get one last try before the process ends.
+        await self.titles.close()
+        # Store calls cut off from their (cancelled) callers still run: they end first.
         for task in list(self._retries.values()):
             task.cancel()
+        if self._writes:
+            await asyncio.wait(list(self._writes), timeout=_WRITES_WAIT)
+        # Replies still waiting for the database get one last try before the process ends.
         for run in list(self.unsaved.values()):
-            if run.pending is not None and self._try_save(run.pending):
+            if run.pending is None:  # saved meanwhile (a save left running by a cancelled task)
+                self.unsaved.pop(run.turn_id, None)
+            elif await self._off_loop(self._try_save, run.pending):
+                run.pending = None
                 self.unsaved.pop(run.turn_id, None)
             else:
                 log.error("reply %s could not be saved before shutdown", run.turn_id)
@@ -476,7 +494,10 @@ class RunManager(Sharing):
             if result is not None:
                 messages = result.new_messages()
                 run.usage = usage_of(result.usage, run.started, run.first_token_at)
-            status = approvals.outcome(self.store, run, result, cfg.tool_approval_ttl)
+            # Awaiting approval stores the calls waiting for a decision: a write, off the loop.
+            status = await asyncio.shield(
+                self._off_loop(approvals.outcome, self.store, run, result, cfg.tool_approval_ttl)
+            )
         except RunCancelled as exc:
             messages = exc.new_messages() or messages
             if run.fault is not None:  # rendering failed between events (see `_flush_later`)
@@ -498,7 +519,7 @@ class RunManager(Sharing):
             log.warning("reply %s failed: %s", run.turn_id, error, exc_info=not expected(exc))
             messages = salvage(events, messages)
         finally:
-            self._finish(run, status, error, approvals.whole(prior, messages))
+            await self._finish(run, status, error, approvals.whole(prior, messages))
             if status == "complete" and turn["parent_id"] is None:
                 try:
                     self.titles.start(
@@ -605,22 +626,33 @@ class RunManager(Sharing):
         new, run.tail = run.renderer.update()
         run.items.extend(Block(h) for h in new)
         run.publish()
-        if run._save_handle is None:
-            # The first words reach the disk at once, later text within `flush_every` of
-            # arriving, even if the model then goes quiet: never one write per token.
-            loop = asyncio.get_running_loop()
-            wait = 0.0
-            if run._saved_at is not None:
-                wait = run._saved_at + self.settings.flush_every - loop.time()
-            if wait <= 0:
-                self._save_partial(run)
-            else:
-                run._save_handle = loop.call_later(wait, self._save_partial, run)
+        self._schedule_save(run)
+
+    def _schedule_save(self, run: Run) -> None:
+        """Save the text so far soon: the first words at once, later text within `flush_every`
+        of arriving, even if the model then goes quiet; never one write per token."""
+        if run._save_handle is not None or run._closing:
+            return
+        if run._saving is not None:  # one save at a time: the next follows when it is done
+            run._save_again = True
+            return
+        loop = asyncio.get_running_loop()
+        wait = 0.0
+        if run._saved_at is not None:
+            wait = run._saved_at + self.settings.flush_every - loop.time()
+        if wait <= 0:
+            self._save_partial(run)
+        else:
+            run._save_handle = loop.call_later(wait, self._save_partial, run)
 
     def _save_partial(self, run: Run) -> None:
-        """Save the text so far as the turn's model response, so a crash keeps what was seen."""
+        """Save the text so far as the turn's model response, so a crash keeps what was seen.
+
+        The write runs in a thread: a database that makes it wait (another process holding
+        SQLite's write lock, a Postgres round trip or a full pool) holds up this save only,
+        not every stream and request on the loop."""
         run._save_handle = None
-        if run.done:
+        if run.done or run._closing or run._saving is not None:
             return
         run._saved_at = asyncio.get_running_loop().time()
         text = run.renderer.source
@@ -628,16 +660,34 @@ class RunManager(Sharing):
             ModelRequest(parts=[UserPromptPart(content=run.user_text)]),
             ModelResponse(parts=[TextPart(content=text)]),
         ]
+        run._saving = asyncio.get_running_loop().create_task(
+            self._write_partial(run, text, messages), name=f"partial-{run.turn_id}"
+        )
+
+    async def _write_partial(self, run: Run, text: str, messages: list[ModelMessage]) -> None:
         try:
-            self.store.save_partial(run.turn_id, text, messages)
+            await asyncio.shield(
+                self._off_loop(self.store.save_partial, run.turn_id, text, messages)
+            )
         except Exception as exc:  # the final save retries; streaming goes on meanwhile
             log.warning("could not save the partial reply %s: %s", run.turn_id, exc)
+        finally:
+            run._saving = None
+            # Text that came during this save reaches the disk too, one `flush_every` on.
+            if run._save_again and not run._closing:
+                run._save_again = False
+                self._schedule_save(run)
 
-    def _finish(self, run: Run, status: str, error: str | None, messages: list) -> None:
+    async def _finish(self, run: Run, status: str, error: str | None, messages: list) -> None:
         """End a run however it went: save it (or keep it for a retried save), free its slot.
 
-        Never raises: whatever fails here, the run leaves `runs` and its followers are woken.
+        Never raises (bar its task's own cancellation, re-raised once the run is ended): the
+        run leaves `runs` and its followers are woken, in that order after the final save, so
+        a stream that finds no run reads a row that is no longer 'streaming'. The database
+        writes run in threads: a slow or locked database keeps this reply waiting, nobody else.
         """
+        run._closing = True  # no partial save starts from now on
+        cancelled = False
         try:
             try:
                 self._text_done(run)
@@ -660,12 +710,20 @@ class RunManager(Sharing):
                 error=error,
                 usage=run.usage,
             )
-            if not self._try_save(record):
+            try:
+                saved = await self._save_final(run, record)
+            except asyncio.CancelledError:
+                # Shutdown cancelled the task mid-save. The thread goes on saving; until it is
+                # known to have, the reply is kept as pending, which shutdown's last try (or a
+                # retry) saves.
+                cancelled = True
+                saved = None
+                self._keep(run, record)
+            if saved is False:
                 # Kept in memory, shown from memory (`get`), and saved when the database can be
                 # written again; the slot is freed now all the same.
-                run.pending = record
                 error = f"{error} {UNSAVED}" if error else UNSAVED
-                self.unsaved[run.turn_id] = run
+                self._keep(run, record)
                 self._retries[run.turn_id] = asyncio.get_running_loop().create_task(
                     self._retry_save(run), name=f"save-{run.turn_id}"
                 )
@@ -673,7 +731,10 @@ class RunManager(Sharing):
             log.exception("reply %s could not be finished cleanly", run.turn_id)
             status = "failed" if status == "complete" else status
             error = error or describe_error(RuntimeError())
-            self._save_plainly(run, status, error)
+            try:
+                await asyncio.shield(self._off_loop(self._save_plainly, run, status, error))
+            except asyncio.CancelledError:
+                cancelled = True
         finally:
             run.error = error
             run.status = status
@@ -686,6 +747,56 @@ class RunManager(Sharing):
                 run.end_log()
             if self.cluster is not None:
                 self._in_background(self._unlease(run), f"unlease-{run.turn_id}")
+        if cancelled:
+            raise asyncio.CancelledError
+
+    async def _save_final(self, run: Run, record: dict) -> bool:
+        """`_try_save` in a thread, after any partial save still under way (its 'streaming'
+        guard keeps it from overwriting the final row anyway): one writer per reply at a time.
+        Cancelling the caller leaves the save to finish; what it comes to is then recorded
+        (`_settle`)."""
+
+        async def save() -> bool:
+            if run._saving is not None:
+                await asyncio.wait([run._saving])
+            return await asyncio.to_thread(self._try_save, record)
+
+        future = self._track(save())
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(lambda f: self._settle(run, record, f))
+            raise
+
+    def _off_loop(self, fn, /, *args) -> asyncio.Task:
+        """`fn(*args)` in a thread, as a task shutdown waits for (`_writes`)."""
+        return self._track(asyncio.to_thread(fn, *args))
+
+    def _track(self, work) -> asyncio.Task:
+        """Run `work` as a task that shutdown waits for: a store call whose caller was
+        cancelled still runs in its thread, and must end before the store is closed."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+        return task
+
+    def _keep(self, run: Run, record: dict) -> None:
+        """Keep a finished reply whose save is not confirmed: shown from memory, saved later."""
+        run.pending = record
+        self.unsaved[run.turn_id] = run
+
+    def _settle(self, run: Run, record: dict, future: asyncio.Future) -> None:
+        """A final save left running by a cancelled task has ended: drop the kept copy if it
+        saved; else retry it (shutdown's last try covers a process that is ending)."""
+        if future.cancelled() or future.exception() is not None or not future.result():
+            if self.accepting and run.turn_id not in self._retries:
+                self._retries[run.turn_id] = asyncio.get_running_loop().create_task(
+                    self._retry_save(run), name=f"save-{run.turn_id}"
+                )
+            return
+        if run.pending is record:
+            run.pending = None
+            self.unsaved.pop(run.turn_id, None)
 
     def _save_plainly(self, run: Run, status: str, error: str | None) -> None:
         """Last resort when finishing failed other than on the database (a bug, messages that
@@ -721,7 +832,9 @@ class RunManager(Sharing):
         try:
             while True:
                 await asyncio.sleep(delay)
-                if run.pending is not None and self._try_save(run.pending):
+                if run.pending is not None and await asyncio.shield(
+                    self._off_loop(self._try_save, run.pending)
+                ):
                     log.info("reply %s saved after a failed attempt", run.turn_id)
                     run.error, run.pending = run.pending["error"], None
                     return

@@ -493,3 +493,86 @@ async def test_a_title_is_one_plain_request_and_a_model_that_never_stops_is_cut_
     # The title request carries the title instructions and nothing of the chat agent's.
     assert len(seen) == 1 and seen[0].instructions == TITLE_INSTRUCTIONS
     assert seen[0].function_tools == []
+
+
+# The reply's database writes wait in threads (tests/test_loop_free.py: the loop stays free) --
+
+
+async def test_partial_saves_come_one_at_a_time_and_never_after_the_final_one(
+    manager, store, scripted, monkeypatch
+):
+    """A slow database (a lock, a round trip) makes partial saves take longer than the text
+    takes to come: they never pile up in threads, the last words still reach the disk, and no
+    partial save starts once the final one has."""
+    import threading
+    import time
+
+    calls: list[str] = []
+    busy = threading.Lock()
+    overlapped = []
+    real_partial, real_finish = store.save_partial, store.finish_turn
+
+    def slow_partial(*args, **kwargs):
+        if not busy.acquire(blocking=False):
+            overlapped.append(True)
+            return
+        try:
+            calls.append("partial")
+            time.sleep(0.1)  # in its thread: the reply streams on meanwhile
+            real_partial(*args, **kwargs)
+        finally:
+            busy.release()
+
+    def finish(*args, **kwargs):
+        calls.append("final")
+        real_finish(*args, **kwargs)
+
+    monkeypatch.setattr(store, "save_partial", slow_partial)
+    monkeypatch.setattr(store, "finish_turn", finish)
+    words = [f"w{i} " for i in range(40)]
+    whole = "".join(words).strip()
+    model = scripted(words, delay=0.01, pause_after=len(words))
+    run = manager(model, stream_tick=0.0, flush_every=0.0).start(new_turn(store), "alice")
+    # Words that came while a save was under way are saved by the next one, model quiet or not.
+    saved = lambda: store.turn(run.turn_id, "alice")["reply_text"].strip()  # noqa: E731
+    await eventually(lambda: saved() == whole, "the last words on disk")
+    assert "final" not in calls
+    model.resume.set()
+    await asyncio.wait_for(run.task, 10)
+    assert not overlapped, "two partial saves of one reply ran at once"
+    assert 2 <= calls.count("partial") < len(words)  # chained, not one thread per update
+    assert calls[-1] == "final" and calls.count("final") == 1
+    row = store.turn(run.turn_id, "alice")
+    assert (row["status"], row["reply_text"].strip()) == ("complete", whole)
+
+
+async def test_a_final_save_cut_off_by_shutdown_is_still_saved(manager, store, scripted):
+    """Shutdown cancels a reply whose final save is waiting for the database: the reply
+    leaves `runs`, is kept as pending until the save lands, and shutdown waits for that save
+    (or tries once more) before the store is closed."""
+    import threading
+
+    entered, gate = threading.Event(), threading.Event()
+    real = store.finish_turn
+
+    def stuck_once(*args, **kwargs):
+        if not entered.is_set():
+            entered.set()
+            gate.wait(1)  # the database makes this first save wait, past shutdown's patience
+        real(*args, **kwargs)
+
+    store.finish_turn = stuck_once
+    try:
+        model = scripted(["Whole ", "reply."])
+        runs = manager(model, stream_tick=0.0)
+        run = runs.start(new_turn(store), "alice")
+        await eventually(entered.is_set, "the final save")
+        assert run.turn_id in runs.runs  # saved before the run leaves `runs`
+        await runs.shutdown(timeout=0.2)
+        assert not runs.runs and run.done and run.status == "complete"
+        assert not runs.unsaved and run.pending is None
+        row = store.turn(run.turn_id, "alice")
+        assert (row["status"], row["reply_text"]) == ("complete", "Whole reply.")
+    finally:
+        gate.set()
+        del store.finish_turn
